@@ -1,0 +1,69 @@
+"""Train-step throughput of deit_tiny with plain CE vs MaxSup (the overhead MaxSup adds to training).
+
+Each round runs N steps with CE then N steps with MaxSup on the same model, optimizer and batch
+(interleaved, so drift in machine load hits both); the ratio is the median of per-round ratios.
+
+    python -m benchmarks.bench_train_step [--model deit_tiny_patch16_224 --input-size 64 --batch 64]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+
+from deit.losses import MaxSupLoss
+from deit.models import create_model
+
+
+def steps(model, opt, crit, x, t, n, device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        loss = crit(model(x), t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--model', default='deit_tiny_patch16_224')
+    ap.add_argument('--input-size', type=int, default=64)
+    ap.add_argument('--batch', type=int, default=64)
+    ap.add_argument('--classes', type=int, default=1000)
+    ap.add_argument('--steps', type=int, default=5)
+    ap.add_argument('--rounds', type=int, default=10)
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = create_model(args.model, args.classes, input_size=args.input_size).to(device).train()
+    opt = create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05)
+    x = torch.randn(args.batch, 3, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, args.classes, (args.batch,), device=device)
+    t = torch.nn.functional.one_hot(y, args.classes).float() * 0.9 + 0.1 / args.classes  # Mixup-like soft targets
+    crits = {'ce (SoftTargetCrossEntropy)': SoftTargetCrossEntropy(), 'maxsup': MaxSupLoss(0.1)}
+    for c in crits.values():  # warm-up
+        steps(model, opt, c, x, t, 2, device)
+    times = {k: [] for k in crits}
+    for _ in range(args.rounds):
+        for k, c in crits.items():
+            times[k].append(steps(model, opt, c, x, t, args.steps, device))
+    print(f'{args.model} @ {args.input_size}px, batch {args.batch}, {args.classes} classes, {device}, '
+          f'{args.rounds} rounds x {args.steps} steps (interleaved)')
+    for k, ts in times.items():
+        print(f'  {k:28s} {args.batch * args.steps / statistics.median(ts):9.1f} img/s')
+    ratio = statistics.median(m / c for m, c in zip(times['maxsup'], times['ce (SoftTargetCrossEntropy)']))
+    print(f'  step-time ratio maxsup / ce: {ratio:.4f}  (overhead {100 * (ratio - 1):+.2f}%)')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,151 @@
+"""Datasets and transforms: ImageFolder (ImageNet / CIFAR folder layouts), the ZIP cache, the demo set.
+
+``build_dataset(is_train, args) -> (dataset, nb_classes)``.
+  IMNET    ``<data-path>/{train,val}/<class>/<img>``, or with ``--cache`` the ZIP cache in ``<data-path>``
+           (``train.zip``, ``val.zip``, ``train_map.txt``, ``val_map.txt``; see ``data/``)
+  CIFAR10 / CIFAR100   the same folder layout (``val`` or ``test`` for evaluation)
+  DEMO     scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) upscaled, with a fixed
+           stratified 75/25 split: a real data set that ships inside an installed package.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision import datasets, transforms
+
+DEMO_SIZE = 32  # digits are 8x8; 4x upscaling keeps strokes visible to a patch-4 ViT
+DEMO_MEAN, DEMO_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's digits as RGB PIL images; split 'train' (1347) or 'val' (450), fixed by seed 0."""
+
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, split: str = 'train', transform=None):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ('train', 'val'):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        d = load_digits()
+        idx = np.arange(len(d.target))
+        tr, va = train_test_split(idx, test_size=0.25, random_state=0, stratify=d.target)
+        sel = tr if split == 'train' else va
+        imgs = (d.images[sel] * (255.0 / 16.0)).round().astype(np.uint8)  # pixel values are 0..16
+        self.images = imgs
+        self.targets = d.target[sel].astype(np.int64).tolist()
+        self.transform = transform
+        self.samples = [(f'digits/{split}/{i}', t) for i, t in zip(sel.tolist(), self.targets)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i], mode='L').resize((DEMO_SIZE, DEMO_SIZE), Image.BICUBIC)
+        img = img.convert('RGB')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+def _folder(root: Path, split_names: tuple[str, ...], transform) -> datasets.ImageFolder:
+    for name in split_names:
+        if (root / name).is_dir():
+            path = root / name
+            break
+    else:
+        raise FileNotFoundError(f'no {" or ".join(split_names)} folder under {root}')
+    try:
+        ds = datasets.ImageFolder(str(path), transform=transform)
+    except FileNotFoundError as e:  # torchvision: "Found no valid file for the classes ..."
+        raise FileNotFoundError(f'{path}: {e}') from e
+    return ds
+
+
+def build_dataset(is_train: bool, args):
+    transform = build_transform(is_train, args)
+    name = args.data_set
+    if name == 'DEMO':
+        return DigitsDataset('train' if is_train else 'val', transform), 10
+    if not args.data_path:
+        raise ValueError(f'--data-path is required for --data-set {name} (use --data-set DEMO for the built-in '
+                         f'demo set)')
+    root = Path(args.data_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f'data path does not exist or is not a folder: {root}')
+    if name == 'IMNET':
+        if getattr(args, 'cache', False):
+            from data.zip_cache import ZipImageDataset
+            split = 'train' if is_train else 'val'
+            ds = ZipImageDataset.from_folder(root, split, transform=transform,
+                                             cache_mode=getattr(args, 'cache_mode', 'full'),
+                                             skip_bad=getattr(args, 'skip_bad_images', False))
+            return ds, ds.num_classes
+        ds = _folder(root, ('train',) if is_train else ('val',), transform)
+    elif name in ('CIFAR10', 'CIFAR100', 'FOLDER'):
+        ds = _folder(root, ('train',) if is_train else ('val', 'test'), transform)
+        expected = {'CIFAR10': 10, 'CIFAR100': 100}.get(name)
+        if expected and len(ds.classes) != expected:
+            raise ValueError(f'{name} expects {expected} class folders, found {len(ds.classes)} in {ds.root}')
+    else:
+        raise ValueError(f'unknown --data-set {name!r}; choose IMNET, CIFAR10, CIFAR100, FOLDER or DEMO')
+    return ds, len(ds.classes)
+
+
+def three_augment(args):
+    """DeiT III's 3-Augment: RRC + flip + one of {grayscale, solarize, blur} + colour jitter."""
+    t = [transforms.RandomResizedCrop(args.input_size, scale=(0.08, 1.0),
+                                      interpolation=transforms.InterpolationMode.BICUBIC)
+         if not args.src else transforms.Compose([
+             transforms.Resize(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+             transforms.RandomCrop(args.input_size, padding=4, padding_mode='reflect')]),
+         transforms.RandomHorizontalFlip(),
+         transforms.RandomChoice([transforms.RandomGrayscale(p=1.0),
+                                  transforms.RandomSolarize(threshold=128, p=1.0),
+                                  transforms.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))])]
+    if args.color_jitter:
+        t.append(transforms.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
+    t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    return transforms.Compose(t)
+
+
+def build_transform(is_train: bool, args):
+    size = args.input_size
+    if args.data_set == 'DEMO':
+        # digits: no flips (a mirrored 2 is no 2) and no colour; small crops only
+        t = [transforms.Resize(size)]
+        if is_train:
+            t.append(transforms.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15)))
+        t += [transforms.ToTensor(), transforms.Normalize(DEMO_MEAN, DEMO_STD)]
+        return transforms.Compose(t)
+    if is_train:
+        if args.ThreeAugment:
+            return three_augment(args)
+        tf = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
+                              auto_augment=None if args.aa in (None, '', 'none') else args.aa, interpolation=args.train_interpolation,
+                              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+        if size <= 32:  # small images: replace RandomResizedCrop by pad + random crop (as DeiT)
+            tf.transforms[0] = transforms.RandomCrop(size, padding=4)
+        return tf
+    t = []
+    if size > 32:
+        resize = int(size / getattr(args, 'eval_crop_ratio', 0.875))
+        t += [transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+              transforms.CenterCrop(size)]
+    else:
+        t += [transforms.Resize(size), transforms.CenterCrop(size)]
+    t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+    return transforms.Compose(t)
+
+
+def dataset_samples(ds) -> list[tuple[str, int]]:
+    """(name, label) per sample, for comparing sample lists across dataset kinds."""
+    if hasattr(ds, 'samples'):
+        return [(os.fspath(p), int(t)) for p, t in ds.samples]
+    raise TypeError(f'{type(ds).__name__} has no sample list')

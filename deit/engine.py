@@ -1,0 +1,111 @@
+"""One training epoch and one evaluation pass (DeiT's engine.py on timm 1.0 / torch.amp)."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from timm.utils import NativeScaler
+
+from deit.distributed import all_reduce_sum
+from deit.logger import MetricLogger, SmoothedValue
+from deit.metrics import CalibrationBins, topk_correct
+
+
+class LossScaler(NativeScaler):
+    """timm's NativeScaler, switched off (plain backward/step) unless fp16 AMP on CUDA needs scaling."""
+
+    def __init__(self, device_type: str = 'cuda', enabled: bool = True):
+        self._scaler = torch.amp.GradScaler(device_type, enabled=enabled)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss; carries where it happened."""
+
+
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None):
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype or (torch.float16 if device.type == 'cuda'
+                                                                   else torch.bfloat16))
+
+
+def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, epoch: int, loss_scaler,
+                    amp: bool = False, max_norm: float | None = None, model_ema=None, mixup_fn=None,
+                    bce_loss: bool = False, num_classes: int | None = None, print_freq: int = 50,
+                    max_steps: int | None = None) -> dict:
+    """Train one epoch. ``criterion(inputs, outputs, targets)`` is a DistillationLoss wrapper.
+
+    Raises NonFiniteLossError naming the epoch and step on a NaN/inf loss (DeiT exits there too:
+    continuing would only spread NaNs through the weights and the EMA).
+    """
+    model.train()
+    logger = MetricLogger()
+    logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    header = f'Epoch: [{epoch}]'
+    second_order = getattr(optimizer, 'is_second_order', False)
+    for step, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header,
+                                                               batch_size_fn=lambda b: len(b[1]))):
+        if max_steps is not None and step >= max_steps:
+            break
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        if bce_loss:  # DeiT III: BCE on the (mixed) label set
+            if targets.dim() == 1:
+                targets = F.one_hot(targets, num_classes).float()
+            targets = targets.gt(0.0).to(targets.dtype)
+        with autocast(device, amp):
+            outputs = model(samples)
+            loss = criterion(samples, outputs, targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
+                                     f'(try a lower --lr, --clip-grad, or --no-amp)')
+        optimizer.zero_grad(set_to_none=True)
+        loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(), create_graph=second_order)
+        if model_ema is not None:
+            model_ema.update(model)
+        logger.update(loss=loss_value, n=len(targets))
+        logger.update(lr=optimizer.param_groups[0]['lr'])
+    logger.synchronize_between_processes()
+    print('Averaged stats:', logger, flush=True)
+    return {k: m.global_avg for k, m in logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model, device, amp: bool = False, n_bins: int = 15,
+             distributed_sum: bool = False, print_freq: int = 50) -> dict:
+    """Top-1/top-5 accuracy (%), mean CE loss and ECE (n_bins equal-width bins).
+
+    With ``distributed_sum`` every rank evaluates its own disjoint shard and the *sums* are all-reduced,
+    so the result equals single-process evaluation exactly.
+    """
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss_sum, correct1, correct5, n
+    bins = CalibrationBins(n_bins)
+    logger = MetricLogger()
+    for images, target in logger.log_every(data_loader, print_freq, 'Test:', batch_size_fn=lambda b: len(b[1])):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp):
+            output = model(images)
+        output = output.float()
+        c1, c5 = topk_correct(output, target, (1, 5))
+        sums += torch.tensor([float(F.cross_entropy(output, target, reduction='sum')), c1, c5, len(target)],
+                             dtype=torch.float64)
+        bins.update(output.softmax(1), target)
+    if distributed_sum:
+        all_reduce_sum(sums)
+        bins.load_tensor(all_reduce_sum(bins.as_tensor()))
+    loss_sum, c1, c5, n = sums.tolist()
+    if n == 0:
+        raise ValueError('evaluation set is empty')
+    stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': loss_sum / n, 'ece': bins.ece(),
+             'n': int(n)}
+    print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
+          f'ECE {stats["ece"]:.4f} (n={stats["n"]})', flush=True)
+    return stats

@@ -1,0 +1,376 @@
+"""DeiT training and evaluation with MaxSup (``python -m deit.main``), DeiT's flags on timm 1.0.
+
+Paper recipe (DeiT-S, 8 GPUs x 128 = batch 1024, 300 epochs): see scripts/train_with_MaxSup.sh.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+from deit import distributed as du
+from deit.checkpoint import (CheckpointError, read_state_dict, rng_state, save_atomic, set_rng_state,
+                             torch_load)
+from deit.datasets import build_dataset
+from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
+from deit.losses import (HARD_LABEL_LOSSES, LOSSES, SCHEDULED_LOSSES, AlphaSchedule, DistillationLoss,
+                         LabelSmoothingLoss, create_criterion)
+from deit.models import adapt_state_dict_for_finetune, create_model
+from deit.samplers import DistributedEvalSampler, RASampler
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('DeiT training and evaluation with MaxSup', add_help=True)
+    a = p.add_argument
+    a('--batch-size', default=64, type=int, help='per-process batch size')
+    a('--epochs', default=300, type=int)
+    a('--bce-loss', action='store_true', help='BCE on mixed labels (DeiT III); only with --loss ce')
+    a('--unscale-lr', action='store_true', help='use --lr as is, not lr * batch * world / 512')
+    # model
+    a('--model', default='deit_small_patch16_224', type=str, help='any timm model, or deit_demo_patch4_32')
+    a('--input-size', default=224, type=int)
+    a('--drop', type=float, default=0.0, help='dropout rate')
+    a('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    a('--model-ema', action=argparse.BooleanOptionalAction, default=False)
+    a('--model-ema-decay', type=float, default=0.99996)
+    a('--model-ema-force-cpu', action='store_true')
+    # optimizer / schedule (timm)
+    a('--opt', default='adamw', type=str)
+    a('--opt-eps', default=1e-8, type=float)
+    a('--opt-betas', default=None, type=float, nargs='+')
+    a('--clip-grad', type=float, default=None, help='max grad norm (off when unset)')
+    a('--momentum', type=float, default=0.9)
+    a('--weight-decay', type=float, default=0.05)
+    a('--sched', default='cosine', type=str)
+    a('--lr', type=float, default=5e-4)
+    a('--lr-noise', type=float, nargs='+', default=None)
+    a('--lr-noise-pct', type=float, default=0.67)
+    a('--lr-noise-std', type=float, default=1.0)
+    a('--warmup-lr', type=float, default=1e-6)
+    a('--min-lr', type=float, default=1e-5)
+    a('--decay-epochs', type=float, default=30)
+    a('--warmup-epochs', type=int, default=5)
+    a('--cooldown-epochs', type=int, default=10)
+    a('--patience-epochs', type=int, default=10)
+    a('--decay-rate', '--dr', type=float, default=0.1)
+    # augmentation
+    a('--color-jitter', type=float, default=0.3)
+    a('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" to disable')
+    a('--smoothing', type=float, default=0.0,
+      help="DeiT's label smoothing; 0 by default because the regulariser is chosen with --loss")
+    a('--train-interpolation', type=str, default='bicubic')
+    a('--repeated-aug', action=argparse.BooleanOptionalAction, default=True)
+    a('--train-mode', action=argparse.BooleanOptionalAction, default=True)
+    a('--ThreeAugment', action='store_true')
+    a('--src', action='store_true', help='simple random crop (with --ThreeAugment)')
+    a('--reprob', type=float, default=0.25)
+    a('--remode', type=str, default='pixel')
+    a('--recount', type=int, default=1)
+    a('--resplit', action='store_true', default=False)
+    a('--mixup', type=float, default=0.8)
+    a('--cutmix', type=float, default=1.0)
+    a('--cutmix-minmax', type=float, nargs='+', default=None)
+    a('--mixup-prob', type=float, default=1.0)
+    a('--mixup-switch-prob', type=float, default=0.5)
+    a('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'))
+    # distillation
+    a('--teacher-model', default='regnety_160', type=str)
+    a('--teacher-path', type=str, default='')
+    a('--distillation-type', default='none', choices=['none', 'soft', 'hard'])
+    a('--distillation-alpha', default=0.5, type=float)
+    a('--distillation-tau', default=1.0, type=float)
+    a('--finetune', default='', help='initialise from this checkpoint (head reset / pos-embed resize as needed)')
+    # loss family (MaxSup)
+    a('--loss', default='maxsup', choices=LOSSES)
+    a('--maxsup-alpha', type=float, default=0.1, help='alpha at epoch 0 (maxsup, ls, ls_reg_only, ls_err_only, ols)')
+    a('--maxsup-alpha-end', type=float, default=None,
+      help='alpha at the last epoch, linear in between; default 0.2 for maxsup (paper), constant otherwise')
+    a('--ols-a', type=float, default=0.5)
+    a('--zipf-weight', type=float, default=1.0)
+    a('--zipf-power', type=float, default=1.0)
+    a('--logit-penalty-beta', type=float, default=2e-3)
+    # data
+    a('--data-path', default=None, type=str)
+    a('--data-set', default='IMNET', choices=['IMNET', 'CIFAR10', 'CIFAR100', 'FOLDER', 'DEMO'])
+    a('--cache', action='store_true', help='read IMNET from the in-memory ZIP cache (data/)')
+    a('--cache-mode', default='full', choices=['full', 'part'], help="'part': each rank keeps 1/world of it")
+    a('--skip-bad-images', action='store_true', help='skip unreadable ZIP members (counted), instead of failing')
+    a('--eval-crop-ratio', default=0.875, type=float)
+    # run
+    a('--output_dir', '--output-dir', default='', help='where to save checkpoints and logs, empty for none')
+    a('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    a('--seed', default=0, type=int)
+    a('--resume', default='', help='checkpoint to resume from (default: output_dir/checkpoint.pth if present)')
+    a('--auto-resume', action=argparse.BooleanOptionalAction, default=True)
+    a('--start_epoch', '--start-epoch', default=0, type=int)
+    a('--eval', action='store_true', help='evaluate only')
+    a('--eval-every', default=1, type=int, help='evaluate every N epochs (and always after the last)')
+    a('--dist-eval', action='store_true', help='shard evaluation over ranks (exact)')
+    a('--num_workers', '--num-workers', default=10, type=int)
+    a('--pin-mem', action=argparse.BooleanOptionalAction, default=True)
+    a('--amp', action=argparse.BooleanOptionalAction, default=None, help='mixed precision (default: on for CUDA)')
+    a('--print-freq', default=50, type=int)
+    a('--max-steps-per-epoch', default=None, type=int, help='cap steps per epoch (smoke tests)')
+    return p
+
+
+def check_args(args) -> None:
+    """Reject flag combinations that would silently do something else than asked."""
+    if args.loss != 'ce' and args.smoothing > 0:
+        raise ValueError(f'--smoothing {args.smoothing} with --loss {args.loss} regularises twice; '
+                         f'use --smoothing 0 (the paper recipe) or --loss ce')
+    if args.bce_loss and args.loss != 'ce':
+        raise ValueError(f'--bce-loss replaces the loss; it only combines with --loss ce, not {args.loss}')
+    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if args.loss in HARD_LABEL_LOSSES and mixup:
+        raise ValueError(f'--loss {args.loss} is defined for hard labels; add --mixup 0 --cutmix 0')
+    if args.distillation_type != 'none' and args.finetune and not args.eval:
+        raise ValueError('finetuning with distillation is not supported (as in DeiT)')
+    if args.maxsup_alpha_end is None:
+        args.maxsup_alpha_end = 0.2 if args.loss == 'maxsup' else args.maxsup_alpha
+
+
+def build_loaders(args, dataset_train, dataset_val):
+    world, rank = du.get_world_size(), du.get_rank()
+    if args.distributed and args.repeated_aug:
+        sampler_train = RASampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
+    elif args.distributed:
+        sampler_train = torch.utils.data.DistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
+    else:
+        sampler_train = torch.utils.data.RandomSampler(dataset_train)
+    if args.distributed and args.dist_eval:
+        sampler_val = DistributedEvalSampler(dataset_val, world, rank)
+    else:
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
+                  persistent_workers=args.num_workers > 0)
+    loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                                               drop_last=True, **common)
+    loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val,
+                                             batch_size=int(1.5 * args.batch_size), drop_last=False, **common)
+    if not args.eval and len(loader_train) == 0:
+        raise ValueError(f'--batch-size {args.batch_size} is larger than this rank\'s share of the training set '
+                         f'({len(sampler_train)} samples): no full batch to train on')
+    return sampler_train, loader_train, loader_val
+
+
+def load_teacher(args, nb_classes, device):
+    teacher = create_model(args.teacher_model, nb_classes, input_size=None)
+    if not args.teacher_path:
+        raise ValueError('--distillation-type needs --teacher-path (a checkpoint of --teacher-model)')
+    teacher.load_state_dict(read_state_dict(args.teacher_path))
+    return teacher.to(device).eval()
+
+
+def main(args) -> dict:
+    du.init_distributed_mode(args)
+    try:
+        return _run(args)
+    finally:
+        du.cleanup()
+
+
+def _run(args) -> dict:
+    check_args(args)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if args.distributed and device.type == 'cuda':
+        device = torch.device('cuda', args.gpu)
+    amp = device.type == 'cuda' if args.amp is None else args.amp
+    seed = args.seed + du.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+    dataset_train, nb_classes = build_dataset(True, args)
+    dataset_val, nb_val = build_dataset(False, args)
+    if nb_val != nb_classes:
+        raise ValueError(f'train set has {nb_classes} classes but val set has {nb_val}')
+    args.nb_classes = nb_classes
+    sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=nb_classes)
+
+    model = create_model(args.model, nb_classes, input_size=args.input_size, drop_rate=args.drop,
+                         drop_path_rate=args.drop_path)
+    if args.finetune:
+        state, reset = adapt_state_dict_for_finetune(read_state_dict(args.finetune), model)
+        result = model.load_state_dict(state, strict=False)
+        print(f'finetune from {args.finetune}: reset {reset or "no head"}; missing {result.missing_keys}; '
+              f'unexpected {result.unexpected_keys}')
+    if args.distillation_type != 'none':
+        if not hasattr(model, 'set_distilled_training'):
+            raise ValueError(f'--distillation-type {args.distillation_type} needs a distilled model '
+                             f'(e.g. deit_small_distilled_patch16_224), not {args.model}')
+        model.set_distilled_training(True)
+    model.to(device)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
+                                                          else None)
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print(f'model {args.model}: {n_parameters / 1e6:.2f}M parameters, {nb_classes} classes')
+
+    world = du.get_world_size()
+    base_lr = args.lr
+    if not args.unscale_lr:
+        args.lr = base_lr * args.batch_size * world / 512.0
+    print(f'effective batch size {args.batch_size} x {world} = {args.batch_size * world}; '
+          f'lr {args.lr:.3g} ({"as given" if args.unscale_lr else f"{base_lr:g} x batch / 512"})')
+    opt_kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
+    if args.opt_betas:
+        opt_kwargs['betas'] = tuple(args.opt_betas)
+    optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, **opt_kwargs)
+    loss_scaler = LossScaler(device.type, enabled=amp and device.type == 'cuda')
+    # timm appends --cooldown-epochs to the schedule; like DeiT we train exactly --epochs
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
+        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
+        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
+    base_criterion = create_criterion(args)
+    if args.bce_loss:
+        base_criterion = torch.nn.BCEWithLogitsLoss()
+    elif args.loss == 'ce' and args.smoothing > 0 and mixup_fn is None:
+        base_criterion = LabelSmoothingLoss(args.smoothing)
+    schedule = AlphaSchedule(args.maxsup_alpha, args.maxsup_alpha_end, args.epochs) \
+        if args.loss in SCHEDULED_LOSSES else None
+    teacher = load_teacher(args, nb_classes, device) if args.distillation_type != 'none' else None
+    criterion = DistillationLoss(base_criterion, teacher, args.distillation_type, args.distillation_alpha,
+                                 args.distillation_tau)
+    print(f'criterion: {base_criterion}' + (f', {schedule}' if schedule else ''))
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir and du.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    resume = args.resume
+    if not resume and args.auto_resume and output_dir and (output_dir / 'checkpoint.pth').is_file():
+        resume = str(output_dir / 'checkpoint.pth')
+        print(f'auto-resuming from {resume}')
+    max_accuracy = 0.0
+    if resume:
+        ckpt = torch_load(resume)
+        if not isinstance(ckpt, dict) or 'model' not in ckpt:
+            raise CheckpointError(f'{resume}: no "model" entry; not a training checkpoint')
+        model_without_ddp.load_state_dict(ckpt['model'])
+        if not args.eval and 'optimizer' in ckpt and 'epoch' in ckpt:
+            optimizer.load_state_dict(ckpt['optimizer'])
+            lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+            args.start_epoch = ckpt['epoch'] + 1
+            if 'scaler' in ckpt:
+                loss_scaler.load_state_dict(ckpt['scaler'])
+            if model_ema is not None and 'model_ema' in ckpt:
+                model_ema.module.load_state_dict(ckpt['model_ema'])
+            if 'criterion' in ckpt:
+                base_criterion.load_state_dict(ckpt['criterion'])
+            max_accuracy = ckpt.get('max_accuracy', 0.0)
+            if 'rng' in ckpt and ckpt.get('world_size', 1) == world:
+                set_rng_state(ckpt['rng'])
+        print(f'resumed from {resume} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}')
+    lr_scheduler.step(args.start_epoch)
+
+    eval_amp = amp and device.type == 'cuda'
+    dist_sum = args.distributed and args.dist_eval
+    if args.eval:
+        stats = evaluate(loader_val, model, device, eval_amp, distributed_sum=dist_sum, print_freq=args.print_freq)
+        print(f'Accuracy of the network on the {stats["n"]} test images: {stats["acc1"]:.2f}%')
+        return stats
+
+    tb = None
+    if output_dir and du.is_main_process():
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(output_dir / 'tb'))
+        except ImportError:  # tensorboard is in requirements.txt; keep training without it
+            print('tensorboard not installed: no TensorBoard scalars')
+    print(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
+    start_time = time.time()
+    test_stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if hasattr(sampler_train, 'set_epoch'):
+            sampler_train.set_epoch(epoch)
+        if schedule is not None:
+            base_criterion.alpha = schedule(epoch)
+        train_stats = train_one_epoch(
+            model, criterion, loader_train, optimizer, device, epoch, loss_scaler, amp=amp,
+            max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, bce_loss=args.bce_loss,
+            num_classes=nb_classes, print_freq=args.print_freq, max_steps=args.max_steps_per_epoch)
+        if hasattr(base_criterion, 'next_epoch'):
+            base_criterion.next_epoch()
+        lr_scheduler.step(epoch + 1)
+        alpha = getattr(base_criterion, 'alpha', None)
+        last = epoch == args.epochs - 1
+        if last or (epoch + 1) % args.eval_every == 0:
+            test_stats = evaluate(loader_val, model, device, eval_amp, distributed_sum=dist_sum,
+                                  print_freq=args.print_freq)
+            if model_ema is not None:
+                ema_stats = evaluate(loader_val, model_ema.module, device, eval_amp, distributed_sum=dist_sum,
+                                     print_freq=args.print_freq)
+                test_stats.update({f'ema_{k}': v for k, v in ema_stats.items()})
+        is_best = bool(test_stats) and test_stats['acc1'] > max_accuracy
+        if test_stats:
+            max_accuracy = max(max_accuracy, test_stats['acc1'])
+            print(f'Max accuracy: {max_accuracy:.2f}%')
+        if output_dir and du.is_main_process():
+            state = {
+                'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
+                'lr_scheduler': lr_scheduler.state_dict(), 'scaler': loss_scaler.state_dict(),
+                'epoch': epoch, 'args': args, 'max_accuracy': max_accuracy, 'world_size': world,
+                'alpha': {'value': alpha, 'schedule': schedule.state_dict() if schedule else None},
+                'criterion': base_criterion.state_dict(), 'rng': rng_state(),
+            }
+            if model_ema is not None:
+                state['model_ema'] = model_ema.module.state_dict()
+            save_atomic(state, output_dir / 'checkpoint.pth')
+            if is_best:
+                save_atomic(state, output_dir / 'best_checkpoint.pth')
+            log = {'epoch': epoch, 'alpha': alpha, 'lr': train_stats['lr'],
+                   **{f'train_{k}': v for k, v in train_stats.items()},
+                   **{f'test_{k}': v for k, v in test_stats.items()}, 'n_parameters': n_parameters}
+            with open(output_dir / 'log.txt', 'a') as f:
+                f.write(json.dumps(log) + '\n')
+            if tb is not None:
+                for k, v in log.items():
+                    if isinstance(v, (int, float)) and v is not None and k != 'epoch':
+                        tb.add_scalar(k, v, epoch)
+                tb.flush()
+        print(f'epoch {epoch}: alpha {alpha}, lr {train_stats["lr"]:.3g}, train loss {train_stats["loss"]:.4f}')
+    if tb is not None:
+        tb.close()
+    total = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f'Training time {total}')
+    if test_stats:
+        print(f'Final accuracy: top-1 {test_stats["acc1"]:.2f}%  top-5 {test_stats["acc5"]:.2f}%  '
+              f'ECE {test_stats["ece"]:.4f}  (best top-1 {max_accuracy:.2f}%)')
+    return {'test': test_stats, 'max_accuracy': max_accuracy}
+
+
+def cli(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return 2 if not isinstance(e, NonFiniteLossError) else 3
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

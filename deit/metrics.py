@@ -1,0 +1,61 @@
+"""Every metric of the project in one place: accuracy counts, ECE, feature variation (d_within, R^2).
+
+All accumulate as *sums* so that distributed evaluation can add them over ranks and stay exact.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def topk_correct(logits: Tensor, target: Tensor, ks=(1, 5)) -> list[int]:
+    """Number of samples whose label is within the top-k logits, for each k (k capped at K)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred == target[:, None]
+    return [int(hit[:, :min(k, maxk)].any(1).sum()) for k in ks]
+
+
+class CalibrationBins:
+    """Equal-width confidence bins for ECE (Guo et al. 2017): ECE = sum_b n_b/N * |acc_b - conf_b|.
+
+    Confidence = max softmax probability; bin b holds confidences in (b/n, (b+1)/n] (0 goes to bin 0).
+    """
+
+    def __init__(self, n_bins: int = 15):
+        self.n_bins = n_bins
+        self.count = torch.zeros(n_bins, dtype=torch.float64)
+        self.conf_sum = torch.zeros(n_bins, dtype=torch.float64)
+        self.correct_sum = torch.zeros(n_bins, dtype=torch.float64)
+
+    def update(self, probs: Tensor, target: Tensor) -> None:
+        conf, pred = probs.float().max(1)
+        b = (conf * self.n_bins).ceil().long().clamp(1, self.n_bins) - 1
+        self.count += torch.bincount(b, minlength=self.n_bins).double().cpu()
+        self.conf_sum += torch.bincount(b, weights=conf.double(), minlength=self.n_bins).cpu()
+        self.correct_sum += torch.bincount(b, weights=(pred == target).double(), minlength=self.n_bins).cpu()
+
+    def as_tensor(self) -> Tensor:
+        return torch.stack([self.count, self.conf_sum, self.correct_sum])
+
+    def load_tensor(self, t: Tensor) -> None:
+        self.count, self.conf_sum, self.correct_sum = (x.clone() for x in t.double().cpu())
+
+    def ece(self) -> float:
+        n = self.count.sum()
+        if n == 0:
+            return float('nan')
+        gap = (self.correct_sum - self.conf_sum).abs()  # = count * |acc - conf|
+        return float(gap.sum() / n)
+
+    def reliability(self) -> dict:
+        """Per-bin accuracy/confidence/count for a reliability diagram (empty bins give None)."""
+        acc = [float(c / n) if n else None for c, n in zip(self.correct_sum, self.count)]
+        conf = [float(c / n) if n else None for c, n in zip(self.conf_sum, self.count)]
+        return {'n_bins': self.n_bins, 'accuracy': acc, 'confidence': conf, 'count': self.count.tolist()}
+
+
+def expected_calibration_error(probs: Tensor, target: Tensor, n_bins: int = 15) -> float:
+    bins = CalibrationBins(n_bins)
+    bins.update(probs, target)
+    return bins.ece()

@@ -1,0 +1,55 @@
+"""Shared fixtures: small, real image trees written with PIL (no downloads)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PALETTE = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 200), (40, 200, 210)]
+
+
+def make_image(cls: int, idx: int, size: int = 32) -> Image.Image:
+    """A learnable picture: class colour + a class-dependent bar, with per-image noise."""
+    rng = np.random.default_rng(cls * 1000 + idx)
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = PALETTE[cls % len(PALETTE)]
+    bar = (cls * size) // 6
+    img[bar:bar + size // 6, :, :] = 255 - img[bar:bar + size // 6, :, :]
+    img += rng.normal(0, 25, img.shape)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def make_imagefolder(root: Path, n_classes: int = 4, n_train: int = 16, n_val: int = 6, size: int = 32,
+                     names=None) -> Path:
+    """root/{train,val}/<class>/<n>.jpg, real JPEGs."""
+    names = names or [f'class_{c}' for c in range(n_classes)]
+    for split, n in (('train', n_train), ('val', n_val)):
+        for c, name in enumerate(names):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                make_image(c, i + (0 if split == 'train' else 10_000), size).save(d / f'{i:03d}.jpg', quality=90)
+    return root
+
+
+@pytest.fixture(scope='session')
+def tiny_imagefolder(tmp_path_factory) -> Path:
+    return make_imagefolder(tmp_path_factory.mktemp('imagefolder'))
+
+
+# flags shared by trainer tests: the demo ViT at 32x32, single-threaded loading, short schedule
+TINY = ['--model', 'deit_demo_patch4_32', '--input-size', '32', '--batch-size', '16', '--num_workers', '0',
+        '--warmup-epochs', '0', '--lr', '2e-3', '--unscale-lr', '--print-freq', '0', '--drop-path', '0',
+        '--aa', 'none', '--reprob', '0', '--color-jitter', '0', '--no-pin-mem']
+
+
+def run_module(args, env_extra=None, timeout=600, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)

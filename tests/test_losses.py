@@ -1,0 +1,329 @@
+"""The loss family: identities, gradients (paper Eq. 9), edge cases and input errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+
+from deit.losses import (AlphaSchedule, DistillationLoss, LabelSmoothingLoss, LabelSmoothingPartLoss, LOSSES,
+                         LogitPenaltyLoss, MaxSupLoss, MaxSupLossReference, OnlineLabelSmoothing,
+                         ZipfLabelSmoothing, create_criterion, ls_decomposition)
+
+
+def _batch(B=8, K=10, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(B, K, generator=g) * 3).to(dtype)
+    y = torch.randint(0, K, (B,), generator=g)
+    return z, y
+
+
+def _soft(y, K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.rand(y.shape[0], 1, generator=g)
+    y2 = y.roll(1)
+    return lam * F.one_hot(y, K) + (1 - lam) * F.one_hot(y2, K)
+
+
+# ---------------------------------------------------------------- MaxSup
+@pytest.mark.parametrize('soft', [False, True])
+def test_maxsup_fused_equals_reference_value_and_grad(soft):
+    z, y = _batch(B=16, K=7)
+    t = _soft(y, 7) if soft else y
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    l1 = MaxSupLoss(0.15)(z1, t)
+    l2 = MaxSupLossReference(0.15)(z2, t)
+    l1.backward(), l2.backward()
+    assert torch.allclose(l1, l2, atol=1e-6)
+    assert torch.allclose(z1.grad, z2.grad, atol=1e-7)
+
+
+def test_maxsup_definition_by_hand():
+    z = torch.tensor([[1.0, 3.0, -2.0, 0.0]])
+    y = torch.tensor([0])
+    ce = math.log(sum(math.exp(v) for v in [1, 3, -2, 0])) - 1.0
+    expected = ce + 0.1 * (3.0 - 0.5)
+    assert MaxSupLoss(0.1)(z, y).item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize('K', [2, 5, 1000])
+def test_maxsup_penalty_gradient_is_eq9(K):
+    """d/dz of alpha*(z_max - mean z): alpha(1-1/K) on the top-1 logit, -alpha/K elsewhere."""
+    alpha, B = 0.2, 4
+    z, y = _batch(B=B, K=K, seed=K)
+    z = z.double().requires_grad_()
+    # penalty alone = MaxSup - CE
+    loss = MaxSupLoss(alpha)(z, y) - F.cross_entropy(z.float(), y)
+    (g,) = torch.autograd.grad(loss, z)
+    top = z.detach().argmax(1)
+    expected = torch.full((B, K), -alpha / K, dtype=torch.float64)
+    expected[torch.arange(B), top] = alpha * (1 - 1 / K)
+    assert torch.allclose(g * B, expected, atol=1e-6)
+    # descent lowers only the top logit: the only positive gradient entry is at argmax
+    assert ((g > 0) == F.one_hot(top, K).bool()).all()
+
+
+def test_maxsup_gradcheck_float64():
+    z, y = _batch(B=3, K=5)
+    z = z.double().requires_grad_()
+    fn = MaxSupLoss(0.1)
+    # the Function computes in float32; gradcheck needs float64 throughout: run it through the reference
+    # of the closed-form backward instead (same math, double precision)
+    from deit.losses import _MaxSupFunction
+
+    class F64(_MaxSupFunction):
+        @staticmethod
+        def forward(ctx, logits, target, alpha):
+            zz = logits
+            B, K = zz.shape
+            zmax, argmax = zz.max(dim=1)
+            p = torch.softmax(zz, 1)
+            lse = torch.logsumexp(zz, 1)
+            loss = (lse - zz.gather(1, target[:, None]).squeeze(1) + alpha * (zmax - zz.mean(1))).mean()
+            ctx.save_for_backward(p, argmax, target)
+            ctx.alpha, ctx.in_dtype = alpha, logits.dtype
+            return loss
+
+    assert torch.autograd.gradcheck(lambda x: F64.apply(x, y, 0.1), (z,), eps=1e-6, atol=1e-6)
+    # and the float32 production path agrees with autograd of the definition in float64
+    zd = z.detach().clone().requires_grad_()
+    ref = F.cross_entropy(zd, y) + 0.1 * (zd.max(1).values - zd.mean(1)).mean()
+    (gref,) = torch.autograd.grad(ref, zd)
+    zf = z.detach().clone().requires_grad_()
+    (gf,) = torch.autograd.grad(fn(zf, y), zf)
+    assert torch.allclose(gf, gref, atol=1e-6)
+
+
+def test_maxsup_ties_k2_b1_and_huge_logits():
+    loss = MaxSupLoss(0.1)
+    # tie in the max: finite, gradient sums to zero per row (penalty and CE both shift-invariant)
+    z = torch.tensor([[2.0, 2.0, -1.0]], requires_grad=True)
+    l = loss(z, torch.tensor([2]))
+    l.backward()
+    assert torch.isfinite(l) and torch.isfinite(z.grad).all()
+    assert z.grad.sum().abs() < 1e-6
+    zr = z.detach().clone().requires_grad_()
+    MaxSupLossReference(0.1)(zr, torch.tensor([2])).backward()
+    assert torch.allclose(z.grad, zr.grad, atol=1e-7)
+    # K=2, B=1
+    z = torch.tensor([[0.3, -0.7]], requires_grad=True)
+    l = loss(z, torch.tensor([1]))
+    l.backward()
+    assert l.item() == pytest.approx(math.log(math.exp(0.3) + math.exp(-0.7)) + 0.7 + 0.1 * 0.5, abs=1e-6)
+    # +-1e4 logits: no overflow
+    z = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0]], requires_grad=True)
+    l = loss(z, torch.tensor([1, 1]))
+    l.backward()
+    assert torch.isfinite(l) and torch.isfinite(z.grad).all()
+    # sample 0 is wrong by 2e4: CE ~ 2e4; sample 1 right: CE ~ 0; penalties (1e4 - 0)/..., (1e4 - 5/3)
+    expected = (2e4 + 0.1 * (1e4 - 0.0) + 0.0 + 0.1 * (1e4 - 5.0 / 3)) / 2
+    assert l.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_maxsup_half_precision_inputs_compute_in_fp32(dtype):
+    z, y = _batch(B=8, K=100, dtype=dtype)
+    zh = z.clone().requires_grad_()
+    l = MaxSupLoss(0.1)(zh, y)
+    l.backward()
+    assert l.dtype == torch.float32 and zh.grad.dtype == dtype
+    ref = MaxSupLossReference(0.1)(z.float(), y)
+    assert l.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.isfinite(zh.grad.float()).all()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        lin = torch.nn.Linear(100, 100)
+        out = lin(z.float())
+        assert out.dtype == torch.bfloat16
+        assert MaxSupLoss(0.1)(out, y).dtype == torch.float32
+
+
+def test_maxsup_alpha_update_per_epoch():
+    z, y = _batch()
+    loss = MaxSupLoss(0.1)
+    a = loss(z, y)
+    loss.alpha = 0.2
+    b = loss(z, y)
+    pen = (z.max(1).values - z.mean(1)).mean()
+    assert (b - a).item() == pytest.approx(0.1 * pen.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- label smoothing
+@pytest.mark.parametrize('alpha', [0.0, 0.1, 0.3])
+def test_ls_logit_form_equals_torch_label_smoothing(alpha):
+    z, y = _batch(B=32, K=20)
+    got = LabelSmoothingLoss(alpha)(z, y)
+    assert torch.allclose(got, F.cross_entropy(z, y, label_smoothing=alpha), atol=1e-5)
+
+
+def test_ls_soft_equals_timm_mixup_smoothing_plus_soft_ce():
+    K, alpha = 10, 0.1
+    x = torch.randn(8, 3, 8, 8)
+    y = torch.arange(8) % K
+    mix_plain = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=K)
+    mix_ls = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=alpha, num_classes=K)
+    torch.manual_seed(0)
+    import numpy as np
+    np.random.seed(0)
+    _, t = mix_plain(x.clone(), y.clone())
+    np.random.seed(0)
+    _, t_ls = mix_ls(x.clone(), y.clone())
+    z = torch.randn(8, K)
+    want = SoftTargetCrossEntropy()(z, t_ls)
+    assert torch.allclose(LabelSmoothingLoss(alpha)(z, t), want, atol=1e-5)
+    # and directly against the formula (1-alpha) t + alpha/K
+    assert torch.allclose(LabelSmoothingLoss(alpha)(z, t),
+                          SoftTargetCrossEntropy()(z, (1 - alpha) * t + alpha / K), atol=1e-5)
+
+
+def test_ls_decomposition_sums_and_signs():
+    z, y = _batch(B=64, K=10, seed=3)
+    reg, err = ls_decomposition(z, y)
+    ls_term = z.gather(1, y[:, None]).squeeze(1) - z.mean(1)
+    assert torch.allclose(reg + err, ls_term, atol=1e-5)
+    assert (reg >= 0).all() and (err <= 0).all()
+    correct = z.argmax(1) == y
+    assert correct.any() and (~correct).any()
+    assert (err[correct] == 0).all()
+    assert (err[~correct] < 0).all()
+
+
+def test_ls_part_losses_add_up_to_ls():
+    z, y = _batch(B=32, K=10, seed=4)
+    ce = F.cross_entropy(z, y)
+    r = LabelSmoothingPartLoss('regularization', 0.1)(z, y)
+    e = LabelSmoothingPartLoss('error_enhancement', 0.1)(z, y)
+    assert torch.allclose((r - ce) + (e - ce), LabelSmoothingLoss(0.1)(z, y) - ce, atol=1e-6)
+    with pytest.raises(ValueError, match='hard labels'):
+        LabelSmoothingPartLoss('regularization')(z, _soft(y, 10))
+
+
+# ---------------------------------------------------------------- other baselines
+def test_logit_penalty_formula():
+    z, y = _batch()
+    want = F.cross_entropy(z, y) + 1e-3 * (z ** 2).sum(1).mean()
+    assert torch.allclose(LogitPenaltyLoss(2e-3)(z, y), want, atol=1e-6)
+
+
+def test_ols_accumulates_correct_samples_and_swaps_at_epoch_end():
+    K = 3
+    ols = OnlineLabelSmoothing(K, a=0.5, smoothing=0.1)
+    init = ols.supervise.clone()
+    assert torch.allclose(init.sum(0), torch.ones(K))
+    z = torch.tensor([[4.0, 0.0, 0.0], [0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    y = torch.tensor([0, 1, 1])  # third sample is wrong: must not count
+    loss = ols(z, y)
+    p = z.softmax(1)
+    soft = init[:, y].t()
+    want = 0.5 * F.cross_entropy(z, y) + 0.5 * (-(soft * p.log()).sum(1)).mean()
+    assert torch.allclose(loss, want, atol=1e-6)
+    ols.next_epoch()
+    assert torch.allclose(ols.supervise[:, 0], p[0], atol=1e-6)
+    assert torch.allclose(ols.supervise[:, 1], p[1], atol=1e-6)
+    assert torch.allclose(ols.supervise[:, 2], init[:, 2])  # no correct sample: kept
+    # eval mode does not accumulate
+    ols.eval()
+    ols(z, y)
+    assert ols.count.sum() == 0
+    # soft targets: one-hot soft target behaves like the hard label
+    ols.train()
+    assert torch.allclose(ols(z, F.one_hot(y, K).float()), ols(z, y), atol=1e-6)
+
+
+def test_zipf_distribution_follows_rank_and_kl_is_zero_at_match():
+    K, B = 6, 1
+    zipf = ZipfLabelSmoothing(weight=1.0, power=1.0)
+    # logits chosen so that the non-target softmax is exactly the Zipf law: z_k = -log(rank)
+    y = torch.tensor([2])
+    ranks = torch.tensor([1.0, 2.0, 0.0, 3.0, 4.0, 5.0])
+    z = torch.where(ranks > 0, -ranks.clamp_min(1).log(), torch.tensor(3.0))[None]
+    assert torch.allclose(zipf(z, y), F.cross_entropy(z, y), atol=1e-6)
+    # ranks come from the model's own logits, so permuting them keeps the KL at zero ...
+    z2 = z.clone()
+    z2[0, [0, 5]] = z2[0, [5, 0]]
+    assert torch.allclose(zipf(z2, y), F.cross_entropy(z2, y), atol=1e-6)
+    # ... while a flat non-target softmax pays KL(zipf || uniform), computed by hand
+    z3 = torch.tensor([[0.0, 0.0, 3.0, 0.0, 0.0, 0.0]])
+    q = torch.tensor([1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
+    q = q / q.sum()
+    kl = (q * (q * 5).log()).sum()
+    assert zipf(z3, y).item() == pytest.approx((F.cross_entropy(z3, y) + kl).item(), abs=1e-6)
+    assert kl > 0.05
+
+
+def test_every_loss_handles_hard_and_soft_targets():
+    z, y = _batch(B=8, K=10)
+    t = _soft(y, 10)
+    for name in LOSSES:
+        crit = create_criterion(loss=name, nb_classes=10)
+        zz = z.clone().requires_grad_()
+        out = crit(zz, y)
+        out.backward()
+        assert out.dim() == 0 and torch.isfinite(out) and torch.isfinite(zz.grad).all(), name
+        if name not in ('ls_reg_only', 'ls_err_only'):
+            assert torch.isfinite(crit(z, t)), name
+
+
+# ---------------------------------------------------------------- schedule, factory, errors
+def test_alpha_schedule_matches_official_formula():
+    s = AlphaSchedule(0.1, 0.2, 300)
+    for e in (0, 1, 150, 299):
+        assert s(e) == pytest.approx(0.1 + e * 0.1 / 299)
+    assert s(0) == pytest.approx(0.1) and s(299) == pytest.approx(0.2)
+    assert AlphaSchedule(0.1, 0.2, 1)(0) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        AlphaSchedule(0.1, 1.2, 10)
+
+
+def test_create_criterion_names_and_unknown():
+    from argparse import Namespace
+    assert isinstance(create_criterion(Namespace(loss='maxsup', maxsup_alpha=0.1)), MaxSupLoss)
+    assert isinstance(create_criterion({'loss': 'ols', 'nb_classes': 5}), OnlineLabelSmoothing)
+    with pytest.raises(ValueError, match='unknown loss'):
+        create_criterion(loss='focal')
+    with pytest.raises(ValueError, match='nb_classes'):
+        create_criterion(loss='ols')
+
+
+@pytest.mark.parametrize('logits,target,msg', [
+    (torch.randn(4), torch.tensor([0, 1, 2, 3]), r'\(B, K\)'),
+    (torch.randn(4, 3), torch.tensor([0, 1, 2]), '3 labels for a batch of 4'),
+    (torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), r'labels must be in \[0, 2\]'),
+    (torch.randn(4, 3), torch.tensor([0, -1, 2, 1]), r'labels must be in \[0, 2\]'),
+    (torch.randn(2, 3), torch.tensor([[0.5, 0.4, 0.0], [1.0, 0.0, 0.0]]), 'summing to 1'),
+    (torch.randn(2, 3), torch.tensor([[0.5, 0.5], [1.0, 0.0]]), 'do not match'),
+    (torch.randn(2, 3), torch.tensor([0.0, 1.0]), 'must be integers'),
+    (torch.randn(4, 1), torch.tensor([0, 0, 0, 0]), 'at least 2 classes'),
+])
+def test_bad_input_raises_clear_value_error(logits, target, msg):
+    for name in LOSSES:
+        if name == 'ols' or (target.dim() == 2 and name in ('ls_reg_only', 'ls_err_only')):
+            continue  # OLS needs nb_classes; hard-label-only losses reject soft targets earlier
+        with pytest.raises(ValueError, match=msg):
+            create_criterion(loss=name)(logits, target)
+
+
+@pytest.mark.parametrize('alpha', [-0.1, 1.0, 2.0])
+def test_alpha_outside_unit_interval_rejected(alpha):
+    for cls in (MaxSupLoss, LabelSmoothingLoss):
+        with pytest.raises(ValueError, match=r'\[0, 1\)'):
+            cls(alpha)
+
+
+def test_distillation_loss_soft_and_hard():
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(4, 5)
+    x = torch.randn(6, 4)
+    cls, dist = torch.randn(6, 5), torch.randn(6, 5)
+    y = torch.randint(0, 5, (6,))
+    base = MaxSupLoss(0.1)
+    hard = DistillationLoss(base, teacher, 'hard', alpha=0.5)
+    want = 0.5 * base(cls, y) + 0.5 * F.cross_entropy(dist, teacher(x).argmax(1))
+    assert torch.allclose(hard(x, (cls, dist), y), want, atol=1e-6)
+    soft = DistillationLoss(base, teacher, 'soft', alpha=0.5, tau=2.0)
+    kl = F.kl_div(F.log_softmax(dist / 2, 1), F.log_softmax(teacher(x) / 2, 1), reduction='sum',
+                  log_target=True) * 4 / dist.numel()
+    assert torch.allclose(soft(x, (cls, dist), y), 0.5 * base(cls, y) + 0.5 * kl, atol=1e-6)
+    assert torch.allclose(DistillationLoss(base)(x, cls, y), base(cls, y))
+    with pytest.raises(ValueError, match='teacher'):
+        DistillationLoss(base, None, 'soft')

@@ -1,0 +1,160 @@
+"""End-to-end trainer tests on a tiny synthetic ImageFolder (CPU)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from deit.checkpoint import torch_load
+from deit.losses import LOSSES
+from deit.main import cli, get_args_parser, main
+from deit.models import adapt_state_dict_for_finetune, create_model
+from tests.conftest import ROOT, TINY, make_imagefolder
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+
+
+def test_end_to_end_mixup_cutmix_maxsup(tiny_imagefolder, tmp_path, capsys):
+    out = tmp_path / 'run'
+    rc = cli(TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--epochs', '4',
+                     '--mixup', '0.8', '--cutmix', '1.0', '--loss', 'maxsup', '--output_dir', str(out)])
+    assert rc == 0
+    log = read_log(out)
+    assert [r['epoch'] for r in log] == [0, 1, 2, 3]
+    assert log[-1]['train_loss'] < log[0]['train_loss']
+    # alpha 0.1 -> 0.2 linearly over 4 epochs, logged and checkpointed
+    assert [r['alpha'] for r in log] == pytest.approx([0.1, 0.1 + 0.1 / 3, 0.1 + 0.2 / 3, 0.2])
+    ck = torch_load(out / 'checkpoint.pth')
+    assert ck['epoch'] == 3 and ck['alpha']['value'] == pytest.approx(0.2)
+    assert {'model', 'optimizer', 'lr_scheduler', 'scaler', 'args', 'rng', 'criterion'} <= set(ck)
+    assert (out / 'best_checkpoint.pth').is_file()
+    assert any(p.name.startswith('events.out.tfevents') for p in (out / 'tb').iterdir())
+    # --eval on the saved checkpoint reproduces the logged test accuracy and reports ECE
+    capsys.readouterr()
+    stats = main(get_args_parser().parse_args(TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder),
+                                                      '--eval', '--resume', str(out / 'checkpoint.pth')]))
+    assert stats['acc1'] == pytest.approx(log[-1]['test_acc1'])
+    assert 0 <= stats['ece'] <= 1 and stats['n'] == 24
+    assert 'Acc@1' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('loss', LOSSES)
+def test_loss_matrix_smoke(loss, tiny_imagefolder, tmp_path):
+    mix = ['--mixup', '0', '--cutmix', '0'] if loss in ('ls_reg_only', 'ls_err_only') else []
+    rc = cli(TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--epochs', '1', '--loss', loss,
+                     '--max-steps-per-epoch', '2', '--output_dir', str(tmp_path)] + mix)
+    assert rc == 0
+    assert read_log(tmp_path)[0]['train_loss'] > 0
+
+
+def test_demo_dataset_trains(tmp_path):
+    rc = cli(TINY + ['--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '3',
+                     '--output_dir', str(tmp_path)])
+    assert rc == 0
+    assert read_log(tmp_path)[0]['test_n'] == 450
+
+
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    data = make_imagefolder(tmp_path / 'data', n_classes=3, n_train=64, n_val=4)
+    common = TINY + ['--data-set', 'FOLDER', '--data-path', str(data), '--epochs', '4', '--batch-size', '8',
+                     '--print-freq', '1', '--seed', '3', '--warmup-epochs', '1', '--mixup', '0.8']
+    full, killed = tmp_path / 'full', tmp_path / 'killed'
+    env = {'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    import os
+    proc = subprocess.Popen([sys.executable, '-m', 'deit.main', *common, '--output_dir', str(killed)],
+                            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    # wait until epoch 2 is under way (epochs 0 and 1 checkpointed), then SIGKILL mid-epoch
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith('Epoch: [2] [ 5/'):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, ''.join(seen[-20:])
+    assert [r['epoch'] for r in read_log(killed)] == [0, 1]
+    assert torch_load(killed / 'checkpoint.pth')['epoch'] == 1
+    assert not list(killed.glob('.*tmp*'))  # no torn temp files left behind
+    # auto-resume from output_dir/checkpoint.pth
+    r = subprocess.run([sys.executable, '-m', 'deit.main', *common, '--output_dir', str(killed)], cwd=ROOT,
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert 'auto-resuming' in r.stdout
+    r = subprocess.run([sys.executable, '-m', 'deit.main', *common, '--output_dir', str(full)], cwd=ROOT,
+                       env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = read_log(full), read_log(killed)
+    assert [x['epoch'] for x in b] == [0, 1, 2, 3]
+    for x, y in zip(a, b):
+        assert x['lr'] == pytest.approx(y['lr'], rel=1e-9) and x['alpha'] == pytest.approx(y['alpha'])
+    ca, cb = torch_load(full / 'checkpoint.pth'), torch_load(killed / 'checkpoint.pth')
+    assert ca['epoch'] == cb['epoch'] == 3
+    assert ca['alpha'] == cb['alpha']
+    assert ca['optimizer']['param_groups'][0]['lr'] == pytest.approx(cb['optimizer']['param_groups'][0]['lr'])
+    # same seed, RNG restored, single-threaded loading: the resumed run reproduces the weights
+    for k in ca['model']:
+        assert torch.allclose(ca['model'][k], cb['model'][k], atol=1e-5), k
+
+
+def test_distillation_smoke(tiny_imagefolder, tmp_path):
+    teacher = create_model('deit_demo_patch4_32', 4, input_size=32)
+    torch.save({'model': teacher.state_dict()}, tmp_path / 'teacher.pth')
+    for kind in ('soft', 'hard'):
+        out = tmp_path / kind
+        rc = cli(TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--epochs', '1',
+                         '--model', 'deit_tiny_distilled_patch16_224', '--max-steps-per-epoch', '2',
+                         '--teacher-model', 'deit_demo_patch4_32', '--teacher-path', str(tmp_path / 'teacher.pth'),
+                         '--distillation-type', kind, '--output_dir', str(out)])
+        assert rc == 0
+        assert read_log(out)[0]['train_loss'] > 0
+
+
+def test_finetune_with_different_input_size_and_classes(tiny_imagefolder, tmp_path):
+    src = tmp_path / 'src'
+    assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '2',
+                       '--output_dir', str(src)]) == 0
+    state = torch_load(src / 'checkpoint.pth')['model']
+    # unit: head reset on class mismatch, pos_embed resampled 8x8 -> 12x12
+    model = create_model('deit_demo_patch4_32', 4, input_size=48)
+    adapted, reset = adapt_state_dict_for_finetune(state, model)
+    assert set(reset) == {'head.weight', 'head.bias'}
+    assert adapted['pos_embed'].shape == model.pos_embed.shape == (1, 1 + 144, 128)
+    assert torch.equal(adapted['pos_embed'][:, 0], state['pos_embed'][:, 0])  # class token untouched
+    # end to end: finetune at 48px on the 4-class folder
+    out = tmp_path / 'ft'
+    assert cli(TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--epochs', '1',
+                       '--input-size', '48', '--finetune', str(src / 'checkpoint.pth'),
+                       '--max-steps-per-epoch', '2', '--output_dir', str(out)]) == 0
+    assert read_log(out)[0]['test_n'] == 24
+
+
+@pytest.mark.parametrize('extra,msg', [
+    (['--data-set', 'FOLDER', '--data-path', '/nonexistent/data'], 'data path does not exist'),
+    (['--data-set', 'IMNET'], '--data-path is required'),
+    (['--data-set', 'DEMO', '--model', 'no_such_model_xyz'], "unknown model 'no_such_model_xyz'"),
+    (['--data-set', 'DEMO', '--smoothing', '0.1'], 'regularises twice'),
+    (['--data-set', 'DEMO', '--loss', 'ls_reg_only'], 'hard labels'),
+])
+def test_bad_input_clear_errors(extra, msg, capsys):
+    assert cli(TINY + ['--epochs', '1'] + extra) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_empty_class_folder_and_unknown_loss(tmp_path, capsys):
+    root = make_imagefolder(tmp_path / 'd', n_classes=2, n_train=2, n_val=2)
+    (root / 'train' / 'empty_class').mkdir()
+    assert cli(TINY + ['--epochs', '1', '--data-set', 'FOLDER', '--data-path', str(root)]) == 2
+    err = capsys.readouterr().err
+    assert 'empty_class' in err and str(root / 'train') in err
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(['--loss', 'focal'])
+    assert "invalid choice: 'focal'" in capsys.readouterr().err
