@@ -50,6 +50,8 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
                                                                batch_size_fn=lambda b: len(b[1]))):
         if max_steps is not None and step >= max_steps:
             break
+        if len(targets) == 0:  # every image of the batch was unreadable (ZIP cache --skip-bad-images)
+            continue
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -89,6 +91,8 @@ def evaluate(data_loader: Iterable, model, device, amp: bool = False, n_bins: in
     bins = CalibrationBins(n_bins)
     logger = MetricLogger()
     for images, target in logger.log_every(data_loader, print_freq, 'Test:', batch_size_fn=lambda b: len(b[1])):
+        if len(target) == 0:
+            continue
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp):

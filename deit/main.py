@@ -142,7 +142,10 @@ def check_args(args) -> None:
 
 def build_loaders(args, dataset_train, dataset_val):
     world, rank = du.get_world_size(), du.get_rank()
-    if args.distributed and args.repeated_aug:
+    if getattr(dataset_train, 'shard', None) is not None:  # ZIP cache_mode='part': each rank its own shard
+        from data.zip_cache import ShardSampler
+        sampler_train = ShardSampler(dataset_train.shard, seed=args.seed)
+    elif args.distributed and args.repeated_aug:
         sampler_train = RASampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
     elif args.distributed:
         sampler_train = torch.utils.data.DistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
@@ -154,10 +157,17 @@ def build_loaders(args, dataset_train, dataset_val):
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
                   persistent_workers=args.num_workers > 0)
+
+    def collate(ds):
+        if getattr(ds, 'skip_bad', False):
+            from data.zip_cache import collate_skip_bad
+            return collate_skip_bad
+        return None
+
     loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                               drop_last=True, **common)
-    loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val,
-                                             batch_size=int(1.5 * args.batch_size), drop_last=False, **common)
+                                               drop_last=True, collate_fn=collate(dataset_train), **common)
+    loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
+                                             drop_last=False, collate_fn=collate(dataset_val), **common)
     if not args.eval and len(loader_train) == 0:
         raise ValueError(f'--batch-size {args.batch_size} is larger than this rank\'s share of the training set '
                          f'({len(sampler_train)} samples): no full batch to train on')
@@ -314,6 +324,11 @@ def _run(args) -> dict:
             num_classes=nb_classes, print_freq=args.print_freq, max_steps=args.max_steps_per_epoch)
         if hasattr(base_criterion, 'next_epoch'):
             base_criterion.next_epoch()
+        if hasattr(dataset_train, 'pop_skipped'):
+            skipped = int(du.all_reduce_sum(torch.tensor(dataset_train.pop_skipped())))
+            train_stats['skipped_images'] = skipped
+            if skipped:
+                print(f'epoch {epoch}: skipped {skipped} unreadable training images (--skip-bad-images)')
         lr_scheduler.step(epoch + 1)
         alpha = getattr(base_criterion, 'alpha', None)
         last = epoch == args.epochs - 1

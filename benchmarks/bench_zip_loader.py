@@ -1,0 +1,158 @@
+"""ZIP cache vs. ImageFolder vs. Swin-style zipfile reads: samples/s and worker memory.
+
+Generates N small JPEGs (default 20k) as an ImageFolder, builds the ZIP cache, then measures in random order
+(warm page cache), interleaving the readers round by round:
+  raw fetch        bytes of one sample: (a) open/read a file, (b) our mmap offset table,
+                   (c) Swin's ZipReader (cached ZipFile handle + ZipFile.read per sample)
+  fetch + decode   the same plus PIL decode
+  end-to-end       zip fetch + decode + DeiT train transforms, vs decode + transforms from bytes in RAM
+  memory           PSS/RSS of DataLoader workers (1 vs 4) and the zip mapping's share of it
+
+    python -m benchmarks.bench_zip_loader [--n 20000 --size 64 --workdir /tmp/zipbench]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import statistics
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+from data.build_zip_cache import build
+from data.zip_cache import ZipImageDataset
+
+
+def make_tree(root: Path, n: int, size: int, classes: int = 100) -> None:
+    if (root / 'done').exists():
+        return
+    rng = np.random.default_rng(0)
+    for split, count in (('train', n), ('val', classes)):
+        for i in range(count):
+            c = i % classes
+            d = root / split / f'n{c:08d}'
+            d.mkdir(parents=True, exist_ok=True)
+            arr = (rng.random((size // 8, size // 8, 3)) * 255).astype(np.uint8)
+            Image.fromarray(arr).resize((size, size), Image.BILINEAR).save(d / f'img_{i:06d}.JPEG', quality=85)
+    (root / 'done').touch()
+
+
+def decode(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert('RGB')
+
+
+def timed(fn, order) -> float:
+    t0 = time.perf_counter()
+    for i in order:
+        fn(i)
+    return len(order) / (time.perf_counter() - t0)
+
+
+def smaps(pid: int, needle: str) -> tuple[int, int, int]:
+    """(PSS total kB, RSS total kB, PSS kB of mappings whose path contains needle)."""
+    pss = rss = zip_pss = 0
+    cur = ''
+    with open(f'/proc/{pid}/smaps') as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 5 and '-' in parts[0] and ':' in parts[2]:  # mapping header line
+                cur = parts[5] if len(parts) > 5 else ''
+            elif parts[0] == 'Pss:':
+                pss += int(parts[1])
+                if needle in cur:
+                    zip_pss += int(parts[1])
+            elif parts[0] == 'Rss:':
+                rss += int(parts[1])
+    return pss, rss, zip_pss
+
+
+def worker_memory(ds, workers: int, zip_path: str) -> dict:
+    loader = torch.utils.data.DataLoader(ds, batch_size=64, num_workers=workers, shuffle=True,
+                                         collate_fn=lambda b: len(b), persistent_workers=True)
+    it = iter(loader)
+    for _ in range(min(len(loader) - 1, 150)):
+        next(it)
+    pids = [w.pid for w in it._workers]
+    stats = [smaps(p, zip_path) for p in pids]
+    del it, loader
+    return {'workers': workers, 'pss_mb': sum(s[0] for s in stats) / 1024, 'rss_mb': sum(s[1] for s in stats) / 1024,
+            'zip_pss_mb': sum(s[2] for s in stats) / 1024}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--n', type=int, default=20000)
+    ap.add_argument('--size', type=int, default=64)
+    ap.add_argument('--workdir', type=Path, default=Path('/tmp/zipbench'))
+    ap.add_argument('--sample', type=int, default=5000, help='samples per timing round')
+    ap.add_argument('--rounds', type=int, default=5)
+    args = ap.parse_args()
+    src, dst = args.workdir / 'src', args.workdir / 'cache'
+    t0 = time.time()
+    make_tree(src, args.n, args.size)
+    if not (dst / 'train.zip').exists():
+        build(src, dst)
+    print(f'{args.n} JPEGs of {args.size}px ready in {time.time() - t0:.0f}s; zip {(dst / "train.zip").stat().st_size / 2**20:.1f} MiB')
+
+    ds = ZipImageDataset(dst / 'train.zip', dst / 'train_map.txt')
+    names = [n.split('@/', 1)[1] for n, _ in ds.samples]
+    paths = [str(src / 'train' / n) for n in names]
+    zf = zipfile.ZipFile(dst / 'train.zip')  # Swin keeps one open ZipFile per zip and reads by name
+
+    def folder_raw(i):
+        with open(paths[i], 'rb') as f:
+            return f.read()
+
+    readers = {'imagefolder': folder_raw, 'zip_cache': ds.read_bytes, 'swin_zipfile': lambda i: zf.read(names[i])}
+    rng = random.Random(0)
+    for r in readers.values():  # warm the page cache for everyone
+        for i in range(len(ds)):
+            r(i)
+    res = {f'{k} {m}': [] for m in ('raw', 'decode') for k in readers}
+    for _ in range(args.rounds):
+        order = rng.sample(range(len(ds)), min(args.sample, len(ds)))
+        for k, r in readers.items():
+            res[f'{k} raw'].append(timed(r, order))
+        for k, r in readers.items():
+            res[f'{k} decode'].append(timed(lambda i: decode(r(i)), order[:args.sample // 5]))
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print('\nrandom order, warm page cache (median of rounds)')
+    for m in ('raw', 'decode'):
+        for k in readers:
+            print(f'  {k + " " + m:22s} {med[k + " " + m]:12.0f} samples/s  {1e6 / med[k + " " + m]:8.2f} us/sample')
+    print(f'  raw fetch: zip_cache / imagefolder = {med["zip_cache raw"] / med["imagefolder raw"]:.1f}x, '
+          f'zip_cache / swin_zipfile = {med["zip_cache raw"] / med["swin_zipfile raw"]:.1f}x')
+    print(f'  fetch+decode: zip_cache / imagefolder = {med["zip_cache decode"] / med["imagefolder decode"]:.2f}x')
+
+    tf = create_transform(224, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25,
+                          interpolation='bicubic', color_jitter=0.3)
+    blobs = [ds.read_bytes(i) for i in range(len(ds))]
+    e2e, pure = [], []
+    for _ in range(args.rounds):
+        order = rng.sample(range(len(ds)), 400)
+        torch.manual_seed(0)
+        e2e.append(timed(lambda i: tf(ds.load(i)), order))
+        torch.manual_seed(0)
+        pure.append(timed(lambda i: tf(decode(blobs[i])), order))
+    ratio = statistics.median(p / e for e, p in zip(e2e, pure))
+    print(f'\nend-to-end (decode + DeiT train transforms at 224): zip {statistics.median(e2e):.0f}/s, '
+          f'bytes-in-RAM {statistics.median(pure):.0f}/s; zip loading overhead {100 * (ratio - 1):+.1f}%')
+
+    print('\nDataLoader worker memory (after ~150 random batches)')
+    ds_nt = ZipImageDataset(dst / 'train.zip', dst / 'train_map.txt', transform=None)
+    for w in (1, 4):
+        m = worker_memory(ds_nt, w, str(dst / 'train.zip'))
+        print(f'  {w} worker(s): PSS {m["pss_mb"]:.0f} MiB total ({m["pss_mb"] / w:.0f}/worker), '
+              f'RSS {m["rss_mb"]:.0f} MiB, zip mapping PSS {m["zip_pss_mb"]:.1f} MiB in all workers together')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,152 @@
+"""Build (or verify) the ZIP cache of an ImageNet-style folder.
+
+    python -m data.build_zip_cache --src /path/ImageNet --dst data/ImageNet
+    python -m data.build_zip_cache --dst data/ImageNet --verify
+
+``--src`` holds ``train/<class>/.../<img>`` and ``val/``: either class folders too, or flat images plus
+``--val-labels FILE`` (lines ``<image name> <class folder or label>``). Labels follow ImageFolder's order
+(sorted class folders), so a model trained on the cache and on the folders agree. Output is deterministic
+(sorted members, fixed timestamps, ZIP_STORED) and atomic (temp files renamed at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+from data.zip_cache import CacheError, ZipImageDataset, parse_map_file, write_map_file
+
+FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps fixed so two builds are byte-identical
+
+
+def _images_under(folder: Path) -> list[str]:
+    """Image files below folder (recursively), as sorted '/'-joined relative paths."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        for fn in filenames:
+            if fn.lower().endswith(IMG_EXTENSIONS):
+                out.append(Path(dirpath, fn).relative_to(folder).as_posix())
+    return sorted(out)
+
+
+def scan_class_folders(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise CacheError(f'{split_dir}: no class folders')
+    entries = []
+    for label, c in enumerate(classes):
+        files = _images_under(split_dir / c)
+        if not files:
+            raise CacheError(f'{split_dir / c}: class folder without images')
+        entries += [(f'{c}/{f}', label) for f in files]
+    return entries, classes
+
+
+def scan_flat_val(val_dir: Path, labels_file: Path, classes: list[str]) -> list[tuple[str, int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    present = set(_images_under(val_dir))
+    entries = []
+    with open(labels_file, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if len(parts) != 2:
+                raise CacheError(f'{labels_file}:{n}: expected "<image name> <class or label>", got {line!r}')
+            name, cls = parts
+            label = index.get(cls, int(cls) if cls.isdigit() else None)
+            if label is None or not 0 <= label < len(classes):
+                raise CacheError(f'{labels_file}:{n}: unknown class {cls!r}')
+            if name not in present:
+                raise CacheError(f'{labels_file}:{n}: image {name!r} not found in {val_dir}')
+            entries.append((name, label))
+    return sorted(entries)
+
+
+def write_zip(src_dir: Path, entries, zip_path: Path, desc: str) -> None:
+    tmp = zip_path.with_name(zip_path.name + '.tmp')
+    try:
+        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, _ in tqdm(entries, desc=desc, unit='img', mininterval=1.0):
+                info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
+                info.compress_type = zipfile.ZIP_STORED
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, (src_dir / name).read_bytes())
+        os.replace(tmp, zip_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def build(src: Path, dst: Path, val_labels: Path | None = None) -> dict:
+    src, dst = Path(src), Path(dst)
+    for split in ('train', 'val'):
+        if not (src / split).is_dir():
+            raise FileNotFoundError(f'{src / split}: missing (expected ImageFolder train/ and val/)')
+    dst.mkdir(parents=True, exist_ok=True)
+    train, classes = scan_class_folders(src / 'train')
+    if val_labels:
+        val = scan_flat_val(src / 'val', Path(val_labels), classes)
+    else:
+        val, val_classes = scan_class_folders(src / 'val')
+        if val_classes != classes:
+            raise CacheError(f'{src / "val"}: class folders differ from train/ '
+                             f'({sorted(set(val_classes) ^ set(classes))[:5]} ...)')
+    for split, entries in (('train', train), ('val', val)):
+        write_zip(src / split, entries, dst / f'{split}.zip', f'{split}.zip')
+        tmp = dst / f'.{split}_map.txt.tmp'
+        write_map_file(tmp, entries)
+        os.replace(tmp, dst / f'{split}_map.txt')
+    return {'classes': len(classes), 'train': len(train), 'val': len(val)}
+
+
+def verify(dst: Path) -> list[str]:
+    """Decode every member of both splits; return the bad ones as 'zip@/member: reason'."""
+    bad = []
+    for split in ('train', 'val'):
+        ds = ZipImageDataset(Path(dst) / f'{split}.zip', Path(dst) / f'{split}_map.txt',
+                             folder_labels=(split == 'train'), cache_mode='no')
+        for i in tqdm(range(len(ds)), desc=f'verify {split}', unit='img', mininterval=1.0):
+            try:
+                ds.load(i)
+            except CacheError as e:
+                bad.append(str(e))
+        names = {n for n, _ in parse_map_file(Path(dst) / f'{split}_map.txt')}
+        extra = [n for n in ds.index.names if n not in names]
+        bad += [f'{split}.zip@/{n}: member not listed in {split}_map.txt' for n in extra]
+    return bad
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--src', type=Path, help='ImageFolder root with train/ and val/')
+    ap.add_argument('--dst', type=Path, required=True, help='cache folder to write / verify')
+    ap.add_argument('--val-labels', type=Path, default=None, help='labels for a flat val/ folder')
+    ap.add_argument('--verify', action='store_true', help='decode every member and report bad ones')
+    args = ap.parse_args(argv)
+    try:
+        if args.src:
+            stats = build(args.src, args.dst, args.val_labels)
+            print(f'wrote {args.dst}: {stats["classes"]} classes, {stats["train"]} train, {stats["val"]} val images')
+        elif not args.verify:
+            ap.error('give --src to build, or --verify to check an existing cache')
+        if args.verify:
+            bad = verify(args.dst)
+            for b in bad:
+                print(f'BAD {b}')
+            print(f'verify: {len(bad)} bad member(s)')
+            return 1 if bad else 0
+    except (CacheError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""In-memory ZIP cache of an image data set (the official MaxSup / Swin ``--cache`` format), read fast.
+
+Layout of a cache folder::
+
+    train.zip  val.zip            members stored uncompressed (ZIP_STORED): the JPEG bytes as-is
+    train_map.txt                 ``<class_folder>/<image_name>\\t<label>`` per line
+    val_map.txt                   ``<image_name>\\t<label>`` per line
+
+A sample is addressed as ``train.zip@/<member path>``.
+
+Reading: the zip is ``mmap``-ed read-only and its central directory parsed once into an offset table
+(numpy arrays aligned with the map file). ``__getitem__`` slices the mapping: no file open, no zipfile
+lookup, no per-worker copy. All DataLoader workers and all ranks on a node share the same page-cache
+pages; after pickling to a worker the dataset re-opens the mapping (mmap objects do not pickle).
+
+Integrity: a map line that names no member, a malformed line, or an undecodable image is an error naming
+the file/line/member. With ``skip_bad=True`` undecodable images are dropped from their batch instead (use
+:func:`collate_skip_bad`) and counted in ``dataset.skipped``; never is another image substituted.
+"""
+from __future__ import annotations
+
+import io
+import mmap
+import multiprocessing as mp
+import os
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+LOCAL_HEADER = struct.Struct('<4sHHHHHIIIHH')  # local file header, 30 bytes
+LOCAL_MAGIC = b'PK\x03\x04'
+
+
+class CacheError(ValueError):
+    """A problem with a cache file; the message names the file and line or member."""
+
+
+class CorruptImageError(CacheError):
+    pass
+
+
+def parse_map_file(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """Read ``<member>\\t<label>`` lines; errors name the file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'map file not found: {path}')
+    out = []
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip('\n').rstrip('\r')
+            parts = line.split('\t')
+            if len(parts) != 2 or not parts[0]:
+                raise CacheError(f'{path}:{n}: expected "<member>\\t<label>", got {line!r}')
+            try:
+                label = int(parts[1])
+            except ValueError:
+                raise CacheError(f'{path}:{n}: label {parts[1]!r} is not an integer') from None
+            if label < 0:
+                raise CacheError(f'{path}:{n}: negative label {label}')
+            out.append((parts[0], label))
+    if not out:
+        raise CacheError(f'{path}: no entries')
+    return out
+
+
+def write_map_file(path: str | os.PathLike, entries) -> None:
+    with open(path, 'w', encoding='utf-8', newline='\n') as f:
+        for name, label in entries:
+            if '\t' in name or '\n' in name:
+                raise CacheError(f'member name {name!r} contains a tab or newline; cannot be written to a map file')
+            f.write(f'{name}\t{label}\n')
+
+
+def check_labels(entries: list[tuple[str, int]], source: str, folder_labels: bool) -> int:
+    """Labels must be 0..K-1 with every class present; with ``folder_labels`` one label per class folder.
+
+    Returns K.
+    """
+    labels = sorted({lab for _, lab in entries})
+    K = labels[-1] + 1
+    if len(labels) != K:
+        missing = sorted(set(range(K)) - set(labels))
+        raise CacheError(f'{source}: labels must cover 0..{K - 1}; missing {missing[:10]}'
+                         f'{" ..." if len(missing) > 10 else ""}')
+    if folder_labels:
+        by_folder, by_label = {}, {}
+        for name, lab in entries:
+            folder = name.split('/', 1)[0] if '/' in name else None
+            if folder is None:
+                raise CacheError(f'{source}: entry {name!r} has no class folder')
+            if by_folder.setdefault(folder, lab) != lab:
+                raise CacheError(f'{source}: class folder {folder!r} has labels {by_folder[folder]} and {lab}')
+            if by_label.setdefault(lab, folder) != folder:
+                raise CacheError(f'{source}: label {lab} is used by folders {by_label[lab]!r} and {folder!r}')
+    return K
+
+
+class ZipIndex:
+    """Offset table of a zip file's members, read through a shared read-only mmap."""
+
+    def __init__(self, zip_path: str | os.PathLike):
+        self.path = Path(zip_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f'zip file not found: {self.path}')
+        self._mm = None
+        if self.path.stat().st_size == 0:
+            raise CacheError(f'{self.path}: empty file')
+        with open(self.path, 'rb') as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            zf = zipfile.ZipFile(self.path)
+        except zipfile.BadZipFile as e:
+            raise CacheError(f'{self.path}: not a readable zip file ({e})') from e
+        with zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+        n = len(infos)
+        self.names = [i.filename for i in infos]
+        self.offsets = np.empty(n, np.int64)
+        self.sizes = np.empty(n, np.int64)
+        self.methods = np.empty(n, np.int8)
+        for k, info in enumerate(infos):
+            hdr = LOCAL_HEADER.unpack_from(mm, info.header_offset)
+            if hdr[0] != LOCAL_MAGIC:
+                raise CacheError(f'{self.path}@/{info.filename}: bad local header (truncated or corrupt zip)')
+            self.offsets[k] = info.header_offset + LOCAL_HEADER.size + hdr[9] + hdr[10]
+            self.sizes[k] = info.compress_size
+            self.methods[k] = info.compress_type
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise CacheError(f'{self.path}@/{info.filename}: unsupported compression {info.compress_type}')
+            if self.offsets[k] + self.sizes[k] > len(mm):
+                raise CacheError(f'{self.path}@/{info.filename}: member runs past the end of the file (truncated)')
+        self._mm = mm
+
+    def rows_of(self, names, source: str) -> np.ndarray:
+        """Member index of each name; an unknown name is an error naming ``source`` and the entry number."""
+        lookup = {name: k for k, name in enumerate(self.names)}
+        rows = np.empty(len(names), np.int64)
+        for n, name in enumerate(names):
+            k = lookup.get(name)
+            if k is None:
+                raise CacheError(f'{source}: line {n + 1} names member {name!r}, which is not in {self.path}')
+            rows[n] = k
+        return rows
+
+    @property
+    def mm(self) -> mmap.mmap:
+        if self._mm is None:  # after unpickling in a worker: map the same file again (shared pages)
+            with open(self.path, 'rb') as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def read(self, k: int) -> bytes:
+        off, size = int(self.offsets[k]), int(self.sizes[k])
+        raw = self.mm[off:off + size]
+        if self.methods[k] == zipfile.ZIP_DEFLATED:
+            raw = zlib.decompress(raw, -15)
+        return raw
+
+    def warm(self, members=None, chunk: int = 64 << 20) -> None:
+        """Pull pages into the page cache: the whole file, or only the given member indices."""
+        mm = self.mm
+        if members is None:
+            for off in range(0, len(mm), chunk):
+                mm[off:off + chunk]
+            return
+        for k in members:
+            self.read(int(k))
+
+    def __getstate__(self):
+        st = self.__dict__.copy()
+        st['_mm'] = None
+        return st
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class ZipImageDataset(torch.utils.data.Dataset):
+    """(image, label) samples from a zip + map file, decoded with PIL, then ``transform``."""
+
+    def __init__(self, zip_path, map_path, transform=None, folder_labels: bool = True, skip_bad: bool = False,
+                 cache_mode: str = 'full', rank: int = 0, world_size: int = 1):
+        if cache_mode not in ('full', 'part', 'no'):
+            raise ValueError(f"cache_mode must be 'full', 'part' or 'no', got {cache_mode!r}")
+        self.index = ZipIndex(zip_path)
+        entries = parse_map_file(map_path)
+        self.num_classes = check_labels(entries, str(map_path), folder_labels)
+        self.rows = rows = self.index.rows_of([name for name, _ in entries], str(map_path))
+        self.targets = [lab for _, lab in entries]
+        prefix = Path(zip_path).name
+        self.samples = [(f'{prefix}@/{name}', lab) for name, lab in entries]
+        self.transform, self.skip_bad, self.cache_mode = transform, skip_bad, cache_mode
+        self.skipped = mp.Value('q', 0) if skip_bad else None
+        # Swin's cache_mode='part': this rank only ever reads (and so only holds) every world-th sample
+        self.shard = np.arange(rank, len(rows), world_size) if cache_mode == 'part' else None
+        if cache_mode == 'full':
+            self.index.warm()
+        elif cache_mode == 'part':
+            self.index.warm(self.rows[self.shard])
+
+    @classmethod
+    def from_folder(cls, root, split: str, transform=None, cache_mode: str = 'full', skip_bad: bool = False,
+                    rank: int | None = None, world_size: int | None = None):
+        """``root/{split}.zip`` + ``root/{split}_map.txt`` (train maps carry class folders)."""
+        from deit.distributed import get_rank, get_world_size
+        root = Path(root)
+        return cls(root / f'{split}.zip', root / f'{split}_map.txt', transform, folder_labels=(split == 'train'),
+                   skip_bad=skip_bad, cache_mode=cache_mode,
+                   rank=get_rank() if rank is None else rank,
+                   world_size=get_world_size() if world_size is None else world_size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read_bytes(self, i: int) -> bytes:
+        return self.index.read(int(self.rows[i]))
+
+    def load(self, i: int) -> Image.Image:
+        data = self.read_bytes(i)
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()  # decode now: a truncated JPEG fails here, not later inside a transform
+            return img.convert('RGB')
+        except (OSError, SyntaxError, ValueError) as e:
+            raise CorruptImageError(f'{self.samples[i][0]}: cannot decode image ({e})') from e
+
+    def __getitem__(self, i: int):
+        try:
+            img = self.load(i)
+        except CorruptImageError:
+            if not self.skip_bad:
+                raise
+            with self.skipped.get_lock():
+                self.skipped.value += 1
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+    def pop_skipped(self) -> int:
+        """Images skipped since the last call (all workers together)."""
+        if self.skipped is None:
+            return 0
+        with self.skipped.get_lock():
+            n, self.skipped.value = self.skipped.value, 0
+        return n
+
+
+def collate_skip_bad(batch):
+    """default_collate without the samples a skip_bad dataset returned as None.
+
+    Keeps the batch even (timm's Mixup needs pairs) by dropping the last sample when a skip made it odd.
+    """
+    kept = [b for b in batch if b is not None]
+    if len(kept) != len(batch) and len(kept) % 2 and len(batch) % 2 == 0:
+        kept = kept[:-1]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.utils.data.default_collate(kept)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """For cache_mode='part': this rank's fixed shard, reshuffled every epoch by seed + epoch."""
+
+    def __init__(self, shard, seed: int = 0):
+        self.shard, self.seed, self.epoch = np.asarray(shard), seed, 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(self.shard[torch.randperm(len(self.shard), generator=g).numpy()].tolist())
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
