@@ -91,6 +91,14 @@ def setup_for_distributed(is_master: bool) -> None:
     builtins.print = print_
 
 
+def print_all(*a) -> None:
+    """Print from every rank (bypasses the master-only print of distributed runs)."""
+    if is_dist():
+        print(*a, force=True, flush=True)
+    else:
+        print(*a, flush=True)
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

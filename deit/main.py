@@ -182,6 +182,13 @@ def load_teacher(args, nb_classes, device):
     return teacher.to(device).eval()
 
 
+def parameter_checksum(model) -> str:
+    """Exact fingerprint of the weights (sum and sum of squares in float64): equal on every DDP rank."""
+    s = sum(p.detach().double().sum() for p in model.parameters())
+    s2 = sum(p.detach().double().pow(2).sum() for p in model.parameters())
+    return f'{float(s):.12e}/{float(s2):.12e}'
+
+
 def main(args) -> dict:
     du.init_distributed_mode(args)
     try:
@@ -293,6 +300,9 @@ def _run(args) -> dict:
             max_accuracy = ckpt.get('max_accuracy', 0.0)
             if 'rng' in ckpt and ckpt.get('world_size', 1) == world:
                 set_rng_state(ckpt['rng'])
+        if ckpt.get('world_size', world) != world:
+            print(f'note: checkpoint written with {ckpt["world_size"]} process(es), resuming with {world}: the '
+                  f'lr schedule continues from the checkpoint; data order and RNG streams differ')
         print(f'resumed from {resume} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}')
     lr_scheduler.step(args.start_epoch)
 
@@ -369,12 +379,14 @@ def _run(args) -> dict:
         print(f'epoch {epoch}: alpha {alpha}, lr {train_stats["lr"]:.3g}, train loss {train_stats["loss"]:.4f}')
     if tb is not None:
         tb.close()
+    checksum = parameter_checksum(model_without_ddp)
+    du.print_all(f'[rank {du.get_rank()}] parameter checksum {checksum}')
     total = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f'Training time {total}')
     if test_stats:
         print(f'Final accuracy: top-1 {test_stats["acc1"]:.2f}%  top-5 {test_stats["acc5"]:.2f}%  '
               f'ECE {test_stats["ece"]:.4f}  (best top-1 {max_accuracy:.2f}%)')
-    return {'test': test_stats, 'max_accuracy': max_accuracy}
+    return {'test': test_stats, 'max_accuracy': max_accuracy, 'param_checksum': checksum}
 
 
 def cli(argv=None) -> int:

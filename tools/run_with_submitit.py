@@ -1,0 +1,72 @@
+"""Submit deit.main to SLURM with submitit (as DeiT's run_with_submitit.py): one task per GPU.
+
+    python -m tools.run_with_submitit --nodes 1 --ngpus 8 --partition gpu --timeout 4320 -- \
+        --data-path /data/imagenet --output_dir output/deit_s_maxsup [deit.main flags ...]
+
+Everything after ``--`` goes to deit.main. submitit sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, which
+deit.distributed reads; the master is the first host of SLURM_JOB_NODELIST. ``--cluster debug`` runs the
+job in this process (for testing).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+class Trainer:
+    """Picklable job: runs deit.main with the given argv; checkpoint() requeues with auto-resume."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+
+    def __call__(self):
+        from deit.main import get_args_parser, main
+        return main(get_args_parser().parse_args(self.argv))
+
+    def checkpoint(self):  # called by submitit on preemption/timeout: requeue; deit.main auto-resumes
+        import submitit
+        return submitit.helpers.DelayedSubmission(Trainer(self.argv))
+
+
+def build_executor(args):
+    try:
+        import submitit
+    except ImportError as e:
+        raise SystemExit('submitit is not installed: pip install submitit') from e
+    folder = Path(args.job_dir) / '%j'
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=30)
+    kwargs = {}
+    if args.partition:
+        kwargs['slurm_partition'] = args.partition
+    if args.comment:
+        kwargs['slurm_comment'] = args.comment
+    executor.update_parameters(mem_gb=40 * args.ngpus, gpus_per_node=args.ngpus, tasks_per_node=args.ngpus,
+                               cpus_per_task=args.cpus_per_task, nodes=args.nodes, timeout_min=args.timeout,
+                               name=args.job_name, **kwargs)
+    return executor
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ours, train = (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--nodes', type=int, default=1)
+    ap.add_argument('--ngpus', type=int, default=8, help='GPUs (= tasks) per node')
+    ap.add_argument('--cpus-per-task', type=int, default=10)
+    ap.add_argument('--timeout', type=int, default=2800, help='minutes')
+    ap.add_argument('--partition', default=None)
+    ap.add_argument('--comment', default=None)
+    ap.add_argument('--job-name', default='maxsup')
+    ap.add_argument('--job-dir', default=os.environ.get('SUBMITIT_DIR', 'output/submitit'))
+    ap.add_argument('--cluster', default=None, help='None: auto (slurm if present), or "debug"/"local"')
+    args = ap.parse_args(ours)
+    executor = build_executor(args)
+    job = executor.submit(Trainer(train))
+    print(f'submitted job {job.job_id}; logs in {args.job_dir}')
+    return job
+
+
+if __name__ == '__main__':
+    main()
