@@ -146,3 +146,86 @@ def load_file(source: str | os.PathLike, map_location='cpu'):
 def read_state_dict(source: str | os.PathLike, use_ema: bool = False) -> dict:
     """Model weights from any supported checkpoint source (path, URL, hf-hub id, .safetensors)."""
     return extract_state_dict(load_file(source), os.fspath(source), use_ema=use_ema)
+
+
+def infer_architecture(state: dict) -> tuple[str, int]:
+    """(timm model name, num_classes) of a released-kind state dict: DeiT/ViT-S/Ti/B-16 or ResNet-50."""
+    if 'cls_token' in state and 'patch_embed.proj.weight' in state:
+        width = state['cls_token'].shape[-1]
+        depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
+        patch = state['patch_embed.proj.weight'].shape[-1]
+        names = {(192, 12, 16): 'deit_tiny_patch16_224', (384, 12, 16): 'deit_small_patch16_224',
+                 (768, 12, 16): 'deit_base_patch16_224'}
+        name = names.get((width, depth, patch))
+        if name is None:
+            raise CheckpointError(f'ViT checkpoint of width {width}, depth {depth}, patch {patch} matches no '
+                                  f'known DeiT; pass the timm model name explicitly')
+        if 'dist_token' in state:
+            name = name.replace('_patch16', '_distilled_patch16')
+        return name, state['head.weight'].shape[0]
+    if 'conv1.weight' in state and 'layer4.0.conv1.weight' in state and 'fc.weight' in state:
+        blocks = [len({k.split('.')[1] for k in state if k.startswith(f'layer{i}.')}) for i in range(1, 5)]
+        bottleneck = 'layer1.0.conv3.weight' in state
+        names = {((3, 4, 6, 3), True): 'resnet50', ((3, 4, 23, 3), True): 'resnet101',
+                 ((3, 4, 6, 3), False): 'resnet34', ((2, 2, 2, 2), False): 'resnet18'}
+        name = names.get((tuple(blocks), bottleneck))
+        if name is None:
+            raise CheckpointError(f'ResNet checkpoint with blocks {blocks} matches no known ResNet')
+        return name, state['fc.weight'].shape[0]
+    raise CheckpointError(f'cannot tell the architecture from the keys (first: {sorted(state)[:5]}); '
+                          f'pass the timm model name explicitly')
+
+
+def load_model(source, model_name: str | None = None, num_classes: int | None = None, reset_head: bool = False,
+               use_ema: bool = False, input_size: int | None = None):
+    """Build the right timm model for a checkpoint and load it strictly.
+
+    Returns (model, info) with info = {model, num_classes, checkpoint_classes, format, missing, unexpected,
+    args}. A class-count mismatch is an error unless ``reset_head`` (the head is then freshly initialised).
+    """
+    from deit.models import create_model
+    obj = load_file(source)
+    source = os.fspath(source)
+    fmt = ('safetensors' if source.endswith('.safetensors') else
+           'deit' if isinstance(obj, dict) and 'model' in obj and 'args' in obj else
+           'nested' if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in NESTED_KEYS) else
+           'state_dict')
+    state = extract_state_dict(obj, source, use_ema=use_ema)
+    run_args = obj.get('args') if fmt == 'deit' else None
+    if model_name:
+        name = model_name
+    elif run_args is not None and getattr(run_args, 'model', None):
+        name = run_args.model
+    else:
+        name, _ = infer_architecture(state)
+    head_keys = [k for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'fc.weight',
+                             'fc.bias') if k in state]
+    if not head_keys:
+        raise CheckpointError(f'{source}: no classifier head (head.* / fc.*) in the checkpoint')
+    ckpt_classes = state[head_keys[0]].shape[0]
+    classes = num_classes or ckpt_classes
+    if classes != ckpt_classes and not reset_head:
+        raise CheckpointError(f'{source}: checkpoint has {ckpt_classes} classes, {classes} were asked for; '
+                              f'pass reset_head (--reset-head) to start a new head')
+    if input_size is None and run_args is not None:
+        input_size = getattr(run_args, 'input_size', None)
+    model = create_model(name, classes, input_size=input_size)
+    if classes != ckpt_classes:
+        state = {k: v for k, v in state.items() if k not in head_keys}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not (classes != ckpt_classes and k in head_keys)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f'{source} does not fit {name}: missing {missing[:8]}, '
+                              f'unexpected {list(result.unexpected_keys)[:8]}')
+    info = {'model': name, 'num_classes': classes, 'checkpoint_classes': ckpt_classes, 'format': fmt,
+            'missing': list(result.missing_keys), 'unexpected': list(result.unexpected_keys),
+            'head_reset': classes != ckpt_classes, 'input_size': _input_size(model),
+            'args': vars(run_args) if run_args is not None else None}
+    return model.eval(), info
+
+
+def _input_size(model) -> int:
+    pe = getattr(model, 'patch_embed', None)
+    if pe is not None and getattr(pe, 'img_size', None):
+        return int(pe.img_size[0])
+    return int(getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))[-1])

@@ -68,8 +68,9 @@ def _folder(root: Path, split_names: tuple[str, ...], transform) -> datasets.Ima
     return ds
 
 
-def build_dataset(is_train: bool, args):
-    transform = build_transform(is_train, args)
+def build_dataset(is_train: bool, args, transform=None):
+    """The train or val split; ``transform`` overrides the split's default (e.g. eval transforms on train)."""
+    transform = transform if transform is not None else build_transform(is_train, args)
     name = args.data_set
     if name == 'DEMO':
         return DigitsDataset('train' if is_train else 'val', transform), 10
@@ -96,6 +97,16 @@ def build_dataset(is_train: bool, args):
     else:
         raise ValueError(f'unknown --data-set {name!r}; choose IMNET, CIFAR10, CIFAR100, FOLDER or DEMO')
     return ds, len(ds.classes)
+
+
+def eval_split(data_set: str, data_path, split: str, input_size: int, cache: bool = False):
+    """A split with evaluation transforms, for tools (evaluation, analysis): returns (dataset, nb_classes)."""
+    from argparse import Namespace
+    if split not in ('train', 'val'):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    args = Namespace(data_set=data_set, data_path=data_path, input_size=input_size, cache=cache,
+                     cache_mode='no', skip_bad_images=False, eval_crop_ratio=0.875)
+    return build_dataset(split == 'train', args, transform=build_transform(False, args))
 
 
 def three_augment(args):

@@ -80,7 +80,7 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
 
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model, device, amp: bool = False, n_bins: int = 15,
-             distributed_sum: bool = False, print_freq: int = 50) -> dict:
+             distributed_sum: bool = False, print_freq: int = 50, reliability: bool = False) -> dict:
     """Top-1/top-5 accuracy (%), mean CE loss and ECE (n_bins equal-width bins).
 
     With ``distributed_sum`` every rank evaluates its own disjoint shard and the *sums* are all-reduced,
@@ -110,6 +110,8 @@ def evaluate(data_loader: Iterable, model, device, amp: bool = False, n_bins: in
         raise ValueError('evaluation set is empty')
     stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': loss_sum / n, 'ece': bins.ece(),
              'n': int(n)}
+    if reliability:
+        stats['reliability'] = bins.reliability()
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '
           f'ECE {stats["ece"]:.4f} (n={stats["n"]})', flush=True)
     return stats

@@ -59,3 +59,23 @@ def expected_calibration_error(probs: Tensor, target: Tensor, n_bins: int = 15) 
     bins = CalibrationBins(n_bins)
     bins.update(probs, target)
     return bins.ece()
+
+
+def feature_variation(features: Tensor, labels: Tensor) -> dict:
+    """Intra-class variation and class separation with cosine distance (Kornblith et al. 2021, Eq. 1-2).
+
+        d_within = 1/K sum_k  mean_{m,n in class k}  (1 - cos(x_m, x_n))
+        d_total  = 1/K^2 sum_{j,k} mean_{m in j, n in k} (1 - cos(x_m, x_n))
+        R^2      = 1 - d_within / d_total
+
+    With unit-normalised features the mean cosine similarity over all pairs of two sets is the dot product of
+    their means, so both averages are exact in O(N D) (no pair sampling needed, whatever the set size):
+        d_within = 1 - 1/K sum_k |mu_k|^2,   d_total = 1 - |1/K sum_k mu_k|^2.
+    """
+    x = torch.nn.functional.normalize(features.double(), dim=1)
+    classes = labels.unique()
+    mu = torch.stack([x[labels == c].mean(0) for c in classes])
+    d_within = float(1 - (mu * mu).sum(1).mean())
+    d_total = float(1 - mu.mean(0).pow(2).sum())
+    r2 = 1 - d_within / d_total if d_total > 1e-12 else float('nan')
+    return {'d_within': d_within, 'd_total': d_total, 'r2': r2, 'num_classes': len(classes), 'n': len(labels)}

@@ -1,0 +1,201 @@
+"""Checkpoint formats, metrics against hand-computed values, and every analysis subcommand end to end."""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+
+import pytest
+import torch
+import torchvision
+
+from deit.checkpoint import CheckpointError, load_model, read_state_dict
+from deit.main import cli
+from deit.metrics import CalibrationBins, expected_calibration_error, feature_variation
+from deit.models import create_model
+from tests.conftest import TINY
+
+class Foreign:
+    """An arbitrary pickled object: loading it would execute code, so it must be refused."""
+
+
+X224 = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope='module')
+def deit_release(tmp_path_factory):
+    """A DeiT-S checkpoint in the release format: DeiT main.py's dict with an argparse.Namespace."""
+    torch.manual_seed(0)
+    model = create_model('deit_small_patch16_224', 1000).eval()
+    sd = model.state_dict()
+    path = tmp_path_factory.mktemp('rel') / 'deit_s_maxsup.pth'
+    args = argparse.Namespace(model='deit_small_patch16_224', input_size=224, nb_classes=1000, lr=5e-4,
+                              batch_size=128, loss='maxsup', data_path='/datasets/imagenet')
+    torch.save({'model': sd, 'optimizer': {'state': {}, 'param_groups': []}, 'lr_scheduler': {'base_values': [1e-3]},
+                'epoch': 299, 'args': args, 'model_ema': {k: v.clone() for k, v in sd.items()},
+                'scaler': {'scale': 65536.0}}, path)
+    return path, model
+
+
+def test_deit_release_loads_and_matches(deit_release):
+    path, src = deit_release
+    model, info = load_model(path)
+    assert info['model'] == 'deit_small_patch16_224' and info['format'] == 'deit' and info['num_classes'] == 1000
+    assert info['missing'] == [] and info['unexpected'] == [] and info['args']['loss'] == 'maxsup'
+    with torch.no_grad():
+        assert torch.allclose(model(X224), src(X224), atol=1e-5)
+    ema, _ = load_model(path, use_ema=True)
+    assert torch.equal(ema.cls_token, src.cls_token)
+
+
+def test_resnet50_ddp_prefixed_torchvision_state_dict(tmp_path):
+    tv = torchvision.models.resnet50().eval()  # torchvision key names, as the HF ResNet-50 release
+    nested = {'state_dict': {f'module.{k}': v for k, v in tv.state_dict().items()}}
+    torch.save(nested, tmp_path / 'resnet50_maxsup.pth')
+    model, info = load_model(tmp_path / 'resnet50_maxsup.pth')
+    assert info['model'] == 'resnet50' and info['format'] == 'nested'
+    with torch.no_grad():
+        assert torch.allclose(model(X224), tv(X224), atol=1e-4)
+    # wrong class count: clear error, or a fresh head when asked
+    with pytest.raises(CheckpointError, match='1000 classes, 10 were asked for'):
+        load_model(tmp_path / 'resnet50_maxsup.pth', num_classes=10)
+    m10, info10 = load_model(tmp_path / 'resnet50_maxsup.pth', num_classes=10, reset_head=True)
+    assert info10['head_reset'] and m10.fc.out_features == 10
+    assert torch.equal(m10.layer4[2].conv3.weight, tv.layer4[2].conv3.weight)
+
+
+def test_own_checkpoint_safetensors_export_and_cli(tmp_path, capsys):
+    assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '1',
+                       '--output_dir', str(tmp_path / 'run')]) == 0
+    ck = tmp_path / 'run' / 'checkpoint.pth'
+    model, info = load_model(ck)
+    assert info['model'] == 'deit_demo_patch4_32' and info['input_size'] == 32 and info['num_classes'] == 10
+    from tools.load_checkpoint import main
+    assert main([str(ck), '--export', str(tmp_path / 'w.safetensors')]) == 0
+    meta = json.loads((tmp_path / 'w.json').read_text())
+    assert meta['model'] == 'deit_demo_patch4_32' and meta['args']['loss'] == 'maxsup'
+    m2, info2 = load_model(tmp_path / 'w.safetensors', model_name='deit_demo_patch4_32')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m2(x), model(x))
+    assert info2['format'] == 'safetensors'
+    assert main([str(ck), '--num-classes', '3']) == 2
+    assert '10 classes, 3 were asked for' in capsys.readouterr().err
+
+
+def test_bad_checkpoint_files(tmp_path, deit_release):
+    path, _ = deit_release
+    (tmp_path / 'trunc.pth').write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(CheckpointError, match='trunc.pth: cannot read checkpoint'):
+        read_state_dict(tmp_path / 'trunc.pth')
+    (tmp_path / 'foreign.pth').write_bytes(pickle.dumps({'model': Foreign()}))
+    with pytest.raises(CheckpointError, match='foreign.pth: not a plain checkpoint'):
+        read_state_dict(tmp_path / 'foreign.pth')
+    torch.save([1, 2, 3], tmp_path / 'list.pth')
+    with pytest.raises(CheckpointError, match='expected a dict of weights, got list'):
+        read_state_dict(tmp_path / 'list.pth')
+    torch.save({'epoch': 3}, tmp_path / 'noweights.pth')
+    with pytest.raises(CheckpointError, match='no weights found'):
+        read_state_dict(tmp_path / 'noweights.pth')
+    (tmp_path / 'x.safetensors').write_bytes(b'garbage')
+    with pytest.raises(CheckpointError, match='cannot read safetensors'):
+        read_state_dict(tmp_path / 'x.safetensors')
+    with pytest.raises(FileNotFoundError):
+        read_state_dict(tmp_path / 'missing.pth')
+
+
+# ---------------------------------------------------------------- metrics by hand
+def test_ece_hand_computed():
+    # 4 samples, 2 classes. confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.6 (right); 15 bins:
+    # bin of 0.9: acc 0.5 conf 0.9 -> |0.4| * 2/4; bin of 0.6: acc 1.0 conf 0.6 -> |0.4| * 2/4; ECE = 0.4
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.6, 0.4]])
+    target = torch.tensor([0, 1, 1, 0])
+    assert expected_calibration_error(probs, target, 15) == pytest.approx(0.4)
+    bins = CalibrationBins(15)
+    bins.update(probs[:2], target[:2])
+    bins.update(probs[2:], target[2:])
+    assert bins.ece() == pytest.approx(0.4)
+    rel = bins.reliability()
+    assert rel['count'][13] == 2 and rel['accuracy'][13] == pytest.approx(0.5)  # 0.9 -> bin (13/15, 14/15]
+    perfect = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(perfect, torch.tensor([0, 1])) == pytest.approx(0.0)
+
+
+def test_feature_variation_hand_computed():
+    e = torch.eye(3)
+    # perfectly separated: every class one point (orthogonal), repeated -> d_within 0, R^2 = 1
+    f = e.repeat_interleave(4, 0)
+    y = torch.arange(3).repeat_interleave(4)
+    r = feature_variation(f, y)
+    assert r['d_within'] == pytest.approx(0.0, abs=1e-12) and r['r2'] == pytest.approx(1.0)
+    # d_total by hand: mean over class pairs of (1 - cos): 3 same-class pairs 0, 6 cross pairs 1 -> 6/9
+    assert r['d_total'] == pytest.approx(6 / 9)
+    # identical features everywhere: nothing varies
+    r = feature_variation(torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert r['d_within'] == pytest.approx(0.0, abs=1e-12) and r['d_total'] == pytest.approx(0.0, abs=1e-12)
+    # one class with two orthogonal points: pairs (0,0),(1,1) -> 0, (0,1),(1,0) -> 1 => d_within = 1/2
+    r = feature_variation(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+    assert r['d_within'] == pytest.approx(0.5)
+    # brute force agreement on random data
+    g = torch.Generator().manual_seed(1)
+    f, y = torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g)
+    x = torch.nn.functional.normalize(f.double(), dim=1)
+    dist = 1 - x @ x.T
+    cls = y.unique()
+    dw = torch.stack([dist[y == c][:, y == c].mean() for c in cls]).mean()
+    dt = torch.stack([dist[y == a][:, y == b].mean() for a in cls for b in cls]).mean()
+    r = feature_variation(f, y)
+    assert r['d_within'] == pytest.approx(float(dw)) and r['r2'] == pytest.approx(float(1 - dw / dt))
+
+
+# ---------------------------------------------------------------- analysis subcommands
+@pytest.fixture(scope='module')
+def two_runs(tiny_imagefolder, tmp_path_factory):
+    root = tmp_path_factory.mktemp('runs')
+    paths = {}
+    for loss in ('ls', 'maxsup'):
+        assert cli(TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--epochs', '1',
+                           '--loss', loss, '--max-steps-per-epoch', '2', '--output_dir', str(root / loss)]) == 0
+        paths[loss] = root / loss / 'checkpoint.pth'
+    return paths
+
+
+@pytest.mark.parametrize('command,files', [
+    ('logits', {'logits.png', 'logits.json', 'logits_per_sample.json'}),
+    ('features', {'features.json', 'features.md'}),
+    ('transfer', {'transfer.json', 'transfer.png'}),
+    ('gradcam', {'gradcam.png', 'gradcam.json', 'gradcam_maps.npz'}),
+    ('projection', {'projection.png', 'projection.json'}),
+])
+def test_analyze_subcommands_end_to_end(command, files, two_runs, tiny_imagefolder, tmp_path):
+    pytest.importorskip('pytorch_grad_cam') if command == 'gradcam' else None
+    from tools.analyze import main
+    args = [command, '--ckpt', f'ls={two_runs["ls"]}', '--ckpt', f'maxsup={two_runs["maxsup"]}',
+            '--data-path', str(tiny_imagefolder), '--out', str(tmp_path), '--num-workers', '0', '--num-images', '3',
+            '--transfer-data', str(tiny_imagefolder)]
+    assert main(args) == 0
+    out = tmp_path / command
+    assert files <= {p.name for p in out.iterdir()}
+    assert all((out / f).stat().st_size > 0 for f in files)
+    res = json.loads((out / f'{command}.json').read_text())
+    assert set(res) >= {'ls', 'maxsup'} or command == 'gradcam'
+    if command == 'features':
+        assert 0 <= res['maxsup']['val']['d_within'] <= 2 and res['maxsup']['train']['n'] == 64
+    if command == 'transfer':
+        assert 0 <= res['ls']['test_accuracy'] <= 1
+    with open(out / files.intersection({'logits.png', 'transfer.png', 'gradcam.png', 'projection.png'}).pop()
+              if command != 'features' else out / 'features.md', 'rb') as f:
+        head = f.read(8)
+    assert head.startswith(b'\x89PNG') or command == 'features'
+
+
+def test_evaluate_cli_writes_metrics_and_reliability(two_runs, tiny_imagefolder, tmp_path):
+    from tools.evaluate import main
+    assert main([str(two_runs['maxsup']), '--data-path', str(tiny_imagefolder), '--out', str(tmp_path),
+                 '--num-workers', '0']) == 0
+    m = json.loads((tmp_path / 'metrics.json').read_text())
+    assert {'acc1', 'acc5', 'nll', 'ece', 'reliability'} <= set(m) and m['n'] == 24
+    ck = torch.load(two_runs['maxsup'], weights_only=False)
+    logged = json.loads((two_runs['maxsup'].parent / 'log.txt').read_text().splitlines()[-1])
+    assert m['acc1'] == pytest.approx(logged['test_acc1']) and ck['epoch'] == 0
+    assert (tmp_path / 'reliability.png').read_bytes()[:4] == b'\x89PNG'

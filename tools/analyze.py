@@ -1,0 +1,165 @@
+"""The paper's analyses over one or more checkpoints, side by side (no GPU needed).
+
+    python -m tools.analyze logits     --ckpt ce=a.pth --ckpt maxsup=b.pth --data-path /data/imagenet --out viz
+    python -m tools.analyze features   --ckpt ... [--max-samples 10000]          # d_within, R^2 (Table 2)
+    python -m tools.analyze transfer   --ckpt ... --transfer-data /data/cifar10  # linear probe
+    python -m tools.analyze gradcam    --ckpt ... [--num-images 6]               # Figure 3 grid
+    python -m tools.analyze projection --ckpt ... --classes 0 1 2                # Mueller et al. 2019
+Data: ``--data-set FOLDER|IMNET|DEMO --data-path P [--cache]``. Every subcommand writes PNG + JSON into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deit import analysis
+from deit.checkpoint import CheckpointError, load_model
+from deit.datasets import eval_split
+from deit.metrics import feature_variation
+from tools import plots
+
+
+def parse_ckpts(items: list[str]) -> dict[str, str]:
+    out = {}
+    for it in items:
+        name, sep, path = it.partition('=')
+        if not sep:
+            name, path = Path(it).stem, it
+        if name in out:
+            raise ValueError(f'two checkpoints named {name!r}; use name=path')
+        out[name] = path
+    return out
+
+
+def subset(ds, max_samples: int | None, seed: int = 0):
+    """A fixed-seed random subset when the split is larger than max_samples (for speed on ImageNet)."""
+    if not max_samples or len(ds) <= max_samples:
+        return ds
+    idx = np.random.default_rng(seed).choice(len(ds), max_samples, replace=False)
+    return torch.utils.data.Subset(ds, np.sort(idx).tolist())
+
+
+def outputs(model, args, split: str, features=True, data_set=None, data_path=None, name=''):
+    ds, _ = eval_split(data_set or args.data_set, data_path or args.data_path, split, args.input_size, args.cache)
+    ds = subset(ds, args.max_samples, args.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
+    return analysis.collect_outputs(model, loader, features=features, progress=f'{name} {split}')
+
+
+def cmd_logits(models, args, out: Path) -> dict:
+    stats = {}
+    for name, model in models.items():
+        o = outputs(model, args, args.split, features=False, name=name)
+        stats[name] = analysis.logit_statistics(o['logits'], o['labels'], args.threshold)
+    plots.logit_figures(stats, out / 'logits.png')
+    (out / 'logits_per_sample.json').write_text(json.dumps({k: v['per_sample'] for k, v in stats.items()}))
+    return {k: {m: x for m, x in v.items() if m != 'per_sample'} for k, v in stats.items()}
+
+
+def cmd_features(models, args, out: Path) -> dict:
+    table = {}
+    for name, model in models.items():
+        table[name] = {}
+        for split in ('train', 'val'):
+            o = outputs(model, args, split, name=name)
+            table[name][split] = feature_variation(o['features'], o['labels'])
+    lines = ['| checkpoint | d_within train | R² train | d_within val | R² val |', '|---|---|---|---|---|']
+    for name, t in table.items():
+        lines.append(f'| {name} | {t["train"]["d_within"]:.4f} | {t["train"]["r2"]:.4f} | '
+                     f'{t["val"]["d_within"]:.4f} | {t["val"]["r2"]:.4f} |')
+    (out / 'features.md').write_text('\n'.join(lines) + '\n')
+    return table
+
+
+def cmd_transfer(models, args, out: Path) -> dict:
+    if not args.transfer_data:
+        raise ValueError('transfer needs --transfer-data (an ImageFolder with train/ and val/)')
+    res = {}
+    for name, model in models.items():
+        tr = outputs(model, args, 'train', data_set='FOLDER', data_path=args.transfer_data, name=name)
+        te = outputs(model, args, 'val', data_set='FOLDER', data_path=args.transfer_data, name=name)
+        res[name] = analysis.linear_probe(tr['features'].numpy(), tr['labels'].numpy(), te['features'].numpy(),
+                                          te['labels'].numpy(), seed=args.seed)
+    plots.bar_table({k: [100 * v['test_accuracy']] for k, v in res.items()}, 'linear-probe top-1 (%)',
+                    out / 'transfer.png', 'linear probe on frozen features')
+    return res
+
+
+def cmd_gradcam(models, args, out: Path) -> dict:
+    ds, _ = eval_split(args.data_set, args.data_path, args.split, args.input_size, args.cache)
+    idx = list(range(min(args.num_images, len(ds))))
+    x = torch.stack([ds[i][0] for i in idx])
+    labels = [int(ds[i][1]) for i in idx]
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    if args.data_set == 'DEMO':
+        mean = std = torch.full((3, 1, 1), 0.5)
+    imgs = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    maps = {name: analysis.gradcam_maps(m, x.clone(), labels) for name, m in models.items()}
+    plots.gradcam_grid(imgs, maps, out / 'gradcam.png')
+    np.savez_compressed(out / 'gradcam_maps.npz', **maps)
+    return {'images': idx, 'labels': labels, 'mean_activation': {k: float(v.mean()) for k, v in maps.items()}}
+
+
+def cmd_projection(models, args, out: Path) -> dict:
+    proj, res = {}, {}
+    for name, model in models.items():
+        o = outputs(model, args, args.split, name=name)
+        p = analysis.template_projection(o['features'], o['labels'], model.get_classifier().weight.detach(),
+                                         tuple(args.classes))
+        proj[name] = p
+        res[name] = {'classes': p['classes'], 'n_points': len(p['points'])}
+    plots.projection_figure(proj, out / 'projection.png')
+    return res
+
+
+COMMANDS = {'logits': cmd_logits, 'features': cmd_features, 'transfer': cmd_transfer, 'gradcam': cmd_gradcam,
+            'projection': cmd_projection}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('command', choices=sorted(COMMANDS))
+    ap.add_argument('--ckpt', action='append', required=True, help='[name=]checkpoint, repeat for several')
+    ap.add_argument('--data-set', default='FOLDER', choices=('FOLDER', 'IMNET', 'CIFAR10', 'CIFAR100', 'DEMO'))
+    ap.add_argument('--data-path', default=None)
+    ap.add_argument('--cache', action='store_true')
+    ap.add_argument('--split', default='val', choices=('train', 'val'))
+    ap.add_argument('--input-size', type=int, default=None, help='default: the checkpoint\'s own')
+    ap.add_argument('--batch-size', type=int, default=64)
+    ap.add_argument('--num-workers', type=int, default=2)
+    ap.add_argument('--max-samples', type=int, default=None, help='fixed-seed subset of each split')
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--threshold', type=float, default=0.1, help='|z| below this counts as near zero')
+    ap.add_argument('--transfer-data', default=None)
+    ap.add_argument('--num-images', type=int, default=6)
+    ap.add_argument('--classes', type=int, nargs=3, default=(0, 1, 2))
+    ap.add_argument('--out', type=Path, default=Path('analysis_out'))
+    args = ap.parse_args(argv)
+    try:
+        ckpts = parse_ckpts(args.ckpt)
+        loaded = {n: load_model(p, input_size=args.input_size) for n, p in ckpts.items()}
+        models = {n: m for n, (m, _) in loaded.items()}
+        sizes = {info['input_size'] for _, info in loaded.values()}
+        if args.input_size is None:
+            if len(sizes) != 1:
+                raise ValueError(f'checkpoints expect different input sizes {sorted(sizes)}; pass --input-size')
+            args.input_size = sizes.pop()
+        out = args.out / args.command
+        out.mkdir(parents=True, exist_ok=True)
+        result = COMMANDS[args.command](models, args, out)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    (out / f'{args.command}.json').write_text(json.dumps(result, indent=2, default=float))
+    print(f'{args.command}: wrote {", ".join(sorted(p.name for p in out.iterdir()))} to {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Load a released or trained checkpoint into the right timm model; optionally export it.
+
+    python -m tools.load_checkpoint CKPT [--model NAME] [--num-classes K --reset-head] [--use-ema]
+        [--export out.safetensors] [--class-map train_map.txt --imagefolder /data/train --direction zip2folder]
+
+CKPT: a path (DeiT release dict, plain / DDP-prefixed / nested state dict, our trainer's checkpoint,
+.safetensors), an http(s) URL, or ``hf-hub:<repo>[@<file>]`` (e.g. hf-hub:zhouyuxuanyx/MaxSup-Regularized-ResNet50).
+Export writes the weights as .safetensors plus ``<name>.json`` with the model name and the run's args.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from deit.checkpoint import CheckpointError, load_model
+
+
+def export_safetensors(model, info: dict, out: Path) -> Path:
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out), metadata={'model': info['model'], 'num_classes': str(info['num_classes'])})
+    meta = {'model': info['model'], 'num_classes': info['num_classes'], 'source_format': info['format'],
+            'args': {k: v for k, v in (info.get('args') or {}).items()
+                     if isinstance(v, (int, float, str, bool, list, type(None)))}}
+    out.with_suffix('.json').write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('checkpoint')
+    ap.add_argument('--model', default=None, help='timm model name (default: from the checkpoint)')
+    ap.add_argument('--num-classes', type=int, default=None)
+    ap.add_argument('--reset-head', action='store_true', help='allow a class-count change (new head)')
+    ap.add_argument('--use-ema', action='store_true', help='load the EMA weights of a training checkpoint')
+    ap.add_argument('--export', type=Path, default=None, help='write .safetensors (+ .json) here')
+    ap.add_argument('--class-map', type=Path, default=None, help='ZIP train_map.txt for head permutation')
+    ap.add_argument('--imagefolder', type=Path, default=None, help='ImageFolder train/ for head permutation')
+    ap.add_argument('--direction', choices=('zip2folder', 'folder2zip'), default='zip2folder')
+    args = ap.parse_args(argv)
+    try:
+        model, info = load_model(args.checkpoint, args.model, args.num_classes, args.reset_head, args.use_ema)
+        print(f'{args.checkpoint}: {info["format"]} checkpoint -> {info["model"]} with {info["num_classes"]} classes'
+              f'{" (new head)" if info["head_reset"] else ""}; missing keys {info["missing"] or "none"}, '
+              f'unexpected keys {info["unexpected"] or "none"}')
+        if args.class_map:
+            from data.class_map import class_permutation, convert_head, invert
+            perm = class_permutation(args.class_map, args.imagefolder)
+            perm = perm if args.direction == 'zip2folder' else invert(perm)
+            model.load_state_dict(convert_head(model.state_dict(), perm))
+            print(f'classifier rows permuted ({args.direction})')
+        if args.export:
+            print(f'exported {export_safetensors(model, info, args.export)}')
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
