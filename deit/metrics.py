@@ -79,3 +79,13 @@ def feature_variation(features: Tensor, labels: Tensor) -> dict:
     d_total = float(1 - mu.mean(0).pow(2).sum())
     r2 = 1 - d_within / d_total if d_total > 1e-12 else float('nan')
     return {'d_within': d_within, 'd_total': d_total, 'r2': r2, 'num_classes': len(classes), 'n': len(labels)}
+
+
+def classification_summary(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict:
+    """Top-1/top-5 accuracy (%), NLL and ECE of a whole set of logits."""
+    logits = logits.float()
+    c1, c5 = topk_correct(logits, labels, (1, 5))
+    n = len(labels)
+    return {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'n': n,
+            'nll': float(torch.nn.functional.cross_entropy(logits, labels)),
+            'ece': expected_calibration_error(logits.softmax(1), labels, n_bins)}
