@@ -60,8 +60,12 @@ def vit_shape(state: dict) -> dict:
 
 
 def timm_to_mmseg(state: dict, expected_width: int | None = None, expected_depth: int | None = None,
-                  img_size: int | None = None) -> dict:
-    """Convert; check width/depth against the config; resample pos_embed to ``img_size / patch``."""
+                  img_size: int | None = None, final_norm: bool = False) -> dict:
+    """Convert; check width/depth against the config; resample pos_embed to ``img_size / patch``.
+
+    ``final_norm``: whether the mmseg backbone has a final LayerNorm (``ln1``); the DeiT configs use
+    intermediate outputs without it, so timm's final ``norm`` is dropped by default.
+    """
     shape = vit_shape(state)
     for what, want in (('width', expected_width), ('depth', expected_depth)):
         if want is not None and shape[what] != want:
@@ -69,7 +73,7 @@ def timm_to_mmseg(state: dict, expected_width: int | None = None, expected_depth
                                   f'(width {shape["width"]}, depth {shape["depth"]} found)')
     out = {}
     for k, v in state.items():
-        if DROPPED.match(k):
+        if DROPPED.match(k) or (not final_norm and k.startswith('norm.')):
             continue
         for pat, rep in _RULES:
             if re.match(pat, k):
@@ -101,9 +105,11 @@ def mmseg_to_timm(state: dict) -> dict:
     return out
 
 
-def convert_checkpoint(src, dst, expected_width=384, expected_depth=12, img_size=512, use_ema=False) -> dict:
+def convert_checkpoint(src, dst, expected_width=384, expected_depth=12, img_size=512, use_ema=False,
+                       final_norm=False) -> dict:
     """Read any supported checkpoint (deit.checkpoint), convert, and save ``{'state_dict': ...}`` for mmseg."""
     from deit.checkpoint import read_state_dict, save_atomic
-    state = timm_to_mmseg(read_state_dict(src, use_ema=use_ema), expected_width, expected_depth, img_size)
+    state = timm_to_mmseg(read_state_dict(src, use_ema=use_ema), expected_width, expected_depth, img_size,
+                          final_norm)
     save_atomic({'state_dict': state, 'meta': {'source': str(src), 'img_size': img_size}}, dst)
     return state

@@ -1,0 +1,31 @@
+# UperNet + DeiT-S/16 on ADE20K, 512x512 crops, 160k iterations, 8 GPUs x 2 images (the paper's setting).
+# Model, data pipeline (incl. multi-scale + flip TTA), runtime and schedule come from mmseg's own DeiT-S
+# config; this file sets what differs: the backbone weights come from a converted DeiT checkpoint
+# (segmentation/tools/convert_deit_to_mmseg.py, or train.py --backbone-checkpoint), layer-wise lr decay.
+_base_ = ['mmseg::vit/vit_deit-s16_mln_upernet_8xb2-160k_ade20k-512x512.py']
+
+custom_imports = dict(imports=['segmentation.mmseg_ext'], allow_failed_imports=False)
+
+data_root = 'data/ade/ADEChallengeData2016'
+
+model = dict(
+    pretrained=None,
+    backbone=dict(
+        embed_dims=384, num_layers=12, num_heads=6, patch_size=16, mlp_ratio=4,
+        out_indices=(2, 5, 8, 11), drop_path_rate=0.1, final_norm=False,
+        init_cfg=None),  # children / train.py --backbone-checkpoint point it at converted weights
+    neck=dict(in_channels=[384, 384, 384, 384], out_channels=384, scales=[4, 2, 1, 0.5]),
+    decode_head=dict(in_channels=[384, 384, 384, 384], num_classes=150),
+    auxiliary_head=dict(in_channels=384, num_classes=150))
+
+# AdamW with layer-wise lr decay (BEiT/MAE-style, 12 blocks); no decay on pos_embed/cls_token/norms/biases
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
+    constructor='ViTLayerDecayOptimizerConstructor',
+    paramwise_cfg=dict(num_layers=12, decay_rate=0.65))
+
+train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
+val_dataloader = dict(batch_size=1, dataset=dict(data_root=data_root))
+test_dataloader = val_dataloader

@@ -1,0 +1,53 @@
+"""Test a segmentation checkpoint: mIoU single-scale, or multi-scale + flip (--tta, the paper's numbers).
+
+    python segmentation/test.py CONFIG work_dirs/.../iter_160000.pth [--tta] [--work-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import numbers
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segmentation.common import allow_mmengine_checkpoints, check_data_root, load_config  # noqa: E402
+
+
+def main(argv=None) -> dict | int:
+    from mmengine.config import DictAction
+    from mmengine.runner import Runner
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('config')
+    ap.add_argument('checkpoint')
+    ap.add_argument('--work-dir', default=None)
+    ap.add_argument('--tta', action='store_true', help='multi-scale (0.5-1.75) + flip test')
+    ap.add_argument('--cfg-options', nargs='+', action=DictAction)
+    ap.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
+    ap.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    a = ap.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.cfg_options, a.work_dir, a.launcher)
+        check_data_root(cfg, 'test')
+        if not Path(a.checkpoint).is_file():
+            raise FileNotFoundError(f'checkpoint not found: {a.checkpoint}')
+    except (FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    cfg.load_from = a.checkpoint
+    cfg.model.backbone.init_cfg = None  # every weight comes from the checkpoint
+    if a.tta:
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    allow_mmengine_checkpoints()
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    print(f'{"multi-scale+flip" if a.tta else "single-scale"} test: '
+          + ', '.join(f'{k} {float(v):.2f}' for k, v in metrics.items() if isinstance(v, numbers.Number)))
+    return metrics
+
+
+if __name__ == '__main__':
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,53 @@
+"""Fine-tune UperNet + DeiT on ADE20K with mmengine's Runner.
+
+    python segmentation/train.py segmentation/configs/upernet_deit-s16_maxsup_8xb2-160k_ade20k-512x512.py
+    python segmentation/train.py CONFIG --backbone-checkpoint output/deit_small_maxsup/checkpoint.pth
+    scripts/dist_train_seg.sh CONFIG 8 [...]                       # 8 GPUs (launcher pytorch)
+--backbone-checkpoint converts our trainer's / the released DeiT checkpoint on the fly (pos-embed resized
+to the crop). Single-process runs (CPU included) use BN instead of SyncBN.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segmentation.common import allow_mmengine_checkpoints, check_data_root, load_config, set_backbone_checkpoint  # noqa: E402
+
+
+def main(argv=None) -> int:
+    from mmengine.config import DictAction
+    from mmengine.runner import Runner
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('config')
+    ap.add_argument('--work-dir', default=None)
+    ap.add_argument('--backbone-checkpoint', default=None, help='DeiT checkpoint to initialise the backbone')
+    ap.add_argument('--use-ema', action='store_true', help='take the EMA weights of a training checkpoint')
+    ap.add_argument('--resume', action='store_true', help='resume from the latest checkpoint in work-dir')
+    ap.add_argument('--amp', action='store_true')
+    ap.add_argument('--cfg-options', nargs='+', action=DictAction)
+    ap.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
+    ap.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    a = ap.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.cfg_options, a.work_dir, a.launcher)
+        check_data_root(cfg, 'train')
+        if a.backbone_checkpoint:
+            set_backbone_checkpoint(cfg, a.backbone_checkpoint, a.use_ema)
+    except (FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if a.amp:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    cfg.resume = a.resume
+    allow_mmengine_checkpoints()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""UperNet + DeiT on a fabricated ADE20K tree (CPU), every shipped config, and the converter."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import ROOT, TINY, make_image
+
+pytest.importorskip('mmseg', reason='segmentation stack not installed (make setup-seg)')
+pytestmark = pytest.mark.segmentation
+
+from deit.checkpoint import CheckpointError, read_state_dict  # noqa: E402
+from segmentation.deit_to_mmseg import mmseg_to_timm, timm_to_mmseg  # noqa: E402
+
+CONFIGS = sorted((ROOT / 'segmentation' / 'configs').rglob('*.py'))
+TINY_CFG = ROOT / 'tests' / 'configs' / 'seg_tiny.py'
+
+
+def make_ade(root: Path, n_train=4, n_val=2) -> Path:
+    """ADEChallengeData2016 layout: JPEG images + PNG label maps with values 0..150 (0 = 'other')."""
+    rng = np.random.default_rng(0)
+    for split, n in (('training', n_train), ('validation', n_val)):
+        (root / 'images' / split).mkdir(parents=True)
+        (root / 'annotations' / split).mkdir(parents=True)
+        for i in range(n):
+            name = f'ADE_{split[:5]}_{i:08d}'
+            make_image(i % 4, i, 64).save(root / 'images' / split / f'{name}.jpg')
+            seg = np.zeros((64, 64), np.uint8)
+            seg[:32] = rng.integers(1, 151)
+            seg[32:, :32] = rng.integers(1, 151)
+            seg[40:50, 40:50] = 150
+            Image.fromarray(seg).save(root / 'annotations' / split / f'{name}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def demo_ckpt(tmp_path_factory):
+    from deit.main import cli
+    out = tmp_path_factory.mktemp('deit')
+    assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '2',
+                       '--output_dir', str(out)]) == 0
+    return out / 'checkpoint.pth'
+
+
+def test_converter_round_trip_and_errors(demo_ckpt):
+    src = read_state_dict(demo_ckpt)
+    conv = timm_to_mmseg(src, expected_width=128, expected_depth=4)
+    assert 'layers.3.attn.attn.in_proj_weight' in conv and 'patch_embed.projection.weight' in conv
+    assert not any(k.startswith(('head', 'norm')) for k in conv)
+    back = mmseg_to_timm(conv)
+    assert set(back) == {k for k in src if not k.startswith(('head', 'norm.'))}
+    assert all(torch.equal(back[k], src[k]) for k in back)
+    assert 'ln1.weight' in timm_to_mmseg(src, final_norm=True)
+    big = timm_to_mmseg(src, img_size=64)  # 8x8 grid -> 16x16
+    assert big['pos_embed'].shape == (1, 1 + 256, 128)
+    with pytest.raises(CheckpointError, match='width 128, the backbone expects 384'):
+        timm_to_mmseg(src, expected_width=384, expected_depth=12)
+    import torchvision
+    with pytest.raises(CheckpointError, match='ResNet'):
+        timm_to_mmseg(torchvision.models.resnet18().state_dict())
+
+
+@pytest.mark.slow
+def test_train_test_single_and_multiscale_from_deit_checkpoint(demo_ckpt, tmp_path, capsys):
+    from segmentation import test as seg_test
+    from segmentation import train as seg_train
+    ade = make_ade(tmp_path / 'ADEChallengeData2016')
+    work = tmp_path / 'work'
+    opts = ['--cfg-options', f'train_dataloader.dataset.data_root={ade}', f'val_dataloader.dataset.data_root={ade}',
+            f'test_dataloader.dataset.data_root={ade}']
+    assert seg_train.main([str(TINY_CFG), '--work-dir', str(work), '--backbone-checkpoint', str(demo_ckpt)]
+                          + opts) == 0
+    ckpt = work / 'iter_4.pth'
+    assert ckpt.is_file()
+    scalars = [json.loads(x) for x in next(work.rglob('scalars.json')).read_text().splitlines()]
+    losses = [s['loss'] for s in scalars if 'loss' in s]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    # the backbone started from the DeiT checkpoint: 4 small AdamW steps keep it within 1e-3 of the source
+    src = read_state_dict(demo_ckpt)['blocks.0.attn.qkv.weight']
+    trained = torch.load(ckpt, map_location='cpu', weights_only=False)['state_dict'][
+        'backbone.layers.0.attn.attn.in_proj_weight']
+    assert (trained - src).abs().max() < 1e-3
+    assert (torch.randn_like(src) * 0.02 - src).abs().max() > 1e-2
+    for tta in (False, True):
+        metrics = seg_test.main([str(TINY_CFG), str(ckpt), '--work-dir', str(tmp_path / f'test{tta}')]
+                                + (['--tta'] if tta else []) + opts)
+        assert isinstance(metrics, dict) and 0 <= metrics['mIoU'] <= 100
+    assert 'multi-scale+flip test: aAcc' in capsys.readouterr().out
+
+
+def test_missing_or_empty_data_root_is_a_clear_error(tmp_path, capsys):
+    from segmentation import train as seg_train
+    assert seg_train.main([str(TINY_CFG), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+                           f'train_dataloader.dataset.data_root={tmp_path / "nope"}']) == 2
+    assert 'missing. Expected the ADEChallengeData2016 layout' in capsys.readouterr().err
+    (tmp_path / 'ade' / 'images' / 'training').mkdir(parents=True)
+    (tmp_path / 'ade' / 'annotations' / 'training').mkdir(parents=True)
+    assert seg_train.main([str(TINY_CFG), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+                           f'train_dataloader.dataset.data_root={tmp_path / "ade"}']) == 2
+    assert 'empty' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config', CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_builds_full_deit_s_and_gives_150_class_logits(config):
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+    from segmentation.common import load_config
+    register_all_modules()
+    cfg = load_config(config)
+    assert cfg.model.backbone.embed_dims == 384 and cfg.model.backbone.num_layers == 12
+    assert cfg.model.backbone.num_heads == 6 and cfg.model.backbone.out_indices == (2, 5, 8, 11)
+    assert cfg.model.decode_head.num_classes == 150 and cfg.model.auxiliary_head.num_classes == 150
+    assert cfg.optim_wrapper.constructor == 'ViTLayerDecayOptimizerConstructor'
+    kind = next((k for k in ('baseline', 'ls', 'maxsup') if f'_{k}_' in config.name), None)
+    if kind:  # the three fine-tuning configs differ only in the backbone checkpoint
+        assert cfg.model.backbone.init_cfg == {'type': 'Pretrained', 'checkpoint': f'pretrain/deit_s_{kind}_mmseg.pth'}
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 512, 512), mode='tensor')
+    assert out.shape == (1, 150, 128, 128) and torch.isfinite(out).all()
+
+
+def test_layer_decay_constructor_scales_lr_by_depth():
+    from mmengine.optim import build_optim_wrapper
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+    from segmentation.common import load_config
+    import segmentation.mmseg_ext  # noqa: F401
+    register_all_modules()
+    cfg = load_config(TINY_CFG)
+    cfg.model.backbone.init_cfg = None
+    model = MODELS.build(cfg.model)
+    optim = build_optim_wrapper(model, cfg.optim_wrapper)
+    lrs = {g['lr_scale'] for g in optim.optimizer.param_groups}
+    # 4 blocks + embeddings + heads: 6 distinct scales 0.65^5 ... 0.65^0
+    assert sorted(lrs) == pytest.approx(sorted(0.65 ** k for k in range(6)))
+    by_param = {id(p): g for g in optim.optimizer.param_groups for p in g['params']}
+    assert by_param[id(model.backbone.pos_embed)]['weight_decay'] == 0.0
+    assert by_param[id(model.backbone.layers[0].attn.attn.in_proj_weight)]['lr_scale'] == pytest.approx(0.65 ** 4)
+    assert by_param[id(model.decode_head.conv_seg.weight)]['lr_scale'] == pytest.approx(1.0)
