@@ -20,8 +20,10 @@ from data.zip_cache import CacheError, check_labels, parse_map_file
 HEAD_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'fc.weight', 'fc.bias')
 
 
-def class_permutation(map_file, imagefolder_root) -> torch.Tensor:
-    """perm[zip_label] = ImageFolder index of the same class folder."""
+def class_permutation(map_file, imagefolder_root, direction: str = 'zip2folder') -> torch.Tensor:
+    """perm[zip_label] = ImageFolder index of the same class folder ('folder2zip': the inverse)."""
+    if direction not in ('zip2folder', 'folder2zip'):
+        raise ValueError(f"direction must be 'zip2folder' or 'folder2zip', got {direction!r}")
     entries = parse_map_file(map_file)
     K = check_labels(entries, str(map_file), folder_labels=True)
     folder_of = {}
@@ -32,7 +34,8 @@ def class_permutation(map_file, imagefolder_root) -> torch.Tensor:
         diff = sorted(set(folders) ^ set(folder_of.values()))
         raise CacheError(f'{map_file} and {imagefolder_root} name different classes, e.g. {diff[:5]}')
     index = {f: i for i, f in enumerate(folders)}
-    return torch.tensor([index[folder_of[z]] for z in range(K)])
+    perm = torch.tensor([index[folder_of[z]] for z in range(K)])
+    return perm if direction == 'zip2folder' else invert(perm)
 
 
 def invert(perm: torch.Tensor) -> torch.Tensor:
@@ -73,9 +76,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from deit.checkpoint import save_atomic, torch_load
     try:
-        perm = class_permutation(args.map, args.imagefolder)
-        if args.direction == 'folder2zip':
-            perm = invert(perm)
+        perm = class_permutation(args.map, args.imagefolder, args.direction)
         moved = int((perm != torch.arange(len(perm))).sum())
         print(f'{len(perm)} classes, {moved} change index ({args.direction})')
         if args.checkpoint:

@@ -126,7 +126,19 @@ class _MaxSupFunction(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None
 
 
-class MaxSupLoss(nn.Module):
+class _AlphaLoss(nn.Module):
+    """Common part of the losses weighted by a scheduled ``alpha`` (a plain attribute the trainer sets)."""
+
+    def __init__(self, alpha: float = 0.1, validate: bool = True):
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+        self.validate = validate
+
+    def extra_repr(self) -> str:
+        return f'alpha={self.alpha}'
+
+
+class MaxSupLoss(_AlphaLoss):
     """Maximum Suppression: ``CE(z, t) + alpha * (max_k z_k - mean_k z_k)``, batch mean (paper Eq. MaxSup).
 
     Needs no target for the penalty, so it works unchanged with Mixup/CutMix soft targets. ``alpha`` is a
@@ -134,18 +146,10 @@ class MaxSupLoss(nn.Module):
     Uses a fused autograd Function; :class:`MaxSupLossReference` is the plain formulation it is tested against.
     """
 
-    def __init__(self, alpha: float = 0.1, validate: bool = True):
-        super().__init__()
-        self.alpha = check_alpha(alpha)
-        self.validate = validate
-
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
             check_inputs(logits, target, who='MaxSupLoss')
         return _MaxSupFunction.apply(logits, target, self.alpha)
-
-    def extra_repr(self) -> str:
-        return f'alpha={self.alpha}'
 
 
 class MaxSupLossReference(MaxSupLoss):
@@ -162,26 +166,18 @@ class MaxSupLossReference(MaxSupLoss):
 # --------------------------------------------------------------------------------------------------------
 # Label smoothing and its Table-1 decomposition
 # --------------------------------------------------------------------------------------------------------
-class LabelSmoothingLoss(nn.Module):
+class LabelSmoothingLoss(_AlphaLoss):
     """Label smoothing in logit form: ``CE(z, t) + alpha * (<t, z> - mean_k z_k)``.
 
     Hard labels: equals ``F.cross_entropy(z, y, label_smoothing=alpha)``. Soft targets: equals soft-target CE
     against ``(1 - alpha) * t + alpha / K`` (timm ``Mixup(label_smoothing=alpha)`` + ``SoftTargetCrossEntropy``).
     """
 
-    def __init__(self, alpha: float = 0.1, validate: bool = True):
-        super().__init__()
-        self.alpha = check_alpha(alpha)
-        self.validate = validate
-
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
             check_inputs(logits, target, who='LabelSmoothingLoss')
         z = logits.float()
         return (_cross_entropy(z, target) + self.alpha * (_target_logit(z, target) - z.mean(1))).mean()
-
-    def extra_repr(self) -> str:
-        return f'alpha={self.alpha}'
 
 
 def ls_decomposition(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -196,7 +192,7 @@ def ls_decomposition(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return diff.clamp(min=0).sum(1) / K, diff.clamp(max=0).sum(1) / K
 
 
-class LabelSmoothingPartLoss(nn.Module):
+class LabelSmoothingPartLoss(_AlphaLoss):
     """``CE + alpha * (one part of the LS term)``: the paper's Table 1 ablation (hard labels only).
 
     part='regularization' keeps only the term that shrinks the gap to smaller logits;
@@ -206,10 +202,10 @@ class LabelSmoothingPartLoss(nn.Module):
     PARTS = ('regularization', 'error_enhancement')
 
     def __init__(self, part: str, alpha: float = 0.1, validate: bool = True):
-        super().__init__()
+        super().__init__(alpha, validate)
         if part not in self.PARTS:
             raise ValueError(f'part must be one of {self.PARTS}, got {part!r}')
-        self.part, self.alpha, self.validate = part, check_alpha(alpha), validate
+        self.part = part
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:

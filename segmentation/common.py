@@ -10,6 +10,15 @@ if str(ROOT) not in sys.path:  # configs import segmentation.mmseg_ext; the conv
     sys.path.insert(0, str(ROOT))
 
 
+def add_runner_args(ap) -> None:
+    """Arguments train.py and test.py share (mmseg's tools use the same names)."""
+    from mmengine.config import DictAction
+    ap.add_argument('--work-dir', default=None)
+    ap.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries: key=value')
+    ap.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
+    ap.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
 def allow_mmengine_checkpoints() -> None:
     """Let mmengine load its own checkpoints under torch >= 2.6.
 
@@ -22,7 +31,7 @@ def allow_mmengine_checkpoints() -> None:
 
 
 def load_config(path, cfg_options=None, work_dir=None, launcher='none'):
-    from mmengine.config import Config, DictAction  # noqa: F401  (DictAction used by the CLIs)
+    from mmengine.config import Config
     cfg = Config.fromfile(str(path))
     if cfg_options:
         cfg.merge_from_dict(cfg_options)

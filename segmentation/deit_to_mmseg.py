@@ -20,28 +20,38 @@ from timm.layers import resample_abs_pos_embed
 
 from deit.checkpoint import CheckpointError
 
-_RULES = [  # (timm regex, mmseg template)
-    (r'^patch_embed\.proj\.(weight|bias)$', r'patch_embed.projection.\1'),
-    (r'^blocks\.(\d+)\.norm1\.(weight|bias)$', r'layers.\1.ln1.\2'),
-    (r'^blocks\.(\d+)\.norm2\.(weight|bias)$', r'layers.\1.ln2.\2'),
-    (r'^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$', r'layers.\1.attn.attn.in_proj_\2'),
-    (r'^blocks\.(\d+)\.attn\.proj\.(weight|bias)$', r'layers.\1.attn.attn.out_proj.\2'),
-    (r'^blocks\.(\d+)\.mlp\.fc1\.(weight|bias)$', r'layers.\1.ffn.layers.0.0.\2'),
-    (r'^blocks\.(\d+)\.mlp\.fc2\.(weight|bias)$', r'layers.\1.ffn.layers.1.\2'),
-    (r'^norm\.(weight|bias)$', r'ln1.\1'),
-    (r'^(cls_token|pos_embed)$', r'\1'),
+# (timm name, mmseg name); {i} = block index, {p} = weight|bias
+KEY_PAIRS = [
+    ('patch_embed.proj.{p}', 'patch_embed.projection.{p}'),
+    ('blocks.{i}.norm1.{p}', 'layers.{i}.ln1.{p}'),
+    ('blocks.{i}.norm2.{p}', 'layers.{i}.ln2.{p}'),
+    ('blocks.{i}.attn.qkv.{p}', 'layers.{i}.attn.attn.in_proj_{p}'),
+    ('blocks.{i}.attn.proj.{p}', 'layers.{i}.attn.attn.out_proj.{p}'),
+    ('blocks.{i}.mlp.fc1.{p}', 'layers.{i}.ffn.layers.0.0.{p}'),
+    ('blocks.{i}.mlp.fc2.{p}', 'layers.{i}.ffn.layers.1.{p}'),
+    ('norm.{p}', 'ln1.{p}'),
+    ('cls_token', 'cls_token'),
+    ('pos_embed', 'pos_embed'),
 ]
-_INVERSE = [  # mmseg regex, timm template
-    (r'^patch_embed\.projection\.(weight|bias)$', r'patch_embed.proj.\1'),
-    (r'^layers\.(\d+)\.ln1\.(weight|bias)$', r'blocks.\1.norm1.\2'),
-    (r'^layers\.(\d+)\.ln2\.(weight|bias)$', r'blocks.\1.norm2.\2'),
-    (r'^layers\.(\d+)\.attn\.attn\.in_proj_(weight|bias)$', r'blocks.\1.attn.qkv.\2'),
-    (r'^layers\.(\d+)\.attn\.attn\.out_proj\.(weight|bias)$', r'blocks.\1.attn.proj.\2'),
-    (r'^layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)$', r'blocks.\1.mlp.fc1.\2'),
-    (r'^layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)$', r'blocks.\1.mlp.fc2.\2'),
-    (r'^ln1\.(weight|bias)$', r'norm.\1'),
-    (r'^(cls_token|pos_embed)$', r'\1'),
-]
+
+
+def _pattern(template: str) -> re.Pattern:
+    rx = re.escape(template).replace(r'\{i\}', r'(?P<i>\d+)').replace(r'\{p\}', r'(?P<p>weight|bias)')
+    return re.compile(f'^{rx}$')
+
+
+_TO_MMSEG = [(_pattern(t), m) for t, m in KEY_PAIRS]
+_TO_TIMM = [(_pattern(m), t) for t, m in KEY_PAIRS]
+
+
+def _rename(key: str, rules, what: str) -> str:
+    for pat, template in rules:
+        m = pat.match(key)
+        if m:
+            return template.format(**m.groupdict())
+    raise CheckpointError(f'unexpected {what} key {key!r}: no counterpart')
+
+
 DROPPED = re.compile(r'^(head|head_dist|fc_norm|dist_token)(\.|$)')
 
 
@@ -75,12 +85,7 @@ def timm_to_mmseg(state: dict, expected_width: int | None = None, expected_depth
     for k, v in state.items():
         if DROPPED.match(k) or (not final_norm and k.startswith('norm.')):
             continue
-        for pat, rep in _RULES:
-            if re.match(pat, k):
-                out[re.sub(pat, rep, k)] = v
-                break
-        else:
-            raise CheckpointError(f'unexpected ViT key {k!r}: no mmseg counterpart')
+        out[_rename(k, _TO_MMSEG, 'ViT')] = v
     pos = out['pos_embed']
     if shape['prefix_tokens'] == 2:  # distilled DeiT: keep the class token's position, drop the dist token's
         pos = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
@@ -94,15 +99,7 @@ def timm_to_mmseg(state: dict, expected_width: int | None = None, expected_depth
 
 
 def mmseg_to_timm(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        for pat, rep in _INVERSE:
-            if re.match(pat, k):
-                out[re.sub(pat, rep, k)] = v
-                break
-        else:
-            raise CheckpointError(f'unexpected mmseg ViT key {k!r}')
-    return out
+    return {_rename(k, _TO_TIMM, 'mmseg ViT'): v for k, v in state.items()}
 
 
 def convert_checkpoint(src, dst, expected_width=384, expected_depth=12, img_size=512, use_ema=False,

@@ -14,22 +14,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segmentation.common import allow_mmengine_checkpoints, check_data_root, load_config, set_backbone_checkpoint  # noqa: E402
+from segmentation.common import (  # noqa: E402
+    add_runner_args, allow_mmengine_checkpoints, check_data_root,
+    load_config, set_backbone_checkpoint)
 
 
 def main(argv=None) -> int:
-    from mmengine.config import DictAction
     from mmengine.runner import Runner
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('config')
-    ap.add_argument('--work-dir', default=None)
     ap.add_argument('--backbone-checkpoint', default=None, help='DeiT checkpoint to initialise the backbone')
     ap.add_argument('--use-ema', action='store_true', help='take the EMA weights of a training checkpoint')
     ap.add_argument('--resume', action='store_true', help='resume from the latest checkpoint in work-dir')
     ap.add_argument('--amp', action='store_true')
-    ap.add_argument('--cfg-options', nargs='+', action=DictAction)
-    ap.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none')
-    ap.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    add_runner_args(ap)
     a = ap.parse_args(argv)
     try:
         cfg = load_config(a.config, a.cfg_options, a.work_dir, a.launcher)

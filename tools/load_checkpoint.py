@@ -48,9 +48,8 @@ def main(argv=None) -> int:
               f'{" (new head)" if info["head_reset"] else ""}; missing keys {info["missing"] or "none"}, '
               f'unexpected keys {info["unexpected"] or "none"}')
         if args.class_map:
-            from data.class_map import class_permutation, convert_head, invert
-            perm = class_permutation(args.class_map, args.imagefolder)
-            perm = perm if args.direction == 'zip2folder' else invert(perm)
+            from data.class_map import class_permutation, convert_head
+            perm = class_permutation(args.class_map, args.imagefolder, args.direction)
             model.load_state_dict(convert_head(model.state_dict(), perm))
             print(f'classifier rows permuted ({args.direction})')
         if args.export:
