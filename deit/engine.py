@@ -35,13 +35,13 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = No
 def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, epoch: int, loss_scaler,
                     amp: bool = False, max_norm: float | None = None, model_ema=None, mixup_fn=None,
                     bce_loss: bool = False, num_classes: int | None = None, print_freq: int = 50,
-                    max_steps: int | None = None) -> dict:
+                    max_steps: int | None = None, set_training_mode: bool = True) -> dict:
     """Train one epoch. ``criterion(inputs, outputs, targets)`` is a DistillationLoss wrapper.
 
     Raises NonFiniteLossError naming the epoch and step on a NaN/inf loss (DeiT exits there too:
     continuing would only spread NaNs through the weights and the EMA).
     """
-    model.train()
+    model.train(set_training_mode)  # DeiT's --no-train-mode keeps dropout / drop-path off while training
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = f'Epoch: [{epoch}]'

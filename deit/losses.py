@@ -4,7 +4,7 @@ Notation: logits ``z`` of shape (B, K); targets either class indices (B,) or sof
 timm's Mixup/CutMix output. Every loss returns the batch mean and computes in float32 whatever the autocast
 dtype, because the max/mean/log-sum-exp differences lose all precision in fp16/bf16.
 
-Paper: Zhou et al., "MaxSup: Overcoming Representation Collapse in Label Smoothing" (NeurIPS 2025).
+Paper: Zhou et al., "MaxSup: Overcoming Representation Collapse in Label Smoothing" (2025).
   Eq. (LS, logit form)  L_LS     = CE(z, y) + alpha * (z_gt  - mean_k z_k)
   Eq. (MaxSup)          L_MaxSup = CE(z, y) + alpha * (z_max - mean_k z_k)
   Corollary 3.4         z_gt - mean_k z_k = 1/K sum_{z_k < z_gt} (z_gt - z_k)      (regularization, >= 0)

@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--reprob', type=float, default=0.25)
     a('--remode', type=str, default='pixel')
     a('--recount', type=int, default=1)
-    a('--resplit', action='store_true', default=False)
+    a('--resplit', action='store_true', default=False, help='random erasing: do not erase the first aug split')
     a('--mixup', type=float, default=0.8)
     a('--cutmix', type=float, default=1.0)
     a('--cutmix-minmax', type=float, nargs='+', default=None)
@@ -225,8 +225,11 @@ def _run(args) -> dict:
     if args.finetune:
         state, reset = adapt_state_dict_for_finetune(read_state_dict(args.finetune), model)
         result = model.load_state_dict(state, strict=False)
-        print(f'finetune from {args.finetune}: reset {reset or "no head"}; missing {result.missing_keys}; '
-              f'unexpected {result.unexpected_keys}')
+        missing = [k for k in result.missing_keys if k not in reset]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f'--finetune {args.finetune} does not fit {args.model}: missing {missing[:8]}, '
+                                  f'unexpected {result.unexpected_keys[:8]}')
+        print(f'finetune from {args.finetune}: all weights loaded; new {reset or "nothing"}')
     if args.distillation_type != 'none':
         if not hasattr(model, 'set_distilled_training'):
             raise ValueError(f'--distillation-type {args.distillation_type} needs a distilled model '
@@ -286,7 +289,10 @@ def _run(args) -> dict:
         ckpt = torch_load(resume)
         if not isinstance(ckpt, dict) or 'model' not in ckpt:
             raise CheckpointError(f'{resume}: no "model" entry; not a training checkpoint')
-        model_without_ddp.load_state_dict(ckpt['model'])
+        try:
+            model_without_ddp.load_state_dict(ckpt['model'])
+        except RuntimeError as e:
+            raise CheckpointError(f'{resume} does not fit {args.model}: {str(e).splitlines()[0]} ...') from e
         if not args.eval and 'optimizer' in ckpt and 'epoch' in ckpt:
             optimizer.load_state_dict(ckpt['optimizer'])
             lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
@@ -331,7 +337,8 @@ def _run(args) -> dict:
         train_stats = train_one_epoch(
             model, criterion, loader_train, optimizer, device, epoch, loss_scaler, amp=amp,
             max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, bce_loss=args.bce_loss,
-            num_classes=nb_classes, print_freq=args.print_freq, max_steps=args.max_steps_per_epoch)
+            num_classes=nb_classes, print_freq=args.print_freq, max_steps=args.max_steps_per_epoch,
+            set_training_mode=args.train_mode)
         if hasattr(base_criterion, 'next_epoch'):
             base_criterion.next_epoch()
         if hasattr(dataset_train, 'pop_skipped'):

@@ -173,3 +173,12 @@ def test_paper_randaugment_pipeline_survives_every_magnitude():
     torch.manual_seed(0)
     for _ in range(300):
         assert tf(img).shape == (3, 32, 32)
+
+
+def test_finetune_or_resume_from_a_foreign_architecture_is_refused(tmp_path, capsys):
+    import torchvision
+    torch.save({'model': torchvision.models.resnet18().state_dict()}, tmp_path / 'r18.pth')
+    for flag in ('--finetune', '--resume'):
+        assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '1', flag, str(tmp_path / 'r18.pth'),
+                           '--output_dir', str(tmp_path / flag.strip('-'))]) == 2
+        assert 'does not fit deit_demo_patch4_32' in capsys.readouterr().err

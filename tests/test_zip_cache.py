@@ -222,3 +222,19 @@ def test_trainer_with_and_without_cache_sees_identical_data(src_tree, cache, tmp
     # same samples, same labels, same bytes, same seed: the very same losses and accuracy
     for k in ('train_loss', 'test_acc1', 'test_loss', 'test_n'):
         assert runs['zip'][k] == pytest.approx(runs['folder'][k], rel=1e-6), k
+
+
+@pytest.mark.slow
+def test_cache_under_ddp_with_rasampler_and_persistent_workers(cache, tmp_path):
+    """2 ranks (gloo) read the same mmap-ed cache through RASampler and persistent workers."""
+    import re
+
+    from tests.conftest import run_module
+    r = run_module(['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'deit.main'] + TINY +
+                   ['--data-set', 'IMNET', '--data-path', str(cache), '--cache', '--epochs', '2', '--batch-size', '4',
+                    '--num_workers', '1', '--repeated-aug', '--dist-eval', '--output_dir', str(tmp_path / 'run')])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    sums = dict(re.findall(r'\[rank (\d)\] parameter checksum ([-+.e0-9]+/[-+.e0-9]+)', r.stdout + r.stderr))
+    assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
+    log = [json.loads(x) for x in (tmp_path / 'run' / 'log.txt').read_text().splitlines()]
+    assert [x['epoch'] for x in log] == [0, 1] and log[-1]['test_n'] == 6
