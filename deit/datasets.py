@@ -140,8 +140,7 @@ def build_transform(is_train: bool, args):
             return three_augment(args)
         tf = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
                               auto_augment=None if args.aa in (None, '', 'none') else args.aa, interpolation=args.train_interpolation,
-                              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-                              re_split=getattr(args, 'resplit', False))
+                              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
         if size <= 32:  # small images: replace RandomResizedCrop by pad + random crop (as DeiT)
             tf.transforms[0] = transforms.RandomCrop(size, padding=4)
         return tf

@@ -76,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--reprob', type=float, default=0.25)
     a('--remode', type=str, default='pixel')
     a('--recount', type=int, default=1)
-    a('--resplit', action='store_true', default=False, help='random erasing: do not erase the first aug split')
+    a('--resplit', action='store_true', default=False, help='accepted for DeiT commands; no effect, as in DeiT')
     a('--mixup', type=float, default=0.8)
     a('--cutmix', type=float, default=1.0)
     a('--cutmix-minmax', type=float, nargs='+', default=None)
