@@ -11,13 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import zipfile
 from pathlib import Path
 
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 

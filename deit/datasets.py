@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +153,3 @@ def build_transform(is_train: bool, args):
     t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     return transforms.Compose(t)
 
-
-def dataset_samples(ds) -> list[tuple[str, int]]:
-    """(name, label) per sample, for comparing sample lists across dataset kinds."""
-    if hasattr(ds, 'samples'):
-        return [(os.fspath(p), int(t)) for p, t in ds.samples]
-    raise TypeError(f'{type(ds).__name__} has no sample list')

@@ -231,7 +231,6 @@ def test_ols_accumulates_correct_samples_and_swaps_at_epoch_end():
 
 
 def test_zipf_distribution_follows_rank_and_kl_is_zero_at_match():
-    K, B = 6, 1
     zipf = ZipfLabelSmoothing(weight=1.0, power=1.0)
     # logits chosen so that the non-target softmax is exactly the Zipf law: z_k = -log(rank)
     y = torch.tensor([2])
