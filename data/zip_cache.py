@@ -162,11 +162,18 @@ class ZipIndex:
         return raw
 
     def warm(self, members=None, chunk: int = 64 << 20) -> None:
-        """Pull pages into the page cache: the whole file, or only the given member indices."""
+        """Bring pages into the page cache: the whole file, or only the given member indices.
+
+        The whole file is handed to the kernel's read-ahead (``MADV_WILLNEED``: asynchronous, no copy) where
+        the platform has it; member ranges are read once.
+        """
         mm = self.mm
         if members is None:
-            for off in range(0, len(mm), chunk):
-                mm[off:off + chunk]
+            if hasattr(mmap, 'MADV_WILLNEED'):
+                mm.madvise(mmap.MADV_WILLNEED)
+            else:
+                for off in range(0, len(mm), chunk):
+                    mm[off:off + chunk]
             return
         for k in members:
             self.read(int(k))
