@@ -118,7 +118,7 @@ def load_file(source: str | os.PathLike, map_location='cpu'):
     if source.startswith('hf-hub:'):
         from huggingface_hub import hf_hub_download
         spec = source[len('hf-hub:'):]
-        repo, _, filename = spec.partition('@') if '@' in spec else (spec, '', '')
+        repo, _, filename = spec.partition('@')
         candidates = [filename] if filename else ['model.safetensors', 'pytorch_model.bin', 'checkpoint.pth']
         last = None
         for fn in candidates:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from deit.checkpoint import torch_load
 from deit.losses import LOSSES
 from deit.main import cli, get_args_parser, main
 from deit.models import adapt_state_dict_for_finetune, create_model
-from tests.conftest import ROOT, TINY, make_imagefolder
+from tests.conftest import ROOT, TINY, make_imagefolder, run_module
 
 
 def read_log(out):
@@ -66,10 +67,9 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     common = TINY + ['--data-set', 'FOLDER', '--data-path', str(data), '--epochs', '4', '--batch-size', '8',
                      '--print-freq', '1', '--seed', '3', '--warmup-epochs', '1', '--mixup', '0.8']
     full, killed = tmp_path / 'full', tmp_path / 'killed'
-    env = {'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-    import os
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}  # as run_module, but streamed
     proc = subprocess.Popen([sys.executable, '-m', 'deit.main', *common, '--output_dir', str(killed)],
-                            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     # wait until epoch 2 is under way (epochs 0 and 1 checkpointed), then SIGKILL mid-epoch
     seen = []
@@ -84,12 +84,10 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert torch_load(killed / 'checkpoint.pth')['epoch'] == 1
     assert not list(killed.glob('.*tmp*'))  # no torn temp files left behind
     # auto-resume from output_dir/checkpoint.pth
-    r = subprocess.run([sys.executable, '-m', 'deit.main', *common, '--output_dir', str(killed)], cwd=ROOT,
-                       env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    r = run_module(['-m', 'deit.main', *common, '--output_dir', str(killed)])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert 'auto-resuming' in r.stdout
-    r = subprocess.run([sys.executable, '-m', 'deit.main', *common, '--output_dir', str(full)], cwd=ROOT,
-                       env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    r = run_module(['-m', 'deit.main', *common, '--output_dir', str(full)])
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = read_log(full), read_log(killed)
     assert [x['epoch'] for x in b] == [0, 1, 2, 3]

@@ -19,7 +19,7 @@ import torch
 
 from deit import analysis
 from deit.checkpoint import CheckpointError, load_model
-from deit.datasets import eval_split
+from deit.datasets import DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, eval_split
 from deit.metrics import feature_variation
 from tools import plots
 
@@ -95,10 +95,8 @@ def cmd_gradcam(models, args, out: Path) -> dict:
     idx = list(range(min(args.num_images, len(ds))))
     x = torch.stack([ds[i][0] for i in idx])
     labels = [int(ds[i][1]) for i in idx]
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    if args.data_set == 'DEMO':
-        mean = std = torch.full((3, 1, 1), 0.5)
+    mean, std = (DEMO_MEAN, DEMO_STD) if args.data_set == 'DEMO' else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     imgs = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     maps = {name: analysis.gradcam_maps(m, x.clone(), labels) for name, m in models.items()}
     plots.gradcam_grid(imgs, maps, out / 'gradcam.png')

@@ -32,6 +32,7 @@ from deit.checkpoint import load_model, torch_load
 from deit.datasets import eval_split
 from deit.main import get_args_parser, main as train_main
 from deit.metrics import classification_summary, feature_variation
+from tools.analyze import subset
 
 DEFAULT_LOSSES = ['ce', 'maxsup', 'ls', 'ls_reg_only', 'ls_err_only', 'logit_penalty']
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,9 +83,7 @@ def analyse(a, ckpt: Path) -> dict:
     res = {}
     for split in ('train', 'val'):
         ds, _ = eval_split(a.data_set, a.data_path, split, info['input_size'], a.cache)
-        if a.max_samples and len(ds) > a.max_samples:
-            ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-                                         [:a.max_samples].tolist())
+        ds = subset(ds, a.max_samples)
         loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=a.num_workers)
         o = analysis.collect_outputs(model, loader)
         fv = feature_variation(o['features'], o['labels'])
