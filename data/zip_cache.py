@@ -258,13 +258,14 @@ class ZipImageDataset(torch.utils.data.Dataset):
         return n
 
 
-def collate_skip_bad(batch):
+def collate_skip_bad(batch, keep_even: bool = True):
     """default_collate without the samples a skip_bad dataset returned as None.
 
-    Keeps the batch even (timm's Mixup needs pairs) by dropping the last sample when a skip made it odd.
+    ``keep_even`` (training): keeps the batch even (timm's Mixup needs pairs) by dropping the last sample when
+    a skip made it odd. Evaluation passes False: every readable image is counted.
     """
     kept = [b for b in batch if b is not None]
-    if len(kept) != len(batch) and len(kept) % 2 and len(batch) % 2 == 0:
+    if keep_even and len(kept) != len(batch) and len(kept) % 2 and len(batch) % 2 == 0:
         kept = kept[:-1]
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
@@ -272,17 +273,32 @@ def collate_skip_bad(batch):
 
 
 class ShardSampler(torch.utils.data.Sampler):
-    """For cache_mode='part': this rank's fixed shard, reshuffled every epoch by seed + epoch."""
+    """For cache_mode='part': this rank's fixed shard, reshuffled every epoch by seed + epoch.
 
-    def __init__(self, shard, seed: int = 0):
+    Shards ``arange(rank, N, world)`` differ in length by one when world does not divide N, and with
+    ``drop_last`` that can mean different step counts per rank: the last collective of the epoch then waits
+    for the rank that stopped early until the timeout. Every rank yields ``ceil(N / world)`` indices; a
+    shorter shard repeats its first shuffled samples (as torch's DistributedSampler pads), so nothing is
+    dropped and all ranks take the same number of steps.
+    """
+
+    def __init__(self, shard, seed: int = 0, num_samples: int | None = None):
         self.shard, self.seed, self.epoch = np.asarray(shard), seed, 0
+        self.num_samples = len(self.shard) if num_samples is None else int(num_samples)
+        if self.num_samples < len(self.shard) or (self.num_samples and not len(self.shard)):
+            raise ValueError(f'shard of {len(self.shard)} samples cannot yield {self.num_samples}')
+
+    @classmethod
+    def for_dataset(cls, dataset, world_size: int, seed: int = 0) -> 'ShardSampler':
+        return cls(dataset.shard, seed, num_samples=-(-len(dataset) // world_size))
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(self.shard[torch.randperm(len(self.shard), generator=g).numpy()].tolist())
+        order = self.shard[torch.randperm(len(self.shard), generator=g).numpy()]
+        return iter(np.resize(order, self.num_samples).tolist())  # cycles the shard to num_samples
 
     def __len__(self) -> int:
-        return len(self.shard)
+        return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -9,6 +9,8 @@ import argparse
 import os
 import pickle
 import random
+import secrets
+import socket
 import zipfile
 from pathlib import Path
 
@@ -24,7 +26,7 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename: a kill never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    tmp = temp_path(path)
     try:
         with open(tmp, 'wb') as f:
             torch.save(obj, f)
@@ -34,6 +36,15 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def temp_path(path: Path) -> Path:
+    """A temp name next to ``path`` no other writer can pick: host, PID and a random token.
+
+    PIDs alone repeat across nodes and in per-node PID namespaces (containers), where two ranks writing the
+    same file would delete or rename each other's temp file.
+    """
+    return path.with_name(f'.{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}')
 
 
 def torch_load(path: str | os.PathLike, map_location='cpu'):
@@ -53,6 +64,7 @@ def torch_load(path: str | os.PathLike, map_location='cpu'):
 
 
 def rng_state() -> dict:
+    """This process's RNG streams (torch, python, numpy, and CUDA when present)."""
     st = {'torch': torch.get_rng_state(), 'python': random.getstate(),
           'numpy': _numpy_state_to_torch(np.random.get_state())}
     if torch.cuda.is_available():
@@ -66,6 +78,23 @@ def set_rng_state(st: dict) -> None:
     np.random.set_state(_torch_state_to_numpy(st['numpy']))
     if 'cuda' in st and torch.cuda.is_available() and len(st['cuda']) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(st['cuda'])
+
+
+def restore_rng(saved, rank: int, world: int, reseed: int) -> str:
+    """Restore this rank's own RNG streams from a checkpoint's ``rng`` entry; returns what was done.
+
+    ``saved`` is a list with one state per rank (a dict in single-process checkpoints of older versions).
+    Restoring rank 0's state on every rank would make the repeated-augmentation copies of a sample
+    pixel-identical across ranks, so with another world size every rank is reseeded with ``reseed + rank``.
+    """
+    states = [saved] if isinstance(saved, dict) else list(saved or [])
+    if len(states) == world:
+        set_rng_state(states[rank])
+        return 'restored'
+    torch.manual_seed(reseed + rank)
+    np.random.seed((reseed + rank) % 2 ** 32)
+    random.seed(reseed + rank)
+    return f'reseeded (checkpoint has {len(states)} RNG state(s), this run {world} process(es))'
 
 
 def _numpy_state_to_torch(s):

@@ -2,56 +2,141 @@
 
 This is the one place besides ``main`` that reads environment variables (the launcher contract):
   torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
-  SLURM (one task per GPU, ``srun python -m deit.main``): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
-        master = first host of SLURM_JOB_NODELIST unless MASTER_ADDR is set.
+  SLURM (one task per GPU, ``srun python -m deit.main``): SLURM_PROCID, SLURM_STEP_NUM_TASKS / SLURM_NTASKS,
+        SLURM_LOCALID; master = first host of the node list unless MASTER_ADDR is set; port = MASTER_PORT or
+        one derived from SLURM_JOB_ID (two jobs sharing a node never collide on 29500).
+
+Backends: a GPU run initialises ONE process group with a backend per device type, ``cpu:gloo,cuda:nccl``.
+NCCL serves the CUDA tensors (DDP's gradient buckets); gloo serves the small host-side reductions (meters,
+evaluation sums, OLS counts, skipped-image counts) and the object collectives (resume decision, RNG states).
+An NCCL-only group cannot reduce a CPU tensor ("No backend type associated with device type cpu"); the
+alternative, copying every reduced tensor to the GPU first, has to be remembered at every call site, and a
+single forgotten one crashes a cluster run at the end of epoch 0 - so the group serves both instead.
 """
 from __future__ import annotations
 
 import builtins
 import datetime
+import itertools
 import os
 import re
+import shutil
+import subprocess
 
 import torch
 import torch.distributed as dist
 
+CUDA_BACKEND = 'cpu:gloo,cuda:nccl'
+CPU_BACKEND = 'gloo'
+SLURM_NO_STEP_IDS = {'4294967290', '4294967291', '4294967292', '4294967293', '4294967294', '4294967295',
+                     'batch', 'extern', 'interactive'}  # the batch script / extern / interactive steps
+
+
+def process_group_backend(use_cuda: bool) -> str:
+    return CUDA_BACKEND if use_cuda else CPU_BACKEND
+
+
+def _split_top_level(text: str, sep: str = ',') -> list[str]:
+    """Split on ``sep`` outside brackets: ``a[1-2,4]-ib,b3`` -> ``['a[1-2,4]-ib', 'b3']``."""
+    parts, depth, cur = [], 0, ''
+    for ch in text:
+        depth += (ch == '[') - (ch == ']')
+        if depth < 0 or depth > 1:
+            raise ValueError(f'cannot parse SLURM node list {text!r}: unbalanced brackets')
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ''
+        else:
+            cur += ch
+    if depth:
+        raise ValueError(f'cannot parse SLURM node list {text!r}: unbalanced brackets')
+    return parts + [cur]
+
+
+def _expand_range_list(spec: str, nodelist: str) -> list[str]:
+    out = []
+    for part in spec.split(','):
+        lo, _, hi = part.partition('-')
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f'cannot parse SLURM node list {nodelist!r}: bad range {part!r}')
+        out += [f'{i:0{len(lo)}d}' for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM node list such as ``gpu[01-03,07],cpu5`` into host names (as ``scontrol show hostnames``)."""
+    """Expand a SLURM node list (``gpu[01-03,07]-ib,x1000c0s[0-1]b0n[0-1]``) as ``scontrol show hostnames`` does.
+
+    Every bracket group of a host expression is expanded, in order (the last varies fastest), and the text
+    around and between the groups is kept.
+    """
     hosts = []
-    for group in re.findall(r'[^,\[]+(?:\[[^\]]*\])?', nodelist):
-        m = re.fullmatch(r'([^\[]+)\[([^\]]+)\]', group)
-        if not m:
-            hosts.append(group)
+    for expr in _split_top_level(nodelist.strip()):
+        if not expr:
             continue
-        prefix, ranges = m.groups()
-        for part in ranges.split(','):
-            if '-' in part:
-                lo, hi = part.split('-')
-                hosts += [f'{prefix}{i:0{len(lo)}d}' for i in range(int(lo), int(hi) + 1)]
-            else:
-                hosts.append(prefix + part)
+        pieces = re.split(r'\[([^\]]*)\]', expr)  # text, ranges, text, ranges, ..., text
+        choices = [[p] if i % 2 == 0 else _expand_range_list(p, nodelist) for i, p in enumerate(pieces)]
+        hosts += [''.join(c) for c in itertools.product(*choices)]
     if not hosts:
         raise ValueError(f'cannot parse SLURM node list {nodelist!r}')
     return hosts
 
 
+def first_host(nodelist: str) -> str:
+    """First host of a node list: ``scontrol show hostnames`` when SLURM's tools are here, else our parser."""
+    if shutil.which('scontrol'):
+        try:
+            out = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_nodelist(nodelist)[0]
+
+
+def slurm_port(env) -> str:
+    """MASTER_PORT, else a port in [15000, 35000) derived from the job id (as DeiT/Swin's launchers)."""
+    if env.get('MASTER_PORT'):
+        return str(env['MASTER_PORT'])
+    job = env.get('SLURM_JOB_ID') or env.get('SLURM_JOBID')
+    return str(15000 + int(job) % 20000) if job and job.isdigit() else '29500'
+
+
 def dist_env(env: dict | None = None) -> dict | None:
-    """rank/world/local_rank/master from the environment, or None for a single process."""
+    """rank/world/local_rank/master from the environment, or None for a single process.
+
+    SLURM variables count only inside a real job step (``srun``, submitit): a ``python`` started directly in
+    a batch script inherits SLURM_PROCID=0 and SLURM_NTASKS>1 but has no peers, and would wait for them
+    forever; it runs single-process, with a note.
+    """
     env = os.environ if env is None else env
     if 'RANK' in env and 'WORLD_SIZE' in env:
         return {'rank': int(env['RANK']), 'world_size': int(env['WORLD_SIZE']),
                 'local_rank': int(env.get('LOCAL_RANK', 0)), 'source': 'torchrun',
                 'master_addr': env.get('MASTER_ADDR'), 'master_port': env.get('MASTER_PORT')}
-    if 'SLURM_PROCID' in env and int(env.get('SLURM_NTASKS', '1')) > 1:
-        nodelist = env.get('SLURM_JOB_NODELIST') or env.get('SLURM_NODELIST')
-        master = env.get('MASTER_ADDR') or (expand_nodelist(nodelist)[0] if nodelist else None)
-        if master is None:
-            raise ValueError('SLURM run without MASTER_ADDR or SLURM_JOB_NODELIST: cannot find the master host')
-        return {'rank': int(env['SLURM_PROCID']), 'world_size': int(env['SLURM_NTASKS']),
-                'local_rank': int(env.get('SLURM_LOCALID', 0)), 'source': 'slurm',
-                'master_addr': master, 'master_port': env.get('MASTER_PORT', '29500')}
-    return None
+    if 'SLURM_PROCID' not in env:
+        return None
+    world = int(env.get('SLURM_STEP_NUM_TASKS') or env.get('SLURM_NTASKS') or 1)
+    rank = int(env['SLURM_PROCID'])
+    step = env.get('SLURM_STEP_ID', env.get('SLURM_STEPID'))
+    if world <= 1:
+        return None
+    if step is None or step in SLURM_NO_STEP_IDS or not 0 <= rank < world:
+        print(f'note: SLURM variables found (SLURM_PROCID={rank}, {world} tasks) but this process is not a task '
+              f'of a job step (SLURM_STEP_ID={step}): running as a single process. Start multi-process runs '
+              f'with srun or torchrun.', flush=True)
+        return None
+    nodelist = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') or env.get('SLURM_NODELIST')
+    master = env.get('MASTER_ADDR') or (first_host(nodelist) if nodelist else None)
+    if master is None:
+        raise ValueError('SLURM run without MASTER_ADDR or SLURM_JOB_NODELIST: cannot find the master host')
+    return {'rank': rank, 'world_size': world, 'local_rank': int(env.get('SLURM_LOCALID', 0)), 'source': 'slurm',
+            'master_addr': master, 'master_port': slurm_port(env)}
+
+
+def cuda_device_index(local_rank: int) -> int:
+    """The GPU of this process: local_rank modulo the visible GPUs (a task may see only its own GPU)."""
+    return local_rank % max(torch.cuda.device_count(), 1)
 
 
 def init_distributed_mode(args) -> None:
@@ -67,12 +152,12 @@ def init_distributed_mode(args) -> None:
         os.environ['RANK'], os.environ['WORLD_SIZE'] = str(info['rank']), str(info['world_size'])
         os.environ['LOCAL_RANK'] = str(info['local_rank'])
     args.distributed, args.rank, args.world_size = True, info['rank'], info['world_size']
-    args.gpu = info['local_rank']
-    use_cuda = torch.cuda.is_available() and getattr(args, 'device', 'cuda') != 'cpu'
-    args.dist_backend = 'nccl' if use_cuda else 'gloo'
-    if use_cuda:
+    use_cuda = torch.cuda.is_available() and (getattr(args, 'device', None) or 'cuda') != 'cpu'
+    args.gpu = cuda_device_index(info['local_rank']) if use_cuda else info['local_rank']
+    args.dist_backend = process_group_backend(use_cuda)
+    if use_cuda:  # before the first collective: NCCL binds the communicator to the current device
         torch.cuda.set_device(args.gpu)
-    print(f'| distributed init (rank {args.rank}/{args.world_size}, local {args.gpu}, '
+    print(f'| distributed init (rank {args.rank}/{args.world_size}, local {info["local_rank"]}, '
           f'{info["source"]}, backend {args.dist_backend})', flush=True)
     dist.init_process_group(backend=args.dist_backend, init_method='env://', world_size=args.world_size,
                             rank=args.rank, timeout=datetime.timedelta(minutes=30))
@@ -125,3 +210,30 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_dist():
         dist.all_reduce(t)
     return t
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (keeps ranks stepping together)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_object(obj=None, src: int = 0):
+    """rank ``src``'s ``obj`` on every rank (pickled; for small decisions and, rarely, a whole checkpoint)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import NativeScaler
 
-from deit.distributed import all_reduce_sum
+from deit.distributed import all_reduce_sum, any_rank
 from deit.logger import MetricLogger, SmoothedValue
 from deit.metrics import CalibrationBins, topk_correct
 
@@ -19,6 +19,9 @@ class LossScaler(NativeScaler):
 
     def __init__(self, device_type: str = 'cuda', enabled: bool = True):
         self._scaler = torch.amp.GradScaler(device_type, enabled=enabled)
+
+    def is_enabled(self) -> bool:
+        return self._scaler.is_enabled()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -35,22 +38,28 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = No
 def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, epoch: int, loss_scaler,
                     amp: bool = False, max_norm: float | None = None, model_ema=None, mixup_fn=None,
                     bce_loss: bool = False, num_classes: int | None = None, print_freq: int = 50,
-                    max_steps: int | None = None, set_training_mode: bool = True) -> dict:
+                    max_steps: int | None = None, set_training_mode: bool = True,
+                    batches_may_be_empty: bool = False) -> dict:
     """Train one epoch. ``criterion(inputs, outputs, targets)`` is a DistillationLoss wrapper.
 
     Raises NonFiniteLossError naming the epoch and step on a NaN/inf loss (DeiT exits there too:
     continuing would only spread NaNs through the weights and the EMA).
+    ``batches_may_be_empty`` (``--skip-bad-images``): a batch whose images were all unreadable is skipped on
+    EVERY rank together (one tiny all-reduce per step): a rank that skipped its step alone would leave the
+    others waiting in DDP's gradient all-reduce until the 30-minute timeout.
     """
     model.train(set_training_mode)  # DeiT's --no-train-mode keeps dropout / drop-path off while training
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = f'Epoch: [{epoch}]'
     second_order = getattr(optimizer, 'is_second_order', False)
+    skipped_steps = 0
     for step, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header,
                                                                batch_size_fn=lambda b: len(b[1]))):
         if max_steps is not None and step >= max_steps:
             break
-        if len(targets) == 0:  # every image of the batch was unreadable (ZIP cache --skip-bad-images)
+        if batches_may_be_empty and any_rank(len(targets) == 0):
+            skipped_steps += 1
             continue
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -75,17 +84,25 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
         logger.update(lr=optimizer.param_groups[0]['lr'])
     logger.synchronize_between_processes()
     print('Averaged stats:', logger, flush=True)
-    return {k: m.global_avg for k, m in logger.meters.items()}
+    stats = {k: m.global_avg for k, m in logger.meters.items()}
+    stats['lr'] = optimizer.param_groups[0]['lr']
+    if batches_may_be_empty:
+        stats['skipped_steps'] = skipped_steps
+        if skipped_steps:
+            print(f'epoch {epoch}: {skipped_steps} step(s) skipped on all ranks (a rank had no readable image)')
+    return stats
 
 
 @torch.no_grad()
-def evaluate(data_loader: Iterable, model, device, amp: bool = False, n_bins: int = 15,
+def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bins: int = 15,
              distributed_sum: bool = False, print_freq: int = 50, reliability: bool = False) -> dict:
     """Top-1/top-5 accuracy (%), mean CE loss and ECE (n_bins equal-width bins).
 
     With ``distributed_sum`` every rank evaluates its own disjoint shard and the *sums* are all-reduced,
-    so the result equals single-process evaluation exactly.
+    so the result equals single-process evaluation exactly. ``device`` defaults to the model's own device
+    (an EMA kept on the CPU with --model-ema-force-cpu is evaluated there, not on the training GPU).
     """
+    device = device or next(model.parameters()).device
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss_sum, correct1, correct5, n
     bins = CalibrationBins(n_bins)

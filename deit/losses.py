@@ -28,6 +28,11 @@ __all__ = [
 ]
 
 SOFT_TARGET_TOL = 1e-3  # fp16 Mixup targets sum to 1 only to ~1e-4
+# The value checks (label range, soft-target rows) read numbers back to the host: on an accelerator that is
+# a sync per step. They run on the first call and then every VALUE_CHECK_EVERY calls there (always on CPU,
+# where they cost nothing); the shape/dtype checks run on every call. An out-of-range label between two
+# checks still stops training: CUDA's gather/cross_entropy raise a device-side assert on it.
+VALUE_CHECK_EVERY = 1000
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -40,8 +45,22 @@ def check_alpha(alpha: float, name: str = 'alpha') -> float:
     return alpha
 
 
-def check_inputs(logits: Tensor, target: Tensor, hard_only: bool = False, who: str = 'loss') -> None:
-    """Raise ValueError naming what is wrong with (logits, target). One host sync per call."""
+def value_check_due(module: nn.Module, logits: Tensor) -> bool:
+    """Whether this call of ``module`` should run the value checks (see VALUE_CHECK_EVERY)."""
+    if logits.device.type == 'cpu':
+        return True
+    calls = module.__dict__.get('_value_check_calls', 0)
+    module.__dict__['_value_check_calls'] = calls + 1
+    return calls % VALUE_CHECK_EVERY == 0
+
+
+def check_inputs(logits: Tensor, target: Tensor, hard_only: bool = False, who: str = 'loss',
+                 values: bool = True) -> None:
+    """Raise ValueError naming what is wrong with (logits, target).
+
+    ``values=False`` checks shapes and dtypes only (no host sync); ``values=True`` also checks the label
+    range / soft-target rows, at the cost of one host sync.
+    """
     if logits.dim() != 2:
         raise ValueError(f'{who}: logits must be (B, K), got shape {tuple(logits.shape)}')
     B, K = logits.shape
@@ -52,6 +71,8 @@ def check_inputs(logits: Tensor, target: Tensor, hard_only: bool = False, who: s
             raise ValueError(f'{who}: class-index targets must be integers, got {target.dtype}')
         if target.shape[0] != B:
             raise ValueError(f'{who}: {target.shape[0]} labels for a batch of {B} logits')
+        if not values:
+            return
         lo, hi = torch.stack(torch.aminmax(target)).tolist()
         if lo < 0 or hi >= K:
             raise ValueError(f'{who}: labels must be in [0, {K - 1}], got values in [{lo}, {hi}]')
@@ -63,6 +84,8 @@ def check_inputs(logits: Tensor, target: Tensor, hard_only: bool = False, who: s
             raise ValueError(f'{who}: soft targets {tuple(target.shape)} do not match logits {tuple(logits.shape)}')
         if not target.dtype.is_floating_point:
             raise ValueError(f'{who}: soft targets must be floating point, got {target.dtype}')
+        if not values:
+            return
         err, neg = torch.stack([(target.float().sum(1) - 1).abs().max(), -target.min().float()]).tolist()
         if err > SOFT_TARGET_TOL or neg > 0:
             raise ValueError(f'{who}: soft targets must be probability rows (>= 0, summing to 1); '
@@ -75,7 +98,9 @@ def _target_logit(z: Tensor, target: Tensor) -> Tensor:
     """<t, z>: z_gt for hard labels, the target-weighted logit for soft targets."""
     if target.dim() == 1:
         return z.gather(1, target[:, None]).squeeze(1)
-    return torch.bmm(target.float().unsqueeze(1), z.unsqueeze(2)).view(-1)  # row dot, no (B, K) temporary
+    # row dot without a (B, K) temporary; autocast would run bmm in fp16/bf16, so it is switched off here
+    with torch.autocast(z.device.type, enabled=False):
+        return torch.bmm(target.float().unsqueeze(1), z.float().unsqueeze(2)).view(-1)
 
 
 def _cross_entropy(z: Tensor, target: Tensor) -> Tensor:
@@ -148,7 +173,8 @@ class MaxSupLoss(_AlphaLoss):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
-            check_inputs(logits, target, who='MaxSupLoss')
+            check_inputs(logits, target, who='MaxSupLoss',
+                         values=value_check_due(self, logits))
         return _MaxSupFunction.apply(logits, target, self.alpha)
 
 
@@ -157,7 +183,8 @@ class MaxSupLossReference(MaxSupLoss):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
-            check_inputs(logits, target, who='MaxSupLoss')
+            check_inputs(logits, target, who='MaxSupLoss',
+                         values=value_check_due(self, logits))
         z = logits.float()
         penalty = z.max(dim=1).values - z.mean(dim=1)
         return (_cross_entropy(z, target) + self.alpha * penalty).mean()
@@ -175,7 +202,8 @@ class LabelSmoothingLoss(_AlphaLoss):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
-            check_inputs(logits, target, who='LabelSmoothingLoss')
+            check_inputs(logits, target, who='LabelSmoothingLoss',
+                         values=value_check_due(self, logits))
         z = logits.float()
         return (_cross_entropy(z, target) + self.alpha * (_target_logit(z, target) - z.mean(1))).mean()
 
@@ -209,7 +237,8 @@ class LabelSmoothingPartLoss(_AlphaLoss):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
-            check_inputs(logits, target, hard_only=True, who=f'LabelSmoothingPartLoss({self.part})')
+            check_inputs(logits, target, hard_only=True, who=f'LabelSmoothingPartLoss({self.part})',
+                         values=value_check_due(self, logits))
         z = logits.float()
         reg, err = ls_decomposition(z, target)
         term = reg if self.part == 'regularization' else err
@@ -231,7 +260,8 @@ class CrossEntropyLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
-            check_inputs(logits, target, who='CrossEntropyLoss')
+            check_inputs(logits, target, who='CrossEntropyLoss',
+                         values=value_check_due(self, logits))
         return _cross_entropy(logits.float(), target).mean()
 
 
@@ -246,7 +276,8 @@ class LogitPenaltyLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
-            check_inputs(logits, target, who='LogitPenaltyLoss')
+            check_inputs(logits, target, who='LogitPenaltyLoss',
+                         values=value_check_due(self, logits))
         z = logits.float()
         return (_cross_entropy(z, target) + self.beta / 2 * z.pow(2).sum(1)).mean()
 
@@ -282,7 +313,8 @@ class OnlineLabelSmoothing(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
-            check_inputs(logits, target, who='OnlineLabelSmoothing')
+            check_inputs(logits, target, who='OnlineLabelSmoothing',
+                         values=value_check_due(self, logits))
             if logits.shape[1] != self.num_classes:
                 raise ValueError(f'OnlineLabelSmoothing built for {self.num_classes} classes, '
                                  f'got logits with {logits.shape[1]}')
@@ -336,7 +368,8 @@ class ZipfLabelSmoothing(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
-            check_inputs(logits, target, who='ZipfLabelSmoothing')
+            check_inputs(logits, target, who='ZipfLabelSmoothing',
+                         values=value_check_due(self, logits))
         z = logits.float()
         B, K = z.shape
         labels = target if target.dim() == 1 else target.argmax(1)

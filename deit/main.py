@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
+import random
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from deit import distributed as du
-from deit.checkpoint import (CheckpointError, read_state_dict, rng_state, save_atomic, set_rng_state,
+from deit.checkpoint import (CheckpointError, read_state_dict, restore_rng, rng_state, save_atomic,
                              torch_load)
 from deit.datasets import build_dataset
 from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
@@ -144,7 +147,7 @@ def build_loaders(args, dataset_train, dataset_val):
     world, rank = du.get_world_size(), du.get_rank()
     if getattr(dataset_train, 'shard', None) is not None:  # ZIP cache_mode='part': each rank its own shard
         from data.zip_cache import ShardSampler
-        sampler_train = ShardSampler(dataset_train.shard, seed=args.seed)
+        sampler_train = ShardSampler.for_dataset(dataset_train, world, seed=args.seed)
     elif args.distributed and args.repeated_aug:
         sampler_train = RASampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
     elif args.distributed:
@@ -158,16 +161,16 @@ def build_loaders(args, dataset_train, dataset_val):
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
                   persistent_workers=args.num_workers > 0)
 
-    def collate(ds):
+    def collate(ds, keep_even: bool):
         if getattr(ds, 'skip_bad', False):
             from data.zip_cache import collate_skip_bad
-            return collate_skip_bad
+            return functools.partial(collate_skip_bad, keep_even=keep_even)
         return None
 
     loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                               drop_last=True, collate_fn=collate(dataset_train), **common)
+                                               drop_last=True, collate_fn=collate(dataset_train, True), **common)
     loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
-                                             drop_last=False, collate_fn=collate(dataset_val), **common)
+                                             drop_last=False, collate_fn=collate(dataset_val, False), **common)
     if not args.eval and len(loader_train) == 0:
         raise ValueError(f'--batch-size {args.batch_size} is larger than this rank\'s share of the training set '
                          f'({len(sampler_train)} samples): no full batch to train on')
@@ -197,29 +200,42 @@ def main(args) -> dict:
         du.cleanup()
 
 
-def _run(args) -> dict:
-    check_args(args)
+# ---------------------------------------------------------------------------------------------------------
+# phases of a run
+# ---------------------------------------------------------------------------------------------------------
+def setup_device(args) -> tuple[torch.device, bool]:
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if args.distributed and device.type == 'cuda':
         device = torch.device('cuda', args.gpu)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels (DeiT)
     amp = device.type == 'cuda' if args.amp is None else args.amp
+    # all three generators (as timm's random_seed): RandAugment and random erasing draw from python's
+    # `random`, so leaving it unseeded made two runs with one --seed differ, and resumes inexact
     seed = args.seed + du.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
+    random.seed(seed)
+    return device, amp
 
+
+def build_data(args):
     dataset_train, nb_classes = build_dataset(True, args)
     dataset_val, nb_val = build_dataset(False, args)
     if nb_val != nb_classes:
         raise ValueError(f'train set has {nb_classes} classes but val set has {nb_val}')
     args.nb_classes = nb_classes
     sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
-
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=nb_classes)
+    return SimpleNamespace(train=dataset_train, val=dataset_val, nb_classes=nb_classes, sampler_train=sampler_train,
+                           loader_train=loader_train, loader_val=loader_val, mixup_fn=mixup_fn)
 
+
+def build_model(args, nb_classes: int, device) -> torch.nn.Module:
     model = create_model(args.model, nb_classes, input_size=args.input_size, drop_rate=args.drop,
                          drop_path_rate=args.drop_path)
     if args.finetune:
@@ -235,36 +251,11 @@ def _run(args) -> dict:
             raise ValueError(f'--distillation-type {args.distillation_type} needs a distilled model '
                              f'(e.g. deit_small_distilled_patch16_224), not {args.model}')
         model.set_distilled_training(True)
-    model.to(device)
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
-    model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
-                                                          else None)
-    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
-    print(f'model {args.model}: {n_parameters / 1e6:.2f}M parameters, {nb_classes} classes')
+    return model.to(device)
 
-    world = du.get_world_size()
-    base_lr = args.lr
-    if not args.unscale_lr:
-        args.lr = base_lr * args.batch_size * world / 512.0
-    print(f'effective batch size {args.batch_size} x {world} = {args.batch_size * world}; '
-          f'lr {args.lr:.3g} ({"as given" if args.unscale_lr else f"{base_lr:g} x batch / 512"})')
-    opt_kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
-    if args.opt_betas:
-        opt_kwargs['betas'] = tuple(args.opt_betas)
-    optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **opt_kwargs)
-    loss_scaler = LossScaler(device.type, enabled=amp and device.type == 'cuda')
-    # timm appends --cooldown-epochs to the schedule; like DeiT we train exactly --epochs
-    lr_scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
-        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
+
+def build_criterion(args, nb_classes: int, mixup_fn, device):
+    """(criterion, base_criterion, alpha schedule), on ``device`` (OLS keeps its soft labels in buffers)."""
     base_criterion = create_criterion(args)
     if args.bce_loss:
         base_criterion = torch.nn.BCEWithLogitsLoss()
@@ -274,126 +265,258 @@ def _run(args) -> dict:
         if args.loss in SCHEDULED_LOSSES else None
     teacher = load_teacher(args, nb_classes, device) if args.distillation_type != 'none' else None
     criterion = DistillationLoss(base_criterion, teacher, args.distillation_type, args.distillation_alpha,
-                                 args.distillation_tau)
+                                 args.distillation_tau).to(device)
     print(f'criterion: {base_criterion}' + (f', {schedule}' if schedule else ''))
+    return criterion, base_criterion, schedule
 
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir and du.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-    resume = args.resume
-    if not resume and args.auto_resume and output_dir and (output_dir / 'checkpoint.pth').is_file():
-        resume = str(output_dir / 'checkpoint.pth')
-        print(f'auto-resuming from {resume}')
-    max_accuracy = 0.0
-    if resume:
-        ckpt = torch_load(resume)
-        if not isinstance(ckpt, dict) or 'model' not in ckpt:
-            raise CheckpointError(f'{resume}: no "model" entry; not a training checkpoint')
+
+def build_optimization(args, model):
+    """(optimizer, lr scheduler, loss scaler); --lr is scaled by the total batch unless --unscale-lr."""
+    world = du.get_world_size()
+    base_lr = args.lr
+    if not args.unscale_lr:
+        args.lr = base_lr * args.batch_size * world / 512.0
+    print(f'effective batch size {args.batch_size} x {world} = {args.batch_size * world}; '
+          f'lr {args.lr:.3g} ({"as given" if args.unscale_lr else f"{base_lr:g} x batch / 512"})')
+    opt_kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
+    if args.opt_betas:
+        opt_kwargs['betas'] = tuple(args.opt_betas)
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, **opt_kwargs)
+    # timm appends --cooldown-epochs to the schedule; like DeiT we train exactly --epochs
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
+        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
+        noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
+    return optimizer, lr_scheduler
+
+
+def read_resume_checkpoint(args, output_dir: Path | None):
+    """(path, checkpoint) to resume from, or (None, None); the same on every rank.
+
+    Rank 0 decides (its --resume, or output_dir/checkpoint.pth); ranks that cannot read that file (an
+    output dir that is not shared between nodes) receive rank 0's copy, so no rank silently starts fresh.
+    """
+    path = args.resume
+    if du.is_main_process() and not path and args.auto_resume and output_dir and \
+            (output_dir / 'checkpoint.pth').is_file():
+        path = str(output_dir / 'checkpoint.pth')
+        print(f'auto-resuming from {path}')
+    path = du.broadcast_object(path or None)
+    if path is None:
+        return None, None
+    if all(du.all_gather_object(Path(path).is_file())):
+        return path, torch_load(path)
+    ckpt, error = None, None
+    if du.is_main_process():
         try:
-            model_without_ddp.load_state_dict(ckpt['model'])
-        except RuntimeError as e:
-            raise CheckpointError(f'{resume} does not fit {args.model}: {str(e).splitlines()[0]} ...') from e
-        if not args.eval and 'optimizer' in ckpt and 'epoch' in ckpt:
-            optimizer.load_state_dict(ckpt['optimizer'])
-            lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-            args.start_epoch = ckpt['epoch'] + 1
-            if 'scaler' in ckpt:
-                loss_scaler.load_state_dict(ckpt['scaler'])
-            if model_ema is not None and 'model_ema' in ckpt:
-                model_ema.module.load_state_dict(ckpt['model_ema'])
-            if 'criterion' in ckpt:
-                base_criterion.load_state_dict(ckpt['criterion'])
-            max_accuracy = ckpt.get('max_accuracy', 0.0)
-            if 'rng' in ckpt and ckpt.get('world_size', 1) == world:
-                set_rng_state(ckpt['rng'])
-        if ckpt.get('world_size', world) != world:
-            print(f'note: checkpoint written with {ckpt["world_size"]} process(es), resuming with {world}: the '
-                  f'lr schedule continues from the checkpoint; data order and RNG streams differ')
-        print(f'resumed from {resume} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}')
-    lr_scheduler.step(args.start_epoch)
+            ckpt = torch_load(path)
+        except (CheckpointError, FileNotFoundError) as e:
+            error = str(e)
+    ckpt, error = du.broadcast_object((ckpt, error))
+    if error:
+        raise CheckpointError(error)
+    print(f'{path} is not readable on every rank: rank 0 sent its copy')
+    return path, ckpt
 
-    eval_amp = amp and device.type == 'cuda'
+
+def restore_weights(model, ckpt: dict, path: str, name: str) -> None:
+    if not isinstance(ckpt, dict) or 'model' not in ckpt:
+        raise CheckpointError(f'{path}: no "model" entry; not a training checkpoint')
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        raise CheckpointError(f'{path} does not fit {name}: {str(e).splitlines()[0]} ...') from e
+
+
+def wrap_model(args, model, device):
+    """DDP (its constructor broadcasts rank 0's weights), then the EMA from those synced weights.
+
+    Creating the EMA before DDP would start each rank's EMA from its own random init (seed + rank).
+    """
+    ddp = model
+    if args.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
+                                                        else None)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    return ddp, model_ema
+
+
+def run_training(args, run, data, output_dir: Path | None) -> dict:
+    """The epoch loop: train, evaluate, checkpoint, log. ``run`` holds the model, optimiser, criterion, ..."""
+    tb = open_tensorboard(output_dir)
     dist_sum = args.distributed and args.dist_eval
-    if args.eval:
-        stats = evaluate(loader_val, model, device, eval_amp, distributed_sum=dist_sum, print_freq=args.print_freq)
-        print(f'Accuracy of the network on the {stats["n"]} test images: {stats["acc1"]:.2f}%')
-        return stats
-
-    tb = None
-    if output_dir and du.is_main_process():
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(str(output_dir / 'tb'))
-        except ImportError:  # tensorboard is in requirements.txt; keep training without it
-            print('tensorboard not installed: no TensorBoard scalars')
     print(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start_time = time.time()
     test_stats = {}
     for epoch in range(args.start_epoch, args.epochs):
-        if hasattr(sampler_train, 'set_epoch'):
-            sampler_train.set_epoch(epoch)
-        if schedule is not None:
-            base_criterion.alpha = schedule(epoch)
+        if hasattr(data.sampler_train, 'set_epoch'):
+            data.sampler_train.set_epoch(epoch)
+        if run.schedule is not None:
+            run.base_criterion.alpha = run.schedule(epoch)
         train_stats = train_one_epoch(
-            model, criterion, loader_train, optimizer, device, epoch, loss_scaler, amp=amp,
-            max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn, bce_loss=args.bce_loss,
-            num_classes=nb_classes, print_freq=args.print_freq, max_steps=args.max_steps_per_epoch,
-            set_training_mode=args.train_mode)
-        if hasattr(base_criterion, 'next_epoch'):
-            base_criterion.next_epoch()
-        if hasattr(dataset_train, 'pop_skipped'):
-            skipped = int(du.all_reduce_sum(torch.tensor(dataset_train.pop_skipped())))
+            run.model, run.criterion, data.loader_train, run.optimizer, run.device, epoch, run.loss_scaler,
+            amp=run.amp, max_norm=args.clip_grad, model_ema=run.model_ema, mixup_fn=data.mixup_fn,
+            bce_loss=args.bce_loss, num_classes=data.nb_classes, print_freq=args.print_freq,
+            max_steps=args.max_steps_per_epoch, set_training_mode=args.train_mode,
+            batches_may_be_empty=getattr(data.train, 'skip_bad', False))
+        if hasattr(run.base_criterion, 'next_epoch'):
+            run.base_criterion.next_epoch()
+        if hasattr(data.train, 'pop_skipped'):
+            skipped = int(du.all_reduce_sum(torch.tensor(data.train.pop_skipped())))
             train_stats['skipped_images'] = skipped
             if skipped:
                 print(f'epoch {epoch}: skipped {skipped} unreadable training images (--skip-bad-images)')
-        lr_scheduler.step(epoch + 1)
-        alpha = getattr(base_criterion, 'alpha', None)
-        last = epoch == args.epochs - 1
-        if last or (epoch + 1) % args.eval_every == 0:
-            test_stats = evaluate(loader_val, model, device, eval_amp, distributed_sum=dist_sum,
-                                  print_freq=args.print_freq)
-            if model_ema is not None:
-                ema_stats = evaluate(loader_val, model_ema.module, device, eval_amp, distributed_sum=dist_sum,
-                                     print_freq=args.print_freq)
-                test_stats.update({f'ema_{k}': v for k, v in ema_stats.items()})
-        is_best = bool(test_stats) and test_stats['acc1'] > max_accuracy
+        run.lr_scheduler.step(epoch + 1)
+        alpha = getattr(run.base_criterion, 'alpha', None)
+        if epoch == args.epochs - 1 or (epoch + 1) % args.eval_every == 0:
+            test_stats = evaluate_run(args, run, data, dist_sum)
+        is_best = bool(test_stats) and test_stats['acc1'] > run.max_accuracy
         if test_stats:
-            max_accuracy = max(max_accuracy, test_stats['acc1'])
-            print(f'Max accuracy: {max_accuracy:.2f}%')
+            run.max_accuracy = max(run.max_accuracy, test_stats['acc1'])
+            print(f'Max accuracy: {run.max_accuracy:.2f}%')
+        if output_dir:
+            save_epoch(args, run, epoch, output_dir, is_best)
         if output_dir and du.is_main_process():
-            state = {
-                'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
-                'lr_scheduler': lr_scheduler.state_dict(), 'scaler': loss_scaler.state_dict(),
-                'epoch': epoch, 'args': args, 'max_accuracy': max_accuracy, 'world_size': world,
-                'alpha': {'value': alpha, 'schedule': schedule.state_dict() if schedule else None},
-                'criterion': base_criterion.state_dict(), 'rng': rng_state(),
-            }
-            if model_ema is not None:
-                state['model_ema'] = model_ema.module.state_dict()
-            save_atomic(state, output_dir / 'checkpoint.pth')
-            if is_best:
-                save_atomic(state, output_dir / 'best_checkpoint.pth')
             log = {'epoch': epoch, 'alpha': alpha, 'lr': train_stats['lr'],
                    **{f'train_{k}': v for k, v in train_stats.items()},
-                   **{f'test_{k}': v for k, v in test_stats.items()}, 'n_parameters': n_parameters}
-            with open(output_dir / 'log.txt', 'a') as f:
-                f.write(json.dumps(log) + '\n')
-            if tb is not None:
-                for k, v in log.items():
-                    if isinstance(v, (int, float)) and v is not None and k != 'epoch':
-                        tb.add_scalar(k, v, epoch)
-                tb.flush()
-        print(f'epoch {epoch}: alpha {alpha}, lr {train_stats["lr"]:.3g}, train loss {train_stats["loss"]:.4f}')
+                   **{f'test_{k}': v for k, v in test_stats.items()}, 'n_parameters': run.n_parameters}
+            write_log(output_dir, tb, log, epoch)
+        print(f'epoch {epoch}: alpha {alpha}, lr {train_stats["lr"]:.3g}, '
+              f'train loss {train_stats.get("loss", float("nan")):.4f}')
     if tb is not None:
         tb.close()
-    checksum = parameter_checksum(model_without_ddp)
+    print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
+    return test_stats
+
+
+def evaluate_run(args, run, data, dist_sum: bool) -> dict:
+    amp = run.amp and run.device.type == 'cuda'
+    stats = evaluate(data.loader_val, run.model, amp=amp, distributed_sum=dist_sum, print_freq=args.print_freq)
+    if run.model_ema is not None:  # on the EMA's own device (CPU with --model-ema-force-cpu)
+        ema_stats = evaluate(data.loader_val, run.model_ema.module, amp=amp, distributed_sum=dist_sum,
+                             print_freq=args.print_freq)
+        stats.update({f'ema_{k}': v for k, v in ema_stats.items()})
+    if hasattr(data.val, 'pop_skipped'):  # --skip-bad-images: say over how many images accuracy was taken
+        passes = 2 if run.model_ema is not None else 1
+        skipped = int(du.all_reduce_sum(torch.tensor(data.val.pop_skipped()))) // passes
+        stats['skipped_images'] = skipped
+        if skipped:
+            print(f'evaluation skipped {skipped} unreadable image(s): accuracy is over the other {stats["n"]}')
+    return stats
+
+
+def save_epoch(args, run, epoch: int, output_dir: Path, is_best: bool) -> None:
+    """Every rank contributes its RNG state; rank 0 writes checkpoint.pth (and best_checkpoint.pth)."""
+    rng = du.all_gather_object(rng_state())
+    if not du.is_main_process():
+        return
+    state = {
+        'model': run.model_without_ddp.state_dict(), 'optimizer': run.optimizer.state_dict(),
+        'lr_scheduler': run.lr_scheduler.state_dict(), 'scaler': run.loss_scaler.state_dict(),
+        'epoch': epoch, 'args': args, 'max_accuracy': run.max_accuracy, 'world_size': du.get_world_size(),
+        'alpha': {'value': getattr(run.base_criterion, 'alpha', None),
+                  'schedule': run.schedule.state_dict() if run.schedule else None},
+        'criterion': run.base_criterion.state_dict(), 'rng': rng,
+    }
+    if run.model_ema is not None:
+        state['model_ema'] = run.model_ema.module.state_dict()
+    save_atomic(state, output_dir / 'checkpoint.pth')
+    if is_best:
+        save_atomic(state, output_dir / 'best_checkpoint.pth')
+
+
+def restore_training_state(args, run, ckpt: dict, path: str) -> None:
+    """Optimiser, schedule, scaler, EMA, criterion state and this rank's RNG streams from ``ckpt``."""
+    world = du.get_world_size()
+    if 'optimizer' in ckpt and 'epoch' in ckpt:
+        run.optimizer.load_state_dict(ckpt['optimizer'])
+        run.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        args.start_epoch = ckpt['epoch'] + 1
+        if ckpt.get('scaler') and run.loss_scaler.is_enabled():
+            run.loss_scaler.load_state_dict(ckpt['scaler'])
+        elif run.loss_scaler.is_enabled():  # saved without fp16 AMP (e.g. a CPU run): fresh dynamic scale
+            print(f'note: {path} has no loss-scaler state (saved without fp16 AMP); starting a fresh scale')
+        if run.model_ema is not None and 'model_ema' in ckpt:
+            run.model_ema.module.load_state_dict(ckpt['model_ema'])
+        if 'criterion' in ckpt:
+            run.base_criterion.load_state_dict(ckpt['criterion'])
+        run.max_accuracy = ckpt.get('max_accuracy', 0.0)
+        done = restore_rng(ckpt.get('rng'), du.get_rank(), world, reseed=args.seed + 1000 * args.start_epoch)
+        if done != 'restored':
+            print(f'note: RNG streams {done}')
+    if ckpt.get('world_size', world) != world:
+        print(f'note: checkpoint written with {ckpt["world_size"]} process(es), resuming with {world}: the '
+              f'lr schedule continues from the checkpoint; data order and RNG streams differ')
+    print(f'resumed from {path} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}')
+
+
+def open_tensorboard(output_dir: Path | None):
+    if not output_dir or not du.is_main_process():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(str(output_dir / 'tb'))
+    except ImportError:  # tensorboard is in requirements.txt; keep training without it
+        print('tensorboard not installed: no TensorBoard scalars')
+        return None
+
+
+def write_log(output_dir: Path, tb, log: dict, epoch: int) -> None:
+    with open(output_dir / 'log.txt', 'a') as f:
+        f.write(json.dumps(log) + '\n')
+    if tb is not None:
+        for k, v in log.items():
+            if isinstance(v, (int, float)) and v is not None and k != 'epoch':
+                tb.add_scalar(k, v, epoch)
+        tb.flush()
+
+
+def _run(args) -> dict:
+    check_args(args)
+    device, amp = setup_device(args)
+    data = build_data(args)
+    model = build_model(args, data.nb_classes, device)
+    criterion, base_criterion, schedule = build_criterion(args, data.nb_classes, data.mixup_fn, device)
+    optimizer, lr_scheduler = build_optimization(args, model)
+    run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, criterion=criterion,
+                          base_criterion=base_criterion, schedule=schedule, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, max_accuracy=0.0,
+                          loss_scaler=LossScaler(device.type, enabled=amp and device.type == 'cuda'),
+                          n_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    print(f'model {args.model}: {run.n_parameters / 1e6:.2f}M parameters, {data.nb_classes} classes')
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir and du.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    resume_path, ckpt = read_resume_checkpoint(args, output_dir)
+    if ckpt is not None:  # weights before DDP: its constructor then broadcasts them
+        restore_weights(model, ckpt, resume_path, args.model)
+    run.model, run.model_ema = wrap_model(args, model, device)
+    if ckpt is not None:
+        if args.eval:
+            print(f'evaluating {resume_path} (epoch {ckpt.get("epoch", "?")})')
+        else:
+            restore_training_state(args, run, ckpt, resume_path)
+        del ckpt
+    lr_scheduler.step(args.start_epoch)
+    if args.eval:
+        stats = evaluate(data.loader_val, run.model, amp=amp and device.type == 'cuda',
+                         distributed_sum=args.distributed and args.dist_eval, print_freq=args.print_freq)
+        print(f'Accuracy of the network on the {stats["n"]} test images: {stats["acc1"]:.2f}%')
+        return stats
+    test_stats = run_training(args, run, data, output_dir)
+    checksum = parameter_checksum(model)
     du.print_all(f'[rank {du.get_rank()}] parameter checksum {checksum}')
-    total = str(datetime.timedelta(seconds=int(time.time() - start_time)))
-    print(f'Training time {total}')
+    if run.model_ema is not None:
+        du.print_all(f'[rank {du.get_rank()}] ema checksum {parameter_checksum(run.model_ema.module)}')
     if test_stats:
         print(f'Final accuracy: top-1 {test_stats["acc1"]:.2f}%  top-5 {test_stats["acc5"]:.2f}%  '
-              f'ECE {test_stats["ece"]:.4f}  (best top-1 {max_accuracy:.2f}%)')
-    return {'test': test_stats, 'max_accuracy': max_accuracy, 'param_checksum': checksum}
+              f'ECE {test_stats["ece"]:.4f}  (best top-1 {run.max_accuracy:.2f}%)')
+    return {'test': test_stats, 'max_accuracy': run.max_accuracy, 'param_checksum': checksum}
 
 
 def cli(argv=None) -> int:

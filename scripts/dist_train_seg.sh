@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # Multi-GPU segmentation fine-tuning: scripts/dist_train_seg.sh CONFIG NGPUS [train.py args ...]
-# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT as for scripts/distributed_train.sh.
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and optionally MASTER_PORT) as for
+# scripts/distributed_train.sh. One node without MASTER_PORT / SLURM job: torchrun --standalone picks a
+# free port, so two fine-tunings on one machine do not collide. DRY_RUN=1 prints the command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: dist_train_seg.sh CONFIG NGPUS [args]}
 NGPUS=${2:?usage: dist_train_seg.sh CONFIG NGPUS [args]}
 shift 2
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+source scripts/_env.sh
+NNODES=${NNODES:-1}
+cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NGPUS")
+if [[ "$NNODES" -eq 1 && -z "${MASTER_PORT:-}" && -z "${SLURM_JOB_ID:-}" ]]; then
+  cmd+=(--standalone)
+else
+  cmd+=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="$(job_port)")
 fi
-exec "$PYTHON" -m torch.distributed.run --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
-  --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" --nproc_per_node="$NGPUS" \
-  segmentation/train.py "$CONFIG" --launcher pytorch "$@"
+cmd+=(segmentation/train.py "$CONFIG" --launcher pytorch "$@")
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+  printf '%q ' "${cmd[@]}"; echo
+else
+  exec "${cmd[@]}"
+fi

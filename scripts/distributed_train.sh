@@ -7,14 +7,13 @@
 #   multi-node (elastic rendezvous):  NNODES=2 RDZV_ENDPOINT=<host:port> [RDZV_ID=job42] NGPUS=8 \
 #                         scripts/distributed_train.sh ...
 #   --dry-run (first argument) or DRY_RUN=1: print the exact command instead of running it.
+#   The static rendezvous port is MASTER_PORT, else derived from SLURM_JOB_ID inside a SLURM job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=${DRY_RUN:-0}
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+source scripts/_env.sh
 NGPUS=${NGPUS:-1}
 NNODES=${NNODES:-1}
 
@@ -24,7 +23,7 @@ if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
 elif [[ "$NNODES" -gt 1 ]]; then
   : "${MASTER_ADDR:?set MASTER_ADDR (host of node 0) or RDZV_ENDPOINT for a multi-node run}"
   cmd+=(--node_rank="${NODE_RANK:?set NODE_RANK (0..NNODES-1) on every node}" \
-        --master_addr="$MASTER_ADDR" --master_port="${MASTER_PORT:-29500}")
+        --master_addr="$MASTER_ADDR" --master_port="$(job_port)")
 else
   cmd+=(--standalone)
 fi

@@ -107,7 +107,7 @@ def test_distributed_eval_sampler_covers_each_sample_once():
 
 
 def test_slurm_env_initialises_rank_world_master():
-    env = {'SLURM_PROCID': '11', 'SLURM_NTASKS': '16', 'SLURM_LOCALID': '3',
+    env = {'SLURM_PROCID': '11', 'SLURM_NTASKS': '16', 'SLURM_LOCALID': '3', 'SLURM_STEP_ID': '0',
            'SLURM_JOB_NODELIST': 'gpu-node[07-08]'}
     info = dist_env(env)
     assert info == {'rank': 11, 'world_size': 16, 'local_rank': 3, 'source': 'slurm',
@@ -134,6 +134,7 @@ def test_slurm_init_in_process(monkeypatch):
         monkeypatch.setenv(k, 'placeholder')
         monkeypatch.delenv(k)
     monkeypatch.setenv('SLURM_PROCID', '0')
+    monkeypatch.setenv('SLURM_STEP_ID', '0')
     monkeypatch.setenv('SLURM_NTASKS', '2')
     monkeypatch.setenv('SLURM_LOCALID', '0')
     monkeypatch.setenv('SLURM_JOB_NODELIST', 'localhost')
@@ -154,10 +155,8 @@ def test_slurm_init_in_process(monkeypatch):
 
 
 def test_launch_scripts_syntax_and_dry_run():
-    for s in ('train_with_MaxSup.sh', 'distributed_train.sh', 'slurm_train.sbatch', 'dist_train_seg.sh'):
-        path = ROOT / 'scripts' / s
-        if path.exists():
-            assert subprocess.run(['bash', '-n', str(path)]).returncode == 0, s
+    for s in ('train_with_MaxSup.sh', 'distributed_train.sh', 'slurm_train.sbatch', 'dist_train_seg.sh', '_env.sh'):
+        assert subprocess.run(['bash', '-n', str(ROOT / 'scripts' / s)]).returncode == 0, s
     env = {'NNODES': '2', 'NGPUS': '8', 'NODE_RANK': '1', 'MASTER_ADDR': 'node0', 'MASTER_PORT': '12345',
            'PYTHON': 'python3', 'PATH': '/usr/bin:/bin'}
     r = subprocess.run(['bash', 'scripts/distributed_train.sh', '--dry-run', '--model', 'deit_small_patch16_224'],

@@ -37,7 +37,9 @@ def build_executor(args):
         raise SystemExit('submitit is not installed: pip install submitit') from e
     folder = Path(args.job_dir) / '%j'
     executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=30)
-    kwargs = {}
+    # Slurm >= 22.05: srun no longer inherits --cpus-per-task (1 CPU for every trainer and its loader
+    # workers); --kill-on-bad-exit ends the job when one rank fails instead of leaving the others waiting.
+    kwargs = {'slurm_srun_args': [f'--cpus-per-task={args.cpus_per_task}', '--kill-on-bad-exit=1']}
     if args.partition:
         kwargs['slurm_partition'] = args.partition
     if args.comment:

@@ -1,0 +1,110 @@
+"""Run ``deit.main`` under torchrun as a GPU cluster run would, on CPU.
+
+The process group is made from the backend specification a CUDA run uses, with the CUDA backend swapped
+for gloo (``cpu:gloo,cuda:nccl`` -> ``cpu:gloo,cuda:gloo``; an NCCL-only ``nccl`` -> ``cuda:gloo``), so a
+collective on a tensor whose device type has no backend in that specification fails here exactly as it
+would under NCCL. Every collective call is recorded (the innermost project function that made it) into
+``$COLLECTIVE_LOG/rank<r>.json``.
+
+    torchrun --nproc_per_node=2 tests/dist_harness.py [options] -- <deit.main arguments>
+
+Options: ``--legacy-spec SPEC`` the GPU backend spec to imitate (default: the project's); ``--stop-at-epoch E``
+every rank exits when it enters epoch E (a requeue after epoch E-1, deterministically); ``--rank-local-output``
+ranks > 0 get ``<output_dir>.rank<r>`` (an output dir that is not shared between nodes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch.distributed as dist  # noqa: E402
+
+from deit import distributed as du  # noqa: E402
+
+HELPERS = {'all_reduce_sum', 'any_rank', 'broadcast_object', 'all_gather_object'}
+COLLECTIVES = ('all_reduce', 'broadcast', 'broadcast_object_list', 'all_gather', 'all_gather_object',
+               'gather_object', 'reduce', 'barrier', 'all_gather_into_tensor', 'reduce_scatter')
+
+
+def simulated_spec(gpu_spec: str) -> str:
+    """The GPU run's backend spec with every CUDA backend replaced by gloo."""
+    if ':' not in gpu_spec:  # one backend for all devices: NCCL serves CUDA tensors only
+        return 'cuda:gloo' if gpu_spec == 'nccl' else gpu_spec
+    pairs = [p.split(':') for p in gpu_spec.split(',')]
+    return ','.join(f'{dev}:{"gloo" if dev == "cuda" else be}' for dev, be in pairs)
+
+
+def caller() -> str:
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        path = Path(frame.filename).resolve()
+        if ROOT in path.parents and path.parent.name != 'tests' and frame.name not in HELPERS:
+            return f'{path.relative_to(ROOT).as_posix()}:{frame.name}'
+    return '<outside the project>'
+
+
+def record_collectives(log: dict) -> None:
+    for name in COLLECTIVES:
+        real = getattr(dist, name)
+
+        def wrapped(*a, _real=real, _name=name, **kw):
+            log.setdefault(caller(), set()).add(_name)
+            return _real(*a, **kw)
+
+        setattr(dist, name, wrapped)
+
+
+def stop_at_epoch(epoch: int) -> None:
+    import deit.main
+    real = deit.main.train_one_epoch
+
+    def train_one_epoch(*a, **kw):
+        if a[5] == epoch:
+            sys.stdout.flush()
+            os._exit(0)
+        return real(*a, **kw)
+
+    deit.main.train_one_epoch = train_one_epoch
+
+
+def hide_folder(folder: Path) -> None:
+    """Make files below ``folder`` invisible to this process (another node's local disk)."""
+    real_is_file = Path.is_file
+
+    def is_file(self, *a, **kw):
+        return False if folder in Path(os.path.abspath(self)).parents else real_is_file(self, *a, **kw)
+
+    Path.is_file = is_file
+
+
+def main(argv: list[str]) -> int:
+    opts = argv[:argv.index('--')] if '--' in argv else []
+    argv = argv[len(opts) + 1:] if '--' in argv else argv
+    legacy = opts[opts.index('--legacy-spec') + 1] if '--legacy-spec' in opts else None
+    if '--stop-at-epoch' in opts:
+        stop_at_epoch(int(opts[opts.index('--stop-at-epoch') + 1]))
+    rank = int(os.environ.get('RANK', '0'))
+    if '--rank-local-output' in opts and rank > 0:
+        i = argv.index('--output_dir') + 1
+        hide_folder(Path(argv[i]).resolve())
+        argv[i] = f'{argv[i]}.rank{rank}'
+    gpu_spec = legacy or du.process_group_backend(True)
+    du.process_group_backend = lambda use_cuda: simulated_spec(gpu_spec)
+    log: dict = {}
+    record_collectives(log)
+    from deit.main import cli
+    try:
+        return cli(argv)
+    finally:
+        out = os.environ.get('COLLECTIVE_LOG')
+        if out:
+            Path(out, f'rank{rank}.json').write_text(json.dumps({k: sorted(v) for k, v in log.items()}))
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
