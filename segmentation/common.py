@@ -1,6 +1,7 @@
 """Shared by segmentation/train.py and test.py: config loading, CPU fallbacks, data checks."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -19,15 +20,35 @@ def add_runner_args(ap) -> None:
     ap.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
-def allow_mmengine_checkpoints() -> None:
-    """Let mmengine load its own checkpoints under torch >= 2.6.
+def trust_runner_checkpoints(runner) -> None:
+    """Let mmengine load ITS OWN checkpoints (resume / ``load_from`` / test.py's checkpoint) under torch >= 2.6.
 
-    mmengine 0.10 calls ``torch.load`` without ``weights_only`` and its checkpoints pickle a HistoryBuffer and
-    numpy objects, which torch's new weights-only default refuses. This restores the old default for the
-    calls that do not choose (mmengine's resume / load_from); the DeiT backbone itself is read through
-    deit.checkpoint with weights_only=True. Only load segmentation checkpoints you trust, as with mmseg.
+    mmengine 0.10 calls ``torch.load`` without ``weights_only``, and its runner checkpoints pickle a
+    HistoryBuffer and numpy objects, which torch's weights-only default refuses. The old default is restored
+    only around ``runner.load_or_resume`` (torch reads TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD at each call); every
+    other load - the backbone file of ``init_cfg``, any path in ``--cfg-options`` - stays weights-only, and the
+    backbone is read through deit.checkpoint first. Only resume from / test checkpoints you trust, as with mmseg.
     """
-    os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+    real = runner.load_or_resume
+
+    def load_or_resume(*a, **kw):
+        with _env('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1'):
+            return real(*a, **kw)
+
+    runner.load_or_resume = load_or_resume
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def load_config(path, cfg_options=None, work_dir=None, launcher='none'):
@@ -78,16 +99,62 @@ def check_data_root(cfg, split: str) -> None:
             raise FileNotFoundError(f'{folder}: empty (no images / label maps)')
 
 
+def init_distributed(cfg, launcher: str) -> None:
+    """Create the process group now (mmengine's Runner then reuses it), so ranks can coordinate before it."""
+    if launcher == 'none':
+        return
+    from mmengine.dist import init_dist, is_distributed
+    if not is_distributed():
+        init_dist(launcher, **cfg.get('env_cfg', {}).get('dist_cfg', {}))
+
+
 def set_backbone_checkpoint(cfg, source, use_ema: bool = False) -> Path:
-    """Convert any DeiT checkpoint for the config's backbone and point init_cfg at it."""
-    from segmentation.deit_to_mmseg import convert_checkpoint
+    """Convert any DeiT checkpoint for the config's backbone and point init_cfg at it.
+
+    Under a launcher, local rank 0 of each node converts (work dirs need not be shared between nodes) while
+    the other ranks wait at a barrier; the file is written atomically under a name no other writer uses.
+    """
+    import torch.distributed as dist
     bb = cfg.model.backbone
     size = bb.get('img_size', 512)
     size = size[0] if isinstance(size, (list, tuple)) else size
     out = Path(cfg.work_dir) / 'backbone_init.pth'
-    state = convert_checkpoint(source, out, bb.embed_dims, bb.num_layers, size, use_ema,
-                               final_norm=bb.get('final_norm', False))
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or int(os.environ.get('LOCAL_RANK', 0)) == 0:
+        from segmentation.deit_to_mmseg import convert_checkpoint
+        state = convert_checkpoint(source, out, bb.embed_dims, bb.num_layers, size, use_ema,
+                                   final_norm=bb.get('final_norm', False))
+        print(f'backbone weights: {source} -> {out} ({len(state)} tensors)')
+    if distributed:
+        dist.barrier()
     bb.init_cfg = dict(type='Pretrained', checkpoint=str(out))
     cfg.model.pretrained = None
-    print(f'backbone weights: {source} -> {out} ({len(state)} tensors)')
     return out
+
+
+def check_backbone_weights(cfg) -> None:
+    """Strict check of the backbone file named by ``init_cfg`` against the config's backbone, before training.
+
+    mmseg's VisionTransformer loads it with ``strict=False`` and only logs what did not fit (e.g. the DeiT
+    patch-embedding bias when ``patch_bias=False``), so a mismatch would train silently without those weights.
+    The file is read weights-only. pos_embed may differ in size (mmseg resamples it).
+    """
+    init = cfg.model.backbone.get('init_cfg') or {}
+    if init.get('type') != 'Pretrained':
+        return
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    from deit.checkpoint import CheckpointError, read_state_dict
+    path = init['checkpoint']
+    state = read_state_dict(path)
+    register_all_modules(init_default_scope=False)
+    expected = MODELS.build(dict(cfg.model.backbone, init_cfg=None)).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(state) & set(expected)
+                    if k != 'pos_embed' and state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(f'{path} does not fit the config\'s backbone: missing {missing[:6]}, unexpected '
+                              f'{unexpected[:6]}, other shapes {shapes[:6]} (a DeiT checkpoint needs '
+                              f'patch_bias=True, as in segmentation/configs)')

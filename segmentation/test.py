@@ -12,8 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segmentation.common import (  # noqa: E402
-    add_runner_args, allow_mmengine_checkpoints, check_data_root,
-    load_config)
+    add_runner_args, check_data_root, load_config, trust_runner_checkpoints)
 
 
 def main(argv=None) -> dict | int:
@@ -38,8 +37,8 @@ def main(argv=None) -> dict | int:
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
-    allow_mmengine_checkpoints()
     runner = Runner.from_cfg(cfg)
+    trust_runner_checkpoints(runner)
     metrics = runner.test()
     print(f'{"multi-scale+flip" if a.tta else "single-scale"} test: '
           + ', '.join(f'{k} {float(v):.2f}' for k, v in metrics.items() if isinstance(v, numbers.Number)))

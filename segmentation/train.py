@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segmentation.common import (  # noqa: E402
-    add_runner_args, allow_mmengine_checkpoints, check_data_root,
-    load_config, set_backbone_checkpoint)
+    add_runner_args, check_backbone_weights, check_data_root, init_distributed, load_config,
+    set_backbone_checkpoint, trust_runner_checkpoints)
 
 
 def main(argv=None) -> int:
@@ -32,8 +32,10 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(a.config, a.cfg_options, a.work_dir, a.launcher)
         check_data_root(cfg, 'train')
+        init_distributed(cfg, a.launcher)
         if a.backbone_checkpoint:
             set_backbone_checkpoint(cfg, a.backbone_checkpoint, a.use_ema)
+        check_backbone_weights(cfg)
     except (FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -41,8 +43,8 @@ def main(argv=None) -> int:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'
     cfg.resume = a.resume
-    allow_mmengine_checkpoints()
     runner = Runner.from_cfg(cfg)
+    trust_runner_checkpoints(runner)
     runner.train()
     return 0
 

@@ -418,3 +418,36 @@ def test_submitit_srun_gets_cpus_and_kill_on_bad_exit(tmp_path, monkeypatch):
     text = ex._executor._make_submission_file_text('python -c pass', 'uid')
     assert re.search(r'^srun .*--cpus-per-task=10', text, re.M), text
     assert '--cpus-per-task=10' in text and '--kill-on-bad-exit=1' in text
+
+
+def test_cuda_device_setup_turns_on_cudnn_benchmark_and_amp(monkeypatch):
+    from deit.main import setup_device
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    device, amp = setup_device(Namespace(device='cuda', distributed=True, gpu=3, amp=None, seed=0))
+    assert device == torch.device('cuda', 3) and amp is True and torch.backends.cudnn.benchmark is True
+    device, amp = setup_device(Namespace(device='cpu', distributed=False, gpu=0, amp=None, seed=0))
+    assert device.type == 'cpu' and amp is False
+
+
+def test_amp_bf16_and_an_ema_kept_on_another_device(tmp_path):
+    """Issue 18 audit: CPU autocast (bf16) training with --model-ema-force-cpu; the EMA is evaluated on its
+    own device (evaluate() follows the model's parameters, not the training device)."""
+    from deit.engine import evaluate
+    from deit.main import cli
+    out = tmp_path / 'amp'
+    assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '2', '--amp',
+                       '--model-ema', '--model-ema-force-cpu', '--output_dir', str(out)]) == 0
+    log = json.loads((out / 'log.txt').read_text())
+    assert log['test_n'] == log['test_ema_n'] == 450 and 0 <= log['test_ema_acc1'] <= 100
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 6)
+
+        def forward(self, x):
+            assert x.device == self.lin.weight.device
+            return self.lin(x)
+
+    stats = evaluate([(torch.randn(5, 4), torch.arange(5))], Probe(), print_freq=0)
+    assert stats['n'] == 5

@@ -85,7 +85,15 @@ def test_train_test_single_and_multiscale_from_deit_checkpoint(demo_ckpt, tmp_pa
     trained = torch.load(ckpt, map_location='cpu', weights_only=False)['state_dict'][
         'backbone.layers.0.attn.attn.in_proj_weight']
     assert (trained - src).abs().max() < 1e-3
-    assert (torch.randn_like(src) * 0.02 - src).abs().max() > 1e-2
+    from mmseg.registry import MODELS
+    from segmentation.common import load_config
+    cfg = load_config(TINY_CFG)
+    cfg.model.backbone.init_cfg = None
+    fresh = MODELS.build(cfg.model.backbone).state_dict()['layers.0.attn.attn.in_proj_weight']
+    assert (fresh - trained).abs().max() > 1e-2  # not mmseg's own random init
+    bias = trained_bias = torch.load(ckpt, map_location='cpu', weights_only=False)['state_dict'][
+        'backbone.patch_embed.projection.bias']
+    assert (trained_bias - read_state_dict(demo_ckpt)['patch_embed.proj.bias']).abs().max() < 1e-3, bias
     for tta in (False, True):
         metrics = seg_test.main([str(TINY_CFG), str(ckpt), '--work-dir', str(tmp_path / f'test{tta}')]
                                 + (['--tta'] if tta else []) + opts)
@@ -116,6 +124,7 @@ def test_every_config_builds_full_deit_s_and_gives_150_class_logits(config):
     assert cfg.model.backbone.embed_dims == 384 and cfg.model.backbone.num_layers == 12
     assert cfg.model.backbone.num_heads == 6 and cfg.model.backbone.out_indices == (2, 5, 8, 11)
     assert cfg.model.decode_head.num_classes == 150 and cfg.model.auxiliary_head.num_classes == 150
+    assert cfg.model.backbone.patch_bias is True  # DeiT's patch embedding has a bias (mmseg's stock: False)
     assert cfg.optim_wrapper.constructor == 'ViTLayerDecayOptimizerConstructor'
     kind = next((k for k in ('baseline', 'ls', 'maxsup') if f'_{k}_' in config.name), None)
     if kind:  # the three fine-tuning configs differ only in the backbone checkpoint
@@ -145,3 +154,111 @@ def test_layer_decay_constructor_scales_lr_by_depth():
     assert by_param[id(model.backbone.pos_embed)]['weight_decay'] == 0.0
     assert by_param[id(model.backbone.layers[0].attn.attn.in_proj_weight)]['lr_scale'] == pytest.approx(0.65 ** 4)
     assert by_param[id(model.decode_head.conv_seg.weight)]['lr_scale'] == pytest.approx(1.0)
+
+
+def _converted(demo_ckpt, tmp_path, drop=()):
+    from segmentation.deit_to_mmseg import convert_checkpoint
+    out = tmp_path / 'bb.pth'
+    convert_checkpoint(demo_ckpt, out, 128, 4, 32)
+    if drop:
+        obj = torch.load(out, weights_only=True)
+        for k in drop:
+            del obj['state_dict'][k]
+        torch.save(obj, out)
+    return out
+
+
+def test_backbone_weights_are_checked_strictly_before_training(demo_ckpt, tmp_path, capsys):
+    """Issue 19.12: mmseg loads init_cfg with strict=False; a DeiT bias left behind only showed in a log."""
+    from deit.checkpoint import CheckpointError
+    from segmentation.common import check_backbone_weights, load_config
+    cfg = load_config(TINY_CFG)
+    cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=str(_converted(demo_ckpt, tmp_path)))
+    check_backbone_weights(cfg)  # the converted DeiT fits exactly
+    cfg.model.backbone.patch_bias = False  # mmseg's stock setting
+    with pytest.raises(CheckpointError, match=r"unexpected \['patch_embed.projection.bias'\]"):
+        check_backbone_weights(cfg)
+    cfg.model.backbone.patch_bias = True
+    cfg.model.backbone.init_cfg['checkpoint'] = str(_converted(demo_ckpt, tmp_path, drop=['layers.1.ln2.weight']))
+    with pytest.raises(CheckpointError, match=r"missing \['layers.1.ln2.weight'\]"):
+        check_backbone_weights(cfg)
+    from segmentation import train as seg_train
+    ade = make_ade(tmp_path / 'ade')
+    child = tmp_path / 'child.py'
+    child.write_text(f"_base_ = [{str(TINY_CFG)!r}]\nmodel = dict(backbone=dict(init_cfg=dict(_delete_=True, type='Pretrained', "
+                     f"checkpoint={cfg.model.backbone.init_cfg['checkpoint']!r})))\n")
+    rc = seg_train.main([str(child), '--work-dir', str(tmp_path / 'w'), '--cfg-options',
+                         f'train_dataloader.dataset.data_root={ade}'])
+    assert rc == 2 and 'does not fit the config' in capsys.readouterr().err
+
+
+class _NotAWeight:
+    pass
+
+
+def test_unsafe_loading_is_limited_to_runner_checkpoints(demo_ckpt, tmp_path):
+    """Issue 13.10: only mmengine's own checkpoints are unpickled with weights_only=False."""
+    import os
+
+    from deit.checkpoint import CheckpointError
+    from segmentation.common import check_backbone_weights, load_config, trust_runner_checkpoints
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'x': _NotAWeight()}, evil)
+    cfg = load_config(TINY_CFG)
+    cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=str(evil))
+    with pytest.raises(CheckpointError, match='refusing to execute'):
+        check_backbone_weights(cfg)
+    seen = []
+
+    class Runner:
+        def load_or_resume(self):
+            seen.append(os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'))
+
+    r = Runner()
+    trust_runner_checkpoints(r)
+    assert os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD') is None
+    r.load_or_resume()
+    assert seen == ['1'] and os.environ.get('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD') is None
+
+
+def _convert_rank(rank, init_file, work_dir, demo_ckpt, calls_file, result):
+    """One rank of a 2-rank job on one node: every rank asks for the backbone, only local rank 0 converts."""
+    import os
+
+    import torch.distributed as dist
+    os.environ['LOCAL_RANK'] = str(rank)
+    os.getpid = lambda: 4242  # per-node PID namespaces: equal PIDs on different ranks
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        import segmentation.deit_to_mmseg as conv
+        from segmentation.common import load_config, set_backbone_checkpoint
+        real = conv.convert_checkpoint
+
+        def counted(*a, **kw):
+            with open(calls_file, 'a') as f:
+                f.write(f'{rank}\n')
+            return real(*a, **kw)
+
+        conv.convert_checkpoint = counted
+        cfg = load_config(TINY_CFG, work_dir=work_dir)
+        out = set_backbone_checkpoint(cfg, demo_ckpt)
+        result.put((rank, out.is_file(), cfg.model.backbone.init_cfg['checkpoint']))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_backbone_is_converted_once_per_node_and_ranks_wait(demo_ckpt, tmp_path):
+    """Issue 19.9: every rank converted to the same file with PID-keyed temp names."""
+    import multiprocessing as mp
+    ctx = mp.get_context('spawn')
+    result, calls = ctx.Queue(), tmp_path / 'calls.txt'
+    procs = [ctx.Process(target=_convert_rank, args=(r, tmp_path / 'init', tmp_path / 'work', demo_ckpt, calls,
+                                                     result)) for r in range(2)]
+    for p in procs:
+        p.start()
+    out = sorted(result.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert calls.read_text().split() == ['0']
+    assert [o[1] for o in out] == [True, True] and out[0][2] == out[1][2]
+    assert not list((tmp_path / 'work').glob('.*tmp*'))

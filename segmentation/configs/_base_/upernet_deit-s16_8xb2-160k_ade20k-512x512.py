@@ -11,7 +11,9 @@ data_root = 'data/ade/ADEChallengeData2016'
 model = dict(
     pretrained=None,
     backbone=dict(
-        embed_dims=384, num_layers=12, num_heads=6, patch_size=16, mlp_ratio=4,
+        # patch_bias=True: DeiT's patch embedding has a bias; mmseg's stock DeiT-S config drops it
+        # (patch_bias=False), which would leave that weight behind with only a log line
+        embed_dims=384, num_layers=12, num_heads=6, patch_size=16, mlp_ratio=4, patch_bias=True,
         out_indices=(2, 5, 8, 11), drop_path_rate=0.1, final_norm=False,
         init_cfg=None),  # children / train.py --backbone-checkpoint point it at converted weights
     neck=dict(in_channels=[384, 384, 384, 384], out_channels=384, scales=[4, 2, 1, 0.5]),
