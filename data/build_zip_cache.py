@@ -1,12 +1,16 @@
 """Build (or verify) the ZIP cache of an ImageNet-style folder.
 
     python -m data.build_zip_cache --src /path/ImageNet --dst data/ImageNet
+    python -m data.build_zip_cache --src /path/ImageNet --dst data/ImageNet --train-map train_map.txt --val-map val_map.txt
     python -m data.build_zip_cache --dst data/ImageNet --verify
 
 ``--src`` holds ``train/<class>/.../<img>`` and ``val/``: either class folders too, or flat images plus
 ``--val-labels FILE`` (lines ``<image name> <class folder or label>``). Labels follow ImageFolder's order
-(sorted class folders), so a model trained on the cache and on the folders agree. Output is deterministic
-(sorted members, fixed timestamps, ZIP_STORED) and atomic (temp files renamed at the end).
+(sorted class folders), so a model trained on the cache and on the folders agree. With the official
+release's ``--train-map`` / ``--val-map`` the members, their order and their labels come from the maps
+instead (every listed image must exist under ``--src``), so the cache matches the released checkpoints'
+class numbering. Output is deterministic (fixed timestamps, ZIP_STORED) and atomic (temp files renamed at
+the end).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from pathlib import Path
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from data.zip_cache import CacheError, ZipImageDataset, parse_map_file, write_map_file
+from data.zip_cache import CacheError, ZipImageDataset, check_labels, parse_map_file, write_map_file
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps fixed so two builds are byte-identical
 
@@ -48,7 +52,37 @@ def scan_class_folders(split_dir: Path) -> tuple[list[tuple[str, int]], list[str
     return entries, classes
 
 
+def entries_from_map(split_dir: Path, map_file: Path) -> list[tuple[str, int]]:
+    """Members and labels of an official map file, in its order; every listed image must exist."""
+    entries = parse_map_file(map_file)
+    present = set(_images_under(split_dir))
+    seen = set()
+    for n, (name, _) in enumerate(entries, 1):
+        if name not in present:
+            raise CacheError(f'{map_file}:{n}: image {name!r} not found in {split_dir}')
+        if name in seen:
+            raise CacheError(f'{map_file}:{n}: image {name!r} listed twice')
+        seen.add(name)
+    return entries
+
+
+def check_split_labels(entries, class_index: dict[str, int], source: str) -> None:
+    """Every entry's label must be its class folder's (when it has one) and within the train classes."""
+    for n, (name, label) in enumerate(entries, 1):
+        folder = name.split('/', 1)[0] if '/' in name else None
+        if folder is not None and folder not in class_index:
+            raise CacheError(f'{source}:{n}: class folder {folder!r} of {name!r} is not a train class')
+        if folder is not None and class_index[folder] != label:
+            raise CacheError(f'{source}:{n}: {name!r} has label {label}, but class folder {folder!r} is label '
+                             f'{class_index[folder]} in train')
+        if not 0 <= label < len(class_index):
+            raise CacheError(f'{source}:{n}: label {label} outside the {len(class_index)} train classes')
+
+
 def scan_flat_val(val_dir: Path, labels_file: Path, classes: list[str]) -> list[tuple[str, int]]:
+    if any(d.is_dir() for d in val_dir.iterdir()):
+        raise CacheError(f'{val_dir} has class folders (val/<class>/<image>): --val-labels is not needed, '
+                         f'the labels come from the folders')
     index = {c: i for i, c in enumerate(classes)}
     present = set(_images_under(val_dir))
     entries = []
@@ -82,20 +116,39 @@ def write_zip(src_dir: Path, entries, zip_path: Path, desc: str) -> None:
             tmp.unlink()
 
 
-def build(src: Path, dst: Path, val_labels: Path | None = None) -> dict:
+def build(src: Path, dst: Path, val_labels: Path | None = None, train_map: Path | None = None,
+          val_map: Path | None = None) -> dict:
     src, dst = Path(src), Path(dst)
     for split in ('train', 'val'):
         if not (src / split).is_dir():
             raise FileNotFoundError(f'{src / split}: missing (expected ImageFolder train/ and val/)')
-    dst.mkdir(parents=True, exist_ok=True)
-    train, classes = scan_class_folders(src / 'train')
-    if val_labels:
+    if val_map and val_labels:
+        raise CacheError('give --val-map (official map) or --val-labels, not both')
+    if train_map:
+        train = entries_from_map(src / 'train', Path(train_map))
+        check_labels(train, str(train_map), folder_labels=True)
+        folders = {name.split('/', 1)[0]: label for name, label in train}
+        classes = [c for c, _ in sorted(folders.items(), key=lambda kv: kv[1])]
+    else:
+        train, classes = scan_class_folders(src / 'train')
+    class_index = {c: i for i, c in enumerate(classes)}
+    if val_map:
+        val = entries_from_map(src / 'val', Path(val_map))
+        check_split_labels(val, class_index, str(val_map))
+    elif val_labels:
         val = scan_flat_val(src / 'val', Path(val_labels), classes)
+    elif train_map:
+        val, val_classes = scan_class_folders(src / 'val')
+        unknown = sorted(set(val_classes) - set(class_index))
+        if unknown:
+            raise CacheError(f'{src / "val"}: class folders {unknown[:5]} are not classes of {train_map}')
+        val = [(name, class_index[name.split('/', 1)[0]]) for name, _ in val]
     else:
         val, val_classes = scan_class_folders(src / 'val')
         if val_classes != classes:
             raise CacheError(f'{src / "val"}: class folders differ from train/ '
                              f'({sorted(set(val_classes) ^ set(classes))[:5]} ...)')
+    dst.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
     for split, entries in (('train', train), ('val', val)):
         write_zip(src / split, entries, dst / f'{split}.zip', f'{split}.zip')
         tmp = dst / f'.{split}_map.txt.tmp'
@@ -126,11 +179,14 @@ def main(argv=None) -> int:
     ap.add_argument('--src', type=Path, help='ImageFolder root with train/ and val/')
     ap.add_argument('--dst', type=Path, required=True, help='cache folder to write / verify')
     ap.add_argument('--val-labels', type=Path, default=None, help='labels for a flat val/ folder')
+    ap.add_argument('--train-map', type=Path, default=None,
+                    help="official train_map.txt: members and labels from it (the release's class numbering)")
+    ap.add_argument('--val-map', type=Path, default=None, help='official val_map.txt (flat or with class folders)')
     ap.add_argument('--verify', action='store_true', help='decode every member and report bad ones')
     args = ap.parse_args(argv)
     try:
         if args.src:
-            stats = build(args.src, args.dst, args.val_labels)
+            stats = build(args.src, args.dst, args.val_labels, args.train_map, args.val_map)
             print(f'wrote {args.dst}: {stats["classes"]} classes, {stats["train"]} train, {stats["val"]} val images')
         elif not args.verify:
             ap.error('give --src to build, or --verify to check an existing cache')

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from data.zip_cache import CacheError, check_labels, parse_map_file
-
-HEAD_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'fc.weight', 'fc.bias')
+from deit.models import HEAD_KEYS
 
 
 def class_permutation(map_file, imagefolder_root, direction: str = 'zip2folder') -> torch.Tensor:

@@ -45,7 +45,8 @@ class CorruptImageError(CacheError):
 
 
 def parse_map_file(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """Read ``<member>\\t<label>`` lines; errors name the file and line number."""
+    """Read ``<member>\\t<label>`` lines (the official maps; a single space also separates, as the official
+    converter's ``split()`` accepts); errors name the file and line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'map file not found: {path}')
@@ -53,7 +54,7 @@ def parse_map_file(path: str | os.PathLike) -> list[tuple[str, int]]:
     with open(path, encoding='utf-8') as f:
         for n, line in enumerate(f, 1):
             line = line.rstrip('\n').rstrip('\r')
-            parts = line.split('\t')
+            parts = line.split('\t') if '\t' in line else line.rsplit(' ', 1)
             if len(parts) != 2 or not parts[0]:
                 raise CacheError(f'{path}:{n}: expected "<member>\\t<label>", got {line!r}')
             try:
@@ -143,7 +144,13 @@ class ZipIndex:
         for n, name in enumerate(names):
             k = lookup.get(name)
             if k is None:
-                raise CacheError(f'{source}: line {n + 1} names member {name!r}, which is not in {self.path}')
+                hint = ''
+                prefixed = [p for p in ('train/', 'val/') if p + name in lookup]
+                if prefixed:
+                    hint = (f' (the zip has {prefixed[0] + name!r}: it was built from the folder above '
+                            f'{prefixed[0]!r}; members must be relative to the split folder, as the official '
+                            f'cache and data.build_zip_cache write them)')
+                raise CacheError(f'{source}: line {n + 1} names member {name!r}, which is not in {self.path}{hint}')
             rows[n] = k
         return rows
 

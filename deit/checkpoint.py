@@ -112,16 +112,26 @@ def _to_tuple(x):
 
 STRIP_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers
 NESTED_KEYS = ('model', 'state_dict', 'module')
+LIGHTNING_MODEL_PREFIX = 'model.'  # the official ResNet pipeline's LightningModule keeps the net in .model
+
+
+def is_lightning(obj) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict) and (
+        'pytorch-lightning_version' in obj or 'global_step' in obj)
 
 
 def extract_state_dict(obj, source: str = '<object>', use_ema: bool = False) -> dict:
     """Find the model weights in a loaded checkpoint and strip wrapper prefixes.
 
-    Accepts a plain state dict, DeiT's ``{'model': ...}`` dict (or ``model_ema`` with ``use_ema``), and
-    ``{'state_dict': ...}`` nests (e.g. the ffcv ResNet-50 releases).
+    Accepts a plain state dict, DeiT's ``{'model': ...}`` dict (or ``model_ema`` with ``use_ema``),
+    ``{'state_dict': ...}`` nests, and PyTorch Lightning checkpoints (the official ResNet-50 pipeline):
+    their ``state_dict`` holds the network under ``model.``; other entries (e.g. ``criterion.`` buffers of
+    OLS) are reported and left out.
     """
     if not isinstance(obj, dict):
         raise CheckpointError(f'{source}: expected a dict of weights, got {type(obj).__name__}')
+    if is_lightning(obj):
+        return _lightning_model_weights(obj['state_dict'], source)
     keys = ('model_ema',) + NESTED_KEYS if use_ema else NESTED_KEYS
     if use_ema and 'model_ema' not in obj:
         raise CheckpointError(f'{source}: asked for EMA weights but there is no "model_ema" entry '
@@ -139,6 +149,18 @@ def extract_state_dict(obj, source: str = '<object>', use_ema: bool = False) -> 
                 k = k[len(p):]
         out[k] = v
     return out
+
+
+def _lightning_model_weights(state: dict, source: str) -> dict:
+    model = {k[len(LIGHTNING_MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(LIGHTNING_MODEL_PREFIX)}
+    if not model:
+        raise CheckpointError(f'{source}: Lightning checkpoint without "model." weights '
+                              f'(entries: {sorted(state)[:8]})')
+    other = sorted(k for k in state if not k.startswith(LIGHTNING_MODEL_PREFIX))
+    if other:
+        groups = sorted({k.split('.')[0] for k in other})
+        print(f'{source}: Lightning checkpoint; ignoring {len(other)} non-model entries ({", ".join(groups)})')
+    return extract_state_dict(model, f'{source}[state_dict/model.]')
 
 
 def load_file(source: str | os.PathLike, map_location='cpu'):
@@ -178,57 +200,103 @@ def read_state_dict(source: str | os.PathLike, use_ema: bool = False) -> dict:
 
 
 def infer_architecture(state: dict) -> tuple[str, int]:
-    """(timm model name, num_classes) of a released-kind state dict: DeiT/ViT-S/Ti/B-16 or ResNet-50."""
+    """(timm model name, num_classes) of a released-kind state dict: DeiT/ViT-S/Ti/B-16 or a ResNet
+    (plain, or with the official pipeline's BlurPool wrapping)."""
+    from deit.models import vit_shape
     if 'cls_token' in state and 'patch_embed.proj.weight' in state:
-        width = state['cls_token'].shape[-1]
-        depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
-        patch = state['patch_embed.proj.weight'].shape[-1]
+        shape = vit_shape(state)
         names = {(192, 12, 16): 'deit_tiny_patch16_224', (384, 12, 16): 'deit_small_patch16_224',
                  (768, 12, 16): 'deit_base_patch16_224'}
-        name = names.get((width, depth, patch))
+        name = names.get((shape['width'], shape['depth'], shape['patch']))
         if name is None:
-            raise CheckpointError(f'ViT checkpoint of width {width}, depth {depth}, patch {patch} matches no '
-                                  f'known DeiT; pass the timm model name explicitly')
+            raise CheckpointError(f'ViT checkpoint of width {shape["width"]}, depth {shape["depth"]}, patch '
+                                  f'{shape["patch"]} matches no known DeiT; pass the model name (--model)')
         if 'dist_token' in state:
             name = name.replace('_patch16', '_distilled_patch16')
         return name, state['head.weight'].shape[0]
-    if 'conv1.weight' in state and 'layer4.0.conv1.weight' in state and 'fc.weight' in state:
+    if 'conv1.weight' in state and 'fc.weight' in state and any(k.startswith('layer4.0.') for k in state):
         blocks = [len({k.split('.')[1] for k in state if k.startswith(f'layer{i}.')}) for i in range(1, 5)]
         bottleneck = 'layer1.0.conv3.weight' in state
         names = {((3, 4, 6, 3), True): 'resnet50', ((3, 4, 23, 3), True): 'resnet101',
-                 ((3, 4, 6, 3), False): 'resnet34', ((2, 2, 2, 2), False): 'resnet18'}
+                 ((3, 8, 36, 3), True): 'resnet152', ((3, 4, 6, 3), False): 'resnet34',
+                 ((2, 2, 2, 2), False): 'resnet18'}
         name = names.get((tuple(blocks), bottleneck))
         if name is None:
             raise CheckpointError(f'ResNet checkpoint with blocks {blocks} matches no known ResNet')
+        if any(k.endswith('.blur_filter') for k in state):
+            name += '_blurpool'
         return name, state['fc.weight'].shape[0]
     raise CheckpointError(f'cannot tell the architecture from the keys (first: {sorted(state)[:5]}); '
-                          f'pass the timm model name explicitly')
+                          f'pass the model name (--model)')
+
+
+def checkpoint_format(obj, source: str) -> str:
+    if source.endswith('.safetensors'):
+        return 'safetensors'
+    if is_lightning(obj):
+        return 'lightning'
+    if isinstance(obj, dict) and 'model' in obj and 'args' in obj:
+        return 'deit'
+    if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in NESTED_KEYS):
+        return 'nested'
+    return 'state_dict'
+
+
+def recorded_settings(obj, source: str) -> dict:
+    """What a checkpoint says about its run: model, input size, data set, crop ratio, classes (if recorded).
+
+    From a training checkpoint's ``args`` (ours and the official DeiT code's) or the metadata header of a
+    .safetensors file written by ``tools.load_checkpoint --export``.
+    """
+    if source.endswith('.safetensors'):
+        meta = safetensors_metadata(source)
+        out = {'model': meta.get('model'), 'input_size': meta.get('input_size'),
+               'num_classes': meta.get('num_classes'), 'data_set': meta.get('data_set'),
+               'eval_crop_ratio': meta.get('eval_crop_ratio')}
+        for k in ('input_size', 'num_classes'):
+            out[k] = int(out[k]) if out[k] else None
+        out['eval_crop_ratio'] = float(out['eval_crop_ratio']) if out['eval_crop_ratio'] else None
+        return out
+    args = obj.get('args') if isinstance(obj, dict) else None
+    if args is None:
+        return {}
+    get = (lambda k: args.get(k)) if isinstance(args, dict) else (lambda k: getattr(args, k, None))
+    return {'model': get('model'), 'input_size': get('input_size'), 'data_set': get('data_set'),
+            'eval_crop_ratio': get('eval_crop_ratio'), 'num_classes': get('nb_classes')}
+
+
+def safetensors_metadata(path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), framework='pt') as f:
+        return dict(f.metadata() or {})
 
 
 def load_model(source, model_name: str | None = None, num_classes: int | None = None, reset_head: bool = False,
                use_ema: bool = False, input_size: int | None = None):
     """Build the right timm model for a checkpoint and load it strictly.
 
-    Returns (model, info) with info = {model, num_classes, checkpoint_classes, format, missing, unexpected,
-    args}. A class-count mismatch is an error unless ``reset_head`` (the head is then freshly initialised).
+    The model is ``model_name`` if given, else the one the checkpoint records (official names such as
+    ``our_patch16_224`` resolve through deit.models.MODEL_ALIASES), else inferred from the keys - also when
+    the recorded name is unknown, with a note. Returns (model, info) with info = {model, num_classes,
+    checkpoint_classes, format, missing, unexpected, input_size, recorded, args}. A class-count mismatch is
+    an error unless ``reset_head`` (the head is then freshly initialised).
     """
-    from deit.models import create_model
+    from deit.models import HEAD_KEYS, create_model, is_known_model, resolve_model_name
     obj = load_file(source)
     source = os.fspath(source)
-    fmt = ('safetensors' if source.endswith('.safetensors') else
-           'deit' if isinstance(obj, dict) and 'model' in obj and 'args' in obj else
-           'nested' if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in NESTED_KEYS) else
-           'state_dict')
+    fmt = checkpoint_format(obj, source)
     state = extract_state_dict(obj, source, use_ema=use_ema)
-    run_args = obj.get('args') if fmt == 'deit' else None
+    recorded = recorded_settings(obj, source)
     if model_name:
-        name = model_name
-    elif run_args is not None and getattr(run_args, 'model', None):
-        name = run_args.model
+        name = resolve_model_name(model_name)
+    elif recorded.get('model') and is_known_model(recorded['model']):
+        name = resolve_model_name(recorded['model'])
     else:
         name, _ = infer_architecture(state)
-    head_keys = [k for k in ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'fc.weight',
-                             'fc.bias') if k in state]
+        if recorded.get('model'):
+            print(f'{source}: records model {recorded["model"]!r}, which neither timm nor this project knows; '
+                  f'inferred {name} from its keys (pass --model to choose)')
+    head_keys = [k for k in HEAD_KEYS if k in state]
     if not head_keys:
         raise CheckpointError(f'{source}: no classifier head (head.* / fc.*) in the checkpoint')
     ckpt_classes = state[head_keys[0]].shape[0]
@@ -236,8 +304,8 @@ def load_model(source, model_name: str | None = None, num_classes: int | None = 
     if classes != ckpt_classes and not reset_head:
         raise CheckpointError(f'{source}: checkpoint has {ckpt_classes} classes, {classes} were asked for; '
                               f'pass reset_head (--reset-head) to start a new head')
-    if input_size is None and run_args is not None:
-        input_size = getattr(run_args, 'input_size', None)
+    if input_size is None:
+        input_size = recorded.get('input_size')
     model = create_model(name, classes, input_size=input_size)
     if classes != ckpt_classes:
         state = {k: v for k, v in state.items() if k not in head_keys}
@@ -246,15 +314,18 @@ def load_model(source, model_name: str | None = None, num_classes: int | None = 
     if missing or result.unexpected_keys:
         raise CheckpointError(f'{source} does not fit {name}: missing {missing[:8]}, '
                               f'unexpected {list(result.unexpected_keys)[:8]}')
+    run_args = obj.get('args') if fmt == 'deit' else None
     info = {'model': name, 'num_classes': classes, 'checkpoint_classes': ckpt_classes, 'format': fmt,
             'missing': list(result.missing_keys), 'unexpected': list(result.unexpected_keys),
-            'head_reset': classes != ckpt_classes, 'input_size': _input_size(model),
-            'args': vars(run_args) if run_args is not None else None}
+            'head_reset': classes != ckpt_classes, 'input_size': _input_size(model, input_size),
+            'recorded': recorded, 'args': vars(run_args) if isinstance(run_args, argparse.Namespace) else run_args}
     return model.eval(), info
 
 
-def _input_size(model) -> int:
+def _input_size(model, given: int | None = None) -> int:
     pe = getattr(model, 'patch_embed', None)
     if pe is not None and getattr(pe, 'img_size', None):
         return int(pe.img_size[0])
+    if given:
+        return int(given)
     return int(getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))[-1])

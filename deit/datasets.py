@@ -79,6 +79,9 @@ def build_dataset(is_train: bool, args, transform=None):
     root = Path(args.data_path)
     if not root.is_dir():
         raise FileNotFoundError(f'data path does not exist or is not a folder: {root}')
+    if getattr(args, 'cache', False) and name != 'IMNET':
+        raise ValueError(f'--cache reads the ImageNet ZIP cache (train.zip, val.zip, *_map.txt); it works with '
+                         f'--data-set IMNET, not {name}')
     if name == 'IMNET':
         if getattr(args, 'cache', False):
             from data.zip_cache import ZipImageDataset
@@ -98,13 +101,26 @@ def build_dataset(is_train: bool, args, transform=None):
     return ds, len(ds.classes)
 
 
-def eval_split(data_set: str, data_path, split: str, input_size: int, cache: bool = False):
+DATA_SETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'FOLDER', 'DEMO')
+
+
+def eval_data_set(given: str | None, cache: bool, recorded: dict | None = None) -> str:
+    """The data set a tool evaluates on: the flag, else IMNET with --cache, else the checkpoint's, else FOLDER."""
+    if given:
+        return given
+    if cache:
+        return 'IMNET'
+    return (recorded or {}).get('data_set') or 'FOLDER'
+
+
+def eval_split(data_set: str, data_path, split: str, input_size: int, cache: bool = False,
+               crop_ratio: float | None = None):
     """A split with evaluation transforms, for tools (evaluation, analysis): returns (dataset, nb_classes)."""
     from argparse import Namespace
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     args = Namespace(data_set=data_set, data_path=data_path, input_size=input_size, cache=cache,
-                     cache_mode='no', skip_bad_images=False, eval_crop_ratio=0.875)
+                     cache_mode='no', skip_bad_images=False, eval_crop_ratio=crop_ratio or 0.875)
     return build_dataset(split == 'train', args, transform=build_transform(False, args))
 
 

@@ -12,13 +12,13 @@ The classifier head (and a distilled model's dist token) has no place in a segme
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 from timm.layers import resample_abs_pos_embed
 
 from deit.checkpoint import CheckpointError
+from deit.models import vit_shape
 
 # (timm name, mmseg name); {i} = block index, {p} = weight|bias
 KEY_PAIRS = [
@@ -53,20 +53,6 @@ def _rename(key: str, rules, what: str) -> str:
 
 
 DROPPED = re.compile(r'^(head|head_dist|fc_norm|dist_token)(\.|$)')
-
-
-def vit_shape(state: dict) -> dict:
-    """Width, depth, patch size and pos-embed grid of a timm ViT state dict, or a clear error."""
-    if 'patch_embed.proj.weight' not in state or 'cls_token' not in state:
-        kind = 'a ResNet' if any(k.startswith('layer1.') for k in state) else 'no ViT'
-        raise CheckpointError(f'the checkpoint is {kind} (keys like {sorted(state)[:3]}); '
-                              f'the segmentation backbone needs a DeiT/ViT checkpoint')
-    width = state['cls_token'].shape[-1]
-    depth = len({int(k.split('.')[1]) for k in state if k.startswith('blocks.')})
-    n_prefix = 2 if 'dist_token' in state else 1
-    grid = math.isqrt(state['pos_embed'].shape[1] - n_prefix)
-    return {'width': width, 'depth': depth, 'patch': state['patch_embed.proj.weight'].shape[-1],
-            'grid': grid, 'prefix_tokens': n_prefix}
 
 
 def timm_to_mmseg(state: dict, expected_width: int | None = None, expected_depth: int | None = None,

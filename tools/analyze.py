@@ -19,7 +19,8 @@ import torch
 
 from deit import analysis
 from deit.checkpoint import CheckpointError, load_model
-from deit.datasets import DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, eval_split
+from deit.datasets import (DATA_SETS, DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                           eval_data_set, eval_split)
 from deit.metrics import feature_variation
 from tools import plots
 
@@ -45,7 +46,8 @@ def subset(ds, max_samples: int | None, seed: int = 0):
 
 
 def outputs(model, args, split: str, features=True, data_set=None, data_path=None, name=''):
-    ds, _ = eval_split(data_set or args.data_set, data_path or args.data_path, split, args.input_size, args.cache)
+    cache = args.cache and data_set is None  # --cache is for the main data set, not the transfer folder
+    ds, _ = eval_split(data_set or args.data_set, data_path or args.data_path, split, args.input_size, cache)
     ds = subset(ds, args.max_samples, args.seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
     return analysis.collect_outputs(model, loader, features=features, progress=f'{name} {split}')
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('command', choices=sorted(COMMANDS))
     ap.add_argument('--ckpt', action='append', required=True, help='[name=]checkpoint, repeat for several')
-    ap.add_argument('--data-set', default='FOLDER', choices=('FOLDER', 'IMNET', 'CIFAR10', 'CIFAR100', 'DEMO'))
+    ap.add_argument('--data-set', default=None, choices=DATA_SETS,
+                    help="default: the first checkpoint's, IMNET with --cache, else FOLDER")
     ap.add_argument('--data-path', default=None)
     ap.add_argument('--cache', action='store_true')
     ap.add_argument('--split', default='val', choices=('train', 'val'))
@@ -137,11 +140,15 @@ def main(argv=None) -> int:
     ap.add_argument('--transfer-data', default=None)
     ap.add_argument('--num-images', type=int, default=6)
     ap.add_argument('--classes', type=int, nargs=3, default=(0, 1, 2))
+    ap.add_argument('--model', default=None, help="for every checkpoint (default: each one's own, or inferred)")
+    ap.add_argument('--num-classes', type=int, default=None)
     ap.add_argument('--out', type=Path, default=Path('analysis_out'))
     args = ap.parse_args(argv)
     try:
         ckpts = parse_ckpts(args.ckpt)
-        loaded = {n: load_model(p, input_size=args.input_size) for n, p in ckpts.items()}
+        loaded = {n: load_model(p, args.model, args.num_classes, input_size=args.input_size)
+                  for n, p in ckpts.items()}
+        args.data_set = eval_data_set(args.data_set, args.cache, next(iter(loaded.values()))[1]['recorded'])
         models = {n: m for n, (m, _) in loaded.items()}
         sizes = {info['input_size'] for _, info in loaded.values()}
         if args.input_size is None:

@@ -2,7 +2,8 @@
 
     python -m tools.evaluate CKPT --data-path /data/imagenet [--cache] [--split val] [--out eval_out]
     python -m tools.evaluate CKPT --data-set DEMO
-Writes metrics.json and reliability.png into --out.
+Model, input size, data set and crop ratio come from the checkpoint when it records them (flags override);
+--cache implies --data-set IMNET. Writes metrics.json and reliability.png into --out.
 """
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ from pathlib import Path
 import torch
 
 from deit.checkpoint import CheckpointError, load_model
-from deit.datasets import eval_split
+from deit.datasets import DATA_SETS, eval_data_set, eval_split
 from deit.engine import evaluate
 
 
-def run(checkpoint, data_set='FOLDER', data_path=None, split='val', cache=False, out='eval_out',
-        input_size=None, batch_size=128, num_workers=2, use_ema=False, model_name=None) -> dict:
-    model, info = load_model(checkpoint, model_name, use_ema=use_ema, input_size=input_size)
+def run(checkpoint, data_set=None, data_path=None, split='val', cache=False, out='eval_out',
+        input_size=None, batch_size=128, num_workers=2, use_ema=False, model_name=None, num_classes=None) -> dict:
+    model, info = load_model(checkpoint, model_name, num_classes, use_ema=use_ema, input_size=input_size)
     size = input_size or info['input_size']
-    ds, nb = eval_split(data_set, data_path, split, size, cache)
+    data_set = eval_data_set(data_set, cache, info['recorded'])
+    ds, nb = eval_split(data_set, data_path, split, size, cache, info['recorded'].get('eval_crop_ratio'))
     if nb != info['num_classes']:
         raise ValueError(f'{data_path or data_set} has {nb} classes, the checkpoint {info["num_classes"]}')
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False)
@@ -33,7 +35,8 @@ def run(checkpoint, data_set='FOLDER', data_path=None, split='val', cache=False,
     from tools.plots import reliability_diagram
     reliability_diagram(stats['reliability'], out / 'reliability.png',
                         f'{info["model"]}: ECE {stats["ece"]:.4f}, top-1 {stats["acc1"]:.2f}%')
-    stats.update({'checkpoint': str(checkpoint), 'model': info['model'], 'split': split, 'input_size': size})
+    stats.update({'checkpoint': str(checkpoint), 'model': info['model'], 'split': split, 'input_size': size,
+                  'data_set': data_set})
     (out / 'metrics.json').write_text(json.dumps(stats, indent=2))
     return stats
 
@@ -41,7 +44,8 @@ def run(checkpoint, data_set='FOLDER', data_path=None, split='val', cache=False,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('checkpoint')
-    ap.add_argument('--data-set', default='FOLDER', choices=('FOLDER', 'IMNET', 'CIFAR10', 'CIFAR100', 'DEMO'))
+    ap.add_argument('--data-set', default=None, choices=DATA_SETS,
+                    help="default: the checkpoint's, IMNET with --cache, else FOLDER")
     ap.add_argument('--data-path', default=None)
     ap.add_argument('--split', default='val', choices=('train', 'val'))
     ap.add_argument('--cache', action='store_true', help='read the ZIP cache in --data-path')
@@ -49,12 +53,14 @@ def main(argv=None) -> int:
     ap.add_argument('--batch-size', type=int, default=128)
     ap.add_argument('--num-workers', type=int, default=2)
     ap.add_argument('--use-ema', action='store_true')
-    ap.add_argument('--model', default=None)
+    ap.add_argument('--model', default=None, help="default: the checkpoint's (official names included), "
+                                                    "else inferred from its keys")
+    ap.add_argument('--num-classes', type=int, default=None, help="default: the checkpoint's head")
     ap.add_argument('--out', default='eval_out')
     a = ap.parse_args(argv)
     try:
         s = run(a.checkpoint, a.data_set, a.data_path, a.split, a.cache, a.out, a.input_size, a.batch_size,
-                a.num_workers, a.use_ema, a.model)
+                a.num_workers, a.use_ema, a.model, a.num_classes)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -5,12 +5,15 @@
 
 CKPT: a path (DeiT release dict, plain / DDP-prefixed / nested state dict, our trainer's checkpoint,
 .safetensors), an http(s) URL, or ``hf-hub:<repo>[@<file>]`` (e.g. hf-hub:zhouyuxuanyx/MaxSup-Regularized-ResNet50).
-Export writes the weights as .safetensors plus ``<name>.json`` with the model name and the run's args.
+Export writes the weights as .safetensors (mode 0644) whose metadata header holds the model name, classes,
+input size, data set and crop ratio - this project reloads it without --model - plus ``<name>.json`` with
+the same and the run's args.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +25,12 @@ def export_safetensors(model, info: dict, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out), metadata={'model': info['model'], 'num_classes': str(info['num_classes'])})
-    meta = {'model': info['model'], 'num_classes': info['num_classes'], 'source_format': info['format'],
+    recorded = info.get('recorded') or {}
+    header = {'model': info['model'], 'num_classes': info['num_classes'], 'input_size': info['input_size'],
+              'data_set': recorded.get('data_set'), 'eval_crop_ratio': recorded.get('eval_crop_ratio')}
+    save_file(state, str(out), metadata={k: str(v) for k, v in header.items() if v is not None})
+    os.chmod(out, 0o644)  # a released file: readable by everyone, whatever the umask
+    meta = {**header, 'source_format': info['format'],
             'args': {k: v for k, v in (info.get('args') or {}).items()
                      if isinstance(v, (int, float, str, bool, list, type(None)))}}
     out.with_suffix('.json').write_text(json.dumps(meta, indent=2))

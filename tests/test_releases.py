@@ -1,0 +1,302 @@
+"""The official MaxSup releases, fabricated the way the official code makes them, load with no extra flags.
+
+- DeiT-S: official ``Deit/models.py`` ``our_patch16_224`` (timm's ViT, patch 16, 384 wide, 12 blocks, 6 heads,
+  qkv_bias, LayerNorm eps 1e-6), saved as DeiT's main.py saves: a dict with an ``argparse.Namespace`` ``args``.
+- ResNet-50: official ``Conv/ffcv/model.py``: a torchvision model inside a LightningModule (``Net.model``),
+  every Conv2d with stride > 1 and >= 16 input channels wrapped in BlurPoolConv2d, an OLS criterion with
+  buffers; saved by Lightning's Trainer. Also the plain, DDP-prefixed and plain torchvision forms.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from deit.checkpoint import load_model
+from tests.conftest import make_imagefolder
+
+NUM_CLASSES = 4
+
+
+# ---- transcriptions of the official model definitions (not our code) -------------------------------------
+def official_our_patch16_224(**kwargs):
+    """Official Deit/models.py ``our_patch16_224`` on timm's VisionTransformer."""
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, qkv_bias=True,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+class OfficialBlurPoolConv2d(nn.Module):
+    """Official Conv/ffcv/model.py BlurPoolConv2d."""
+
+    def __init__(self, conv):
+        super().__init__()
+        default_filter = torch.tensor([[[[1, 2, 1], [2, 4, 2], [1, 2, 1]]]]) / 16.0
+        filt = default_filter.repeat(conv.in_channels, 1, 1, 1)
+        self.conv = conv
+        self.register_buffer('blur_filter', filt.contiguous())
+
+    def forward(self, x):
+        blurred = F.conv2d(x.contiguous(), self.blur_filter, stride=1, padding=(1, 1), groups=self.conv.in_channels)
+        return self.conv(blurred.contiguous())
+
+
+def official_apply_blurpool(mod):
+    for name, child in mod.named_children():
+        if isinstance(child, nn.Conv2d) and (np.max(child.stride) > 1 and child.in_channels >= 16):
+            setattr(mod, name, OfficialBlurPoolConv2d(child))
+        else:
+            official_apply_blurpool(child)
+
+
+class OfficialOLS(nn.Module):
+    """Stand-in for the official OnlineLabelSmoothing: its state lives in buffers (saved as criterion.*)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer('supervise', torch.eye(n))
+        self.register_buffer('update', torch.zeros(n, n))
+
+    def forward(self, out, y):
+        return F.cross_entropy(out, y)
+
+
+def _lightning_net():
+    import lightning as L
+
+    class Net(L.LightningModule):  # official Conv/ffcv/model.py Net, the parts that shape the checkpoint
+        def __init__(self):
+            super().__init__()
+            self.model = torchvision.models.get_model('resnet50', weights=None, num_classes=NUM_CLASSES)
+            official_apply_blurpool(self.model)
+            self.criterion = OfficialOLS(NUM_CLASSES)
+            self.val_criterion = nn.CrossEntropyLoss()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.criterion(self.model(x), y)
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+            return {'optimizer': opt, 'lr_scheduler': {'scheduler': torch.optim.lr_scheduler.StepLR(opt, 30),
+                                                       'interval': 'epoch'}}
+
+    return Net()
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp('rel'), n_classes=NUM_CLASSES, n_train=2, n_val=2, size=64)
+
+
+@pytest.fixture(scope='module')
+def deit_release(tmp_path_factory):
+    """The DeiT-S release as the official main.py writes it (args.model = 'our_patch16_224')."""
+    torch.manual_seed(0)
+    model = official_our_patch16_224(num_classes=NUM_CLASSES).eval()
+    opt = torch.optim.AdamW(model.parameters())
+    args = argparse.Namespace(model='our_patch16_224', input_size=224, data_set='IMNET', batch_size=128,
+                              epochs=300, nb_classes=NUM_CLASSES, eval_crop_ratio=0.875, lr=5e-4)
+    path = tmp_path_factory.mktemp('deit') / 'checkpoint.pth'
+    torch.save({'model': model.state_dict(), 'optimizer': opt.state_dict(), 'lr_scheduler': {'t': 1},
+                'epoch': 299, 'model_ema': model.state_dict(), 'scaler': {}, 'args': args}, path)
+    return path, model
+
+
+@pytest.fixture(scope='module')
+def resnet_releases(tmp_path_factory):
+    """The ResNet-50 release in every form the official pipeline can produce."""
+    import lightning as L
+    out = tmp_path_factory.mktemp('resnet')
+    torch.manual_seed(0)
+    net = _lightning_net()
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 64, 64), torch.arange(4) % NUM_CLASSES)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator='cpu',
+                        default_root_dir=str(out))
+    trainer.fit(net, torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(out / 'maxsup.ckpt')
+    blur = net.model.eval()
+    torch.save(blur.state_dict(), out / 'blurpool_plain.pth')
+    torch.save(nn.DataParallel(blur).state_dict(), out / 'blurpool_ddp.pth')  # 'module.' as DDP writes it
+    torch.manual_seed(1)
+    plain = torchvision.models.resnet50(num_classes=NUM_CLASSES).eval()
+    torch.save(plain.state_dict(), out / 'torchvision_plain.pth')
+    torch.save(nn.DataParallel(plain).state_dict(), out / 'torchvision_ddp.pth')
+    return out, blur, plain
+
+
+def _logits_match(model, reference, size):
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max() <= 1e-4
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+def test_deit_release_loads_by_its_official_name(deit_release, capsys):
+    path, original = deit_release
+    model, info = load_model(path)
+    assert info['model'] == 'deit_small_patch16_224' and info['format'] == 'deit'
+    assert info['recorded']['data_set'] == 'IMNET' and info['input_size'] == 224
+    _logits_match(model, original, 224)
+    ema, _ = load_model(path, use_ema=True)
+    _logits_match(ema, original, 224)
+
+
+def test_unknown_recorded_model_falls_back_to_the_keys(deit_release, tmp_path, capsys):
+    path, original = deit_release
+    ckpt = torch.load(path, weights_only=False)
+    ckpt['args'].model = 'their_custom_vit'
+    torch.save(ckpt, tmp_path / 'renamed.pth')
+    model, info = load_model(tmp_path / 'renamed.pth')
+    assert info['model'] == 'deit_small_patch16_224'
+    assert "records model 'their_custom_vit'" in capsys.readouterr().out
+    _logits_match(model, original, 224)
+
+
+@pytest.mark.parametrize('name, expect_model', [
+    ('maxsup.ckpt', 'resnet50_blurpool'), ('blurpool_plain.pth', 'resnet50_blurpool'),
+    ('blurpool_ddp.pth', 'resnet50_blurpool'), ('torchvision_plain.pth', 'resnet50'),
+    ('torchvision_ddp.pth', 'resnet50')])
+def test_resnet_releases_load_with_the_same_logits(resnet_releases, name, expect_model, capsys):
+    out, blur, plain = resnet_releases
+    model, info = load_model(out / name)
+    assert info['model'] == expect_model
+    _logits_match(model, blur if 'blurpool' in expect_model else plain, 64)
+    if name.endswith('.ckpt'):
+        assert info['format'] == 'lightning'
+        assert 'ignoring 2 non-model entries (criterion)' in capsys.readouterr().out
+
+
+def test_cli_tools_take_releases_without_flags(deit_release, resnet_releases, folder, tmp_path):
+    from tools import analyze, evaluate
+    from tools.load_checkpoint import main as load_main
+    path, original = deit_release
+    out = tmp_path / 'deit.safetensors'
+    assert load_main([str(path), '--export', str(out)]) == 0
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+    model, info = load_model(out)  # no --model: the metadata header says which
+    assert info['model'] == 'deit_small_patch16_224' and info['recorded']['data_set'] == 'IMNET'
+    _logits_match(model, original, 224)
+    # the checkpoint records IMNET; the folder tree is ImageNet-shaped, so no --data-set is needed
+    stats = evaluate.run(path, data_path=folder, out=tmp_path / 'ev', num_workers=0)
+    assert stats['model'] == 'deit_small_patch16_224' and stats['n'] == 2 * NUM_CLASSES
+    assert stats['data_set'] == 'IMNET' and stats['input_size'] == 224
+    res, _, _ = resnet_releases
+    assert evaluate.main([str(res / 'maxsup.ckpt'), '--data-path', str(folder), '--input-size', '64',
+                          '--num-workers', '0', '--out', str(tmp_path / 'ev2')]) == 0
+    assert json.loads((tmp_path / 'ev2' / 'metrics.json').read_text())['model'] == 'resnet50_blurpool'
+    assert analyze.main(['logits', '--ckpt', f'r={res / "maxsup.ckpt"}', '--data-path', str(folder),
+                         '--input-size', '64', '--num-workers', '0', '--out', str(tmp_path / 'an')]) == 0
+    # overrides exist for every tool
+    assert analyze.main(['logits', '--ckpt', str(res / 'torchvision_plain.pth'), '--model', 'resnet50',
+                         '--num-classes', str(NUM_CLASSES), '--data-path', str(folder), '--input-size', '64',
+                         '--num-workers', '0', '--out', str(tmp_path / 'an2')]) == 0
+
+
+def test_cache_flag_is_not_silently_ignored(deit_release, folder, capsys):
+    from tools import evaluate
+    path, _ = deit_release
+    assert evaluate.main([str(path), '--data-set', 'FOLDER', '--data-path', str(folder), '--cache']) == 2
+    assert '--cache reads the ImageNet ZIP cache' in capsys.readouterr().err
+
+
+def test_release_weights_for_segmentation_and_finetuning(deit_release, resnet_releases, folder, tmp_path):
+    from deit.main import cli
+    from segmentation.deit_to_mmseg import convert_checkpoint
+    path, original = deit_release
+    state = convert_checkpoint(path, tmp_path / 'seg.pth', 384, 12, 512)
+    assert torch.equal(state['patch_embed.projection.bias'], original.state_dict()['patch_embed.proj.bias'])
+    res, _, _ = resnet_releases
+    out = tmp_path / 'ft'
+    assert cli(['--model', 'resnet50_blurpool', '--finetune', str(res / 'maxsup.ckpt'), '--data-set', 'FOLDER',
+                '--data-path', str(folder), '--input-size', '64', '--epochs', '1', '--batch-size', '4',
+                '--num_workers', '0', '--mixup', '0', '--cutmix', '0', '--aa', 'none', '--reprob', '0',
+                '--print-freq', '0', '--warmup-epochs', '0', '--no-pin-mem', '--output_dir', str(out)]) == 0
+    assert json.loads((out / 'log.txt').read_text())['test_n'] == 2 * NUM_CLASSES
+    # --resume --eval of the official release with its official model name
+    assert cli(['--model', 'our_patch16_224', '--resume', str(path), '--eval', '--data-set', 'IMNET',
+                '--data-path', str(folder), '--batch-size', '4', '--num_workers', '0', '--no-pin-mem',
+                '--print-freq', '0']) == 0
+
+
+@pytest.fixture(scope='module')
+def official_tree(tmp_path_factory):
+    """An ImageNet-like tree (synset folders, flat val/) and maps in the official release's numbering."""
+    root = tmp_path_factory.mktemp('official')
+    synsets = ['n01440764', 'n01443537', 'n01484850', 'n01491361']
+    make_imagefolder(root / 'tree', n_classes=4, n_train=4, n_val=2, names=synsets)
+    perm = [2, 0, 3, 1]  # the authors' label of each synset (not ImageFolder's sorted order)
+    train_lines, val_lines = [], []
+    for c, syn in enumerate(synsets):
+        for f in sorted((root / 'tree' / 'train' / syn).iterdir()):
+            train_lines.append(f'{syn}/{f.name}\t{perm[c]}')
+        for i, f in enumerate(sorted((root / 'tree' / 'val' / syn).iterdir())):
+            name = f'ILSVRC2012_val_{c * 10 + i:08d}.JPEG'
+            f.rename(root / 'tree' / 'val' / name)
+            val_lines.append(f'{name}\t{perm[c]}')
+        (root / 'tree' / 'val' / syn).rmdir()
+    (root / 'train_map.txt').write_text('\n'.join(train_lines) + '\n')
+    (root / 'val_map.txt').write_text('\n'.join(val_lines) + '\n')
+    return root
+
+
+def test_cache_from_tree_and_official_maps_trains(official_tree, tmp_path):
+    from data.build_zip_cache import main as build
+    from data.zip_cache import parse_map_file
+    from deit.main import cli
+    dst = tmp_path / 'cache'
+    assert build(['--src', str(official_tree / 'tree'), '--dst', str(dst), '--train-map',
+                  str(official_tree / 'train_map.txt'), '--val-map', str(official_tree / 'val_map.txt')]) == 0
+    # labels and order from the maps; val written in the official flat format
+    assert parse_map_file(dst / 'train_map.txt') == parse_map_file(official_tree / 'train_map.txt')
+    assert (dst / 'val_map.txt').read_text() == (official_tree / 'val_map.txt').read_text()
+    assert build(['--dst', str(dst), '--verify']) == 0
+    out = tmp_path / 'run'
+    assert cli(['--model', 'deit_demo_patch4_32', '--input-size', '32', '--data-set', 'IMNET', '--data-path',
+                str(dst), '--cache', '--epochs', '1', '--batch-size', '4', '--num_workers', '0', '--mixup', '0',
+                '--cutmix', '0', '--aa', 'none', '--reprob', '0', '--print-freq', '0', '--warmup-epochs', '0',
+                '--no-pin-mem', '--output_dir', str(out)]) == 0
+    assert json.loads((out / 'log.txt').read_text())['test_n'] == 8
+
+
+def test_official_map_errors_name_the_line(official_tree, tmp_path, capsys):
+    from data.build_zip_cache import main as build
+    bad = tmp_path / 'train_map.txt'
+    lines = (official_tree / 'train_map.txt').read_text().splitlines()
+    bad.write_text('\n'.join(lines + ['n01440764/missing.JPEG\t2']) + '\n')
+    assert build(['--src', str(official_tree / 'tree'), '--dst', str(tmp_path / 'c'), '--train-map', str(bad),
+                  '--val-map', str(official_tree / 'val_map.txt')]) == 2
+    assert f"{bad}:{len(lines) + 1}: image 'n01440764/missing.JPEG' not found" in capsys.readouterr().err
+    assert not (tmp_path / 'c').exists()  # a failed build leaves nothing behind
+    # a val label that contradicts its class folder is refused
+    tree = make_imagefolder(tmp_path / 'std', n_classes=2, n_train=2, n_val=1)
+    vm = tmp_path / 'vm.txt'
+    vm.write_text('class_0/000.jpg\t1\nclass_1/000.jpg\t1\n')
+    assert build(['--src', str(tree), '--dst', str(tmp_path / 'c2'), '--val-map', str(vm)]) == 2
+    assert "has label 1, but class folder 'class_0' is label 0" in capsys.readouterr().err
+    # --val-labels with a standard val/<class>/ layout: not needed, said so
+    assert build(['--src', str(tree), '--dst', str(tmp_path / 'c3'), '--val-labels', str(vm)]) == 2
+    assert '--val-labels is not needed' in capsys.readouterr().err
+
+
+def test_zip_with_split_prefixed_members_gets_a_hint(tmp_path):
+    import zipfile
+
+    from data.zip_cache import CacheError, ZipImageDataset
+    with zipfile.ZipFile(tmp_path / 'train.zip', 'w') as zf:
+        zf.writestr('train/n01/a.JPEG', b'x')
+    (tmp_path / 'train_map.txt').write_text('n01/a.JPEG\t0\n')
+    with pytest.raises(CacheError, match="the zip has 'train/n01/a.JPEG'"):
+        ZipImageDataset(tmp_path / 'train.zip', tmp_path / 'train_map.txt', cache_mode='no')
