@@ -23,7 +23,8 @@ from pathlib import Path
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from data.zip_cache import CacheError, ZipImageDataset, check_labels, parse_map_file, write_map_file
+from data.zip_cache import (CacheError, ZipImageDataset, check_labels, check_split_labels, parse_map_file,
+                            train_class_index, write_map_file)
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps fixed so two builds are byte-identical
 
@@ -64,19 +65,6 @@ def entries_from_map(split_dir: Path, map_file: Path) -> list[tuple[str, int]]:
             raise CacheError(f'{map_file}:{n}: image {name!r} listed twice')
         seen.add(name)
     return entries
-
-
-def check_split_labels(entries, class_index: dict[str, int], source: str) -> None:
-    """Every entry's label must be its class folder's (when it has one) and within the train classes."""
-    for n, (name, label) in enumerate(entries, 1):
-        folder = name.split('/', 1)[0] if '/' in name else None
-        if folder is not None and folder not in class_index:
-            raise CacheError(f'{source}:{n}: class folder {folder!r} of {name!r} is not a train class')
-        if folder is not None and class_index[folder] != label:
-            raise CacheError(f'{source}:{n}: {name!r} has label {label}, but class folder {folder!r} is label '
-                             f'{class_index[folder]} in train')
-        if not 0 <= label < len(class_index):
-            raise CacheError(f'{source}:{n}: label {label} outside the {len(class_index)} train classes')
 
 
 def scan_flat_val(val_dir: Path, labels_file: Path, classes: list[str]) -> list[tuple[str, int]]:
@@ -161,8 +149,7 @@ def verify(dst: Path) -> list[str]:
     """Decode every member of both splits; return the bad ones as 'zip@/member: reason'."""
     bad = []
     for split in ('train', 'val'):
-        ds = ZipImageDataset(Path(dst) / f'{split}.zip', Path(dst) / f'{split}_map.txt',
-                             folder_labels=(split == 'train'), cache_mode='no')
+        ds = ZipImageDataset.from_folder(dst, split, cache_mode='no')
         for i in tqdm(range(len(ds)), desc=f'verify {split}', unit='img', mininterval=1.0):
             try:
                 ds.load(i)

@@ -48,19 +48,41 @@ def temp_path(path: Path) -> Path:
 
 
 def torch_load(path: str | os.PathLike, map_location='cpu'):
-    """Safe torch.load of a local file with a clear error for truncated / foreign files."""
+    """Safe torch.load of a local file; a file that is no checkpoint gets one line saying what it is."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint not found: {path}')
+    kind = sniff_file(path)
+    if kind:
+        raise CheckpointError(f'{path}: {kind}, not a PyTorch checkpoint (torch.save output or .safetensors)')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError, IndexError... on foreign bytes
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if 'Unsupported global' in str(e) or 'weights_only' in str(e):
             raise CheckpointError(f'{path}: not a plain checkpoint (it pickles arbitrary objects; refusing to '
                                   f'execute them): {msg}') from e
-        raise CheckpointError(f'{path}: cannot read checkpoint (truncated or not a torch file): {msg}') from e
+        raise CheckpointError(f'{path}: cannot read checkpoint (truncated or corrupted torch file): '
+                              f'{type(e).__name__}: {msg}') from e
+
+
+def sniff_file(path: Path) -> str | None:
+    """What a file is when it cannot be a torch.save file (zip 'PK' or pickle protocol 2+), else None."""
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    if head.startswith(b'PK\x03\x04') or head[:1] == b'\x80':
+        return None
+    if not head:
+        return 'an empty file'
+    text = head.lstrip()
+    try:
+        text.decode('utf-8')
+    except UnicodeDecodeError:
+        return 'a binary file of unknown format'
+    if text[:1] in (b'{', b'['):
+        return 'a JSON file'
+    return 'a text file'
 
 
 def rng_state() -> dict:

@@ -17,6 +17,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 
+from data.zip_cache import CorruptImageError, SkipCounter, decode_image
+
 DEMO_SIZE = 32  # digits are 8x8; 4x upscaling keeps strokes visible to a patch-4 ViT
 DEMO_MEAN, DEMO_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -53,7 +55,30 @@ class DigitsDataset(torch.utils.data.Dataset):
         return img, self.targets[i]
 
 
-def _folder(root: Path, split_names: tuple[str, ...], transform) -> datasets.ImageFolder:
+class CheckedImageFolder(SkipCounter, datasets.ImageFolder):
+    """ImageFolder with the ZIP cache's contract: an unreadable image is an error naming the file, or, with
+    ``skip_bad`` (``--skip-bad-images``), dropped from its batch and counted - never replaced."""
+
+    def __init__(self, root, transform=None, skip_bad: bool = False):
+        datasets.ImageFolder.__init__(self, root, transform=transform)
+        SkipCounter.__init__(self, skip_bad)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        try:
+            with open(path, 'rb') as f:
+                img = decode_image(f.read(), path)
+        except CorruptImageError:
+            if not self.skip_bad:
+                raise
+            self.count_skip()
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+
+def _folder(root: Path, split_names: tuple[str, ...], transform, skip_bad: bool = False) -> datasets.ImageFolder:
     for name in split_names:
         if (root / name).is_dir():
             path = root / name
@@ -61,7 +86,7 @@ def _folder(root: Path, split_names: tuple[str, ...], transform) -> datasets.Ima
     else:
         raise FileNotFoundError(f'no {" or ".join(split_names)} folder under {root}')
     try:
-        ds = datasets.ImageFolder(str(path), transform=transform)
+        ds = CheckedImageFolder(str(path), transform=transform, skip_bad=skip_bad)
     except FileNotFoundError as e:  # torchvision: "Found no valid file for the classes ..."
         raise FileNotFoundError(f'{path}: {e}') from e
     return ds
@@ -77,6 +102,7 @@ def build_dataset(is_train: bool, args, transform=None):
         raise ValueError(f'--data-path is required for --data-set {name} (use --data-set DEMO for the built-in '
                          f'demo set)')
     root = Path(args.data_path)
+    skip_bad = getattr(args, 'skip_bad_images', False)
     if not root.is_dir():
         raise FileNotFoundError(f'data path does not exist or is not a folder: {root}')
     if getattr(args, 'cache', False) and name != 'IMNET':
@@ -90,9 +116,9 @@ def build_dataset(is_train: bool, args, transform=None):
                                              cache_mode=getattr(args, 'cache_mode', 'full'),
                                              skip_bad=getattr(args, 'skip_bad_images', False))
             return ds, ds.num_classes
-        ds = _folder(root, ('train',) if is_train else ('val',), transform)
+        ds = _folder(root, ('train',) if is_train else ('val',), transform, skip_bad)
     elif name in ('CIFAR10', 'CIFAR100', 'FOLDER'):
-        ds = _folder(root, ('train',) if is_train else ('val', 'test'), transform)
+        ds = _folder(root, ('train',) if is_train else ('val', 'test'), transform, skip_bad)
         expected = {'CIFAR10': 10, 'CIFAR100': 100}.get(name)
         if expected and len(ds.classes) != expected:
             raise ValueError(f'{name} expects {expected} class folders, found {len(ds.classes)} in {ds.root}')

@@ -5,9 +5,11 @@ Paper recipe (DeiT-S, 8 GPUs x 128 = batch 1024, 300 epochs): see scripts/train_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
+import os
 import random
 import sys
 import time
@@ -29,6 +31,8 @@ from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoc
 from deit.losses import (HARD_LABEL_LOSSES, LOSSES, SCHEDULED_LOSSES, AlphaSchedule, DistillationLoss,
                          LabelSmoothingLoss, create_criterion)
 from deit.models import adapt_state_dict_for_finetune, create_model
+from deit.rundir import (RunDirLocked, lock_run_dir, release_run_dir, remove_stale_temp_files, repair_log,
+                         set_aside_log)
 from deit.samplers import DistributedEvalSampler, RASampler
 
 
@@ -107,7 +111,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--data-set', default='IMNET', choices=['IMNET', 'CIFAR10', 'CIFAR100', 'FOLDER', 'DEMO'])
     a('--cache', action='store_true', help='read IMNET from the in-memory ZIP cache (data/)')
     a('--cache-mode', default='full', choices=['full', 'part'], help="'part': each rank keeps 1/world of it")
-    a('--skip-bad-images', action='store_true', help='skip unreadable ZIP members (counted), instead of failing')
+    a('--skip-bad-images', action='store_true',
+      help='drop unreadable images (ZIP cache or folders) from their batch, counted and logged, instead of failing')
     a('--eval-crop-ratio', default=0.875, type=float)
     # run
     a('--output_dir', '--output-dir', default='', help='where to save checkpoints and logs, empty for none')
@@ -139,6 +144,10 @@ def check_args(args) -> None:
         raise ValueError(f'--loss {args.loss} is defined for hard labels; add --mixup 0 --cutmix 0')
     if args.distillation_type != 'none' and args.finetune and not args.eval:
         raise ValueError('finetuning with distillation is not supported (as in DeiT)')
+    if args.epochs < 1 and not args.eval:
+        raise ValueError(f'--epochs {args.epochs}: train for at least 1 epoch (or pass --eval to only evaluate)')
+    if args.eval_every < 1:
+        raise ValueError(f'--eval-every {args.eval_every}: must be >= 1')
     if args.maxsup_alpha_end is None:
         args.maxsup_alpha_end = 0.2 if args.loss == 'maxsup' else args.maxsup_alpha
 
@@ -194,10 +203,26 @@ def parameter_checksum(model) -> str:
 
 def main(args) -> dict:
     du.init_distributed_mode(args)
-    try:
-        return _run(args)
-    finally:
-        du.cleanup()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(du.cleanup)
+        return _run(args, cleanup)
+
+
+def claim_output_dir(args, cleanup: contextlib.ExitStack) -> Path | None:
+    """Create and lock the run folder (rank 0), clear killed saves' temp files; every rank learns the outcome."""
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    error = None
+    if output_dir and du.is_main_process():
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            cleanup.callback(release_run_dir, lock_run_dir(output_dir))
+            remove_stale_temp_files(output_dir)
+        except (RunDirLocked, OSError) as e:
+            error = str(e)
+    error = du.broadcast_object(error)  # a refusal on rank 0 must not leave the other ranks waiting
+    if error:
+        raise RunDirLocked(error)
+    return output_dir
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,6 +276,11 @@ def build_model(args, nb_classes: int, device) -> torch.nn.Module:
             raise ValueError(f'--distillation-type {args.distillation_type} needs a distilled model '
                              f'(e.g. deit_small_distilled_patch16_224), not {args.model}')
         model.set_distilled_training(True)
+    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    if patch is not None and (args.input_size % patch[0] or args.input_size < patch[0]):
+        ok = max(patch[0], args.input_size // patch[0] * patch[0])
+        raise ValueError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch size '
+                         f'{patch[0]}: pixels would be cut off; use e.g. --input-size {ok}')
     return model.to(device)
 
 
@@ -366,26 +396,26 @@ def run_training(args, run, data, output_dir: Path | None) -> dict:
             batches_may_be_empty=getattr(data.train, 'skip_bad', False))
         if hasattr(run.base_criterion, 'next_epoch'):
             run.base_criterion.next_epoch()
-        if hasattr(data.train, 'pop_skipped'):
+        if getattr(data.train, 'skip_bad', False):
             skipped = int(du.all_reduce_sum(torch.tensor(data.train.pop_skipped())))
             train_stats['skipped_images'] = skipped
             if skipped:
                 print(f'epoch {epoch}: skipped {skipped} unreadable training images (--skip-bad-images)')
         run.lr_scheduler.step(epoch + 1)
         alpha = getattr(run.base_criterion, 'alpha', None)
-        if epoch == args.epochs - 1 or (epoch + 1) % args.eval_every == 0:
+        evaluated = epoch == args.epochs - 1 or (epoch + 1) % args.eval_every == 0
+        if evaluated:
             test_stats = evaluate_run(args, run, data, dist_sum)
-        is_best = bool(test_stats) and test_stats['acc1'] > run.max_accuracy
-        if test_stats:
+        is_best = evaluated and test_stats['acc1'] > run.max_accuracy
+        if evaluated:
             run.max_accuracy = max(run.max_accuracy, test_stats['acc1'])
             print(f'Max accuracy: {run.max_accuracy:.2f}%')
+        log = {'epoch': epoch, 'alpha': alpha, 'lr': train_stats['lr'],
+               **{f'train_{k}': v for k, v in train_stats.items()},  # test_* only when measured this epoch
+               **({f'test_{k}': v for k, v in test_stats.items()} if evaluated else {}),
+               'n_parameters': run.n_parameters}
         if output_dir:
-            save_epoch(args, run, epoch, output_dir, is_best)
-        if output_dir and du.is_main_process():
-            log = {'epoch': epoch, 'alpha': alpha, 'lr': train_stats['lr'],
-                   **{f'train_{k}': v for k, v in train_stats.items()},
-                   **{f'test_{k}': v for k, v in test_stats.items()}, 'n_parameters': run.n_parameters}
-            write_log(output_dir, tb, log, epoch)
+            save_epoch(args, run, epoch, output_dir, is_best, log, tb, test_stats)
         print(f'epoch {epoch}: alpha {alpha}, lr {train_stats["lr"]:.3g}, '
               f'train loss {train_stats.get("loss", float("nan")):.4f}')
     if tb is not None:
@@ -401,7 +431,7 @@ def evaluate_run(args, run, data, dist_sum: bool) -> dict:
         ema_stats = evaluate(data.loader_val, run.model_ema.module, amp=amp, distributed_sum=dist_sum,
                              print_freq=args.print_freq)
         stats.update({f'ema_{k}': v for k, v in ema_stats.items()})
-    if hasattr(data.val, 'pop_skipped'):  # --skip-bad-images: say over how many images accuracy was taken
+    if getattr(data.val, 'skip_bad', False):  # --skip-bad-images: say over how many images accuracy was taken
         passes = 2 if run.model_ema is not None else 1
         skipped = int(du.all_reduce_sum(torch.tensor(data.val.pop_skipped()))) // passes
         stats['skipped_images'] = skipped
@@ -410,8 +440,12 @@ def evaluate_run(args, run, data, dist_sum: bool) -> dict:
     return stats
 
 
-def save_epoch(args, run, epoch: int, output_dir: Path, is_best: bool) -> None:
-    """Every rank contributes its RNG state; rank 0 writes checkpoint.pth (and best_checkpoint.pth)."""
+def save_epoch(args, run, epoch: int, output_dir: Path, is_best: bool, log: dict, tb, test_stats: dict) -> None:
+    """Every rank contributes its RNG state; rank 0 writes best_checkpoint.pth, the log line, checkpoint.pth.
+
+    checkpoint.pth is written last (see deit/rundir.py): whatever kills the run, the resume point and
+    the files behind it agree.
+    """
     rng = du.all_gather_object(rng_state())
     if not du.is_main_process():
         return
@@ -421,13 +455,14 @@ def save_epoch(args, run, epoch: int, output_dir: Path, is_best: bool) -> None:
         'epoch': epoch, 'args': args, 'max_accuracy': run.max_accuracy, 'world_size': du.get_world_size(),
         'alpha': {'value': getattr(run.base_criterion, 'alpha', None),
                   'schedule': run.schedule.state_dict() if run.schedule else None},
-        'criterion': run.base_criterion.state_dict(), 'rng': rng,
+        'criterion': run.base_criterion.state_dict(), 'rng': rng, 'log': log, 'test_stats': test_stats,
     }
     if run.model_ema is not None:
         state['model_ema'] = run.model_ema.module.state_dict()
-    save_atomic(state, output_dir / 'checkpoint.pth')
     if is_best:
         save_atomic(state, output_dir / 'best_checkpoint.pth')
+    write_log(output_dir, tb, log, epoch)
+    save_atomic(state, output_dir / 'checkpoint.pth')
 
 
 def restore_training_state(args, run, ckpt: dict, path: str) -> None:
@@ -446,6 +481,9 @@ def restore_training_state(args, run, ckpt: dict, path: str) -> None:
         if 'criterion' in ckpt:
             run.base_criterion.load_state_dict(ckpt['criterion'])
         run.max_accuracy = ckpt.get('max_accuracy', 0.0)
+        run.last_test_stats = ckpt.get('test_stats') or {}
+        if getattr(args, 'output_dir', None) and du.is_main_process():
+            repair_log(Path(args.output_dir), ckpt['epoch'], ckpt.get('log'))
         done = restore_rng(ckpt.get('rng'), du.get_rank(), world, reseed=args.seed + 1000 * args.start_epoch)
         if done != 'restored':
             print(f'note: RNG streams {done}')
@@ -469,6 +507,8 @@ def open_tensorboard(output_dir: Path | None):
 def write_log(output_dir: Path, tb, log: dict, epoch: int) -> None:
     with open(output_dir / 'log.txt', 'a') as f:
         f.write(json.dumps(log) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
     if tb is not None:
         for k, v in log.items():
             if isinstance(v, (int, float)) and v is not None and k != 'epoch':
@@ -476,7 +516,7 @@ def write_log(output_dir: Path, tb, log: dict, epoch: int) -> None:
         tb.flush()
 
 
-def _run(args) -> dict:
+def _run(args, cleanup: contextlib.ExitStack) -> dict:
     check_args(args)
     device, amp = setup_device(args)
     data = build_data(args)
@@ -485,14 +525,14 @@ def _run(args) -> dict:
     optimizer, lr_scheduler = build_optimization(args, model)
     run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, criterion=criterion,
                           base_criterion=base_criterion, schedule=schedule, optimizer=optimizer,
-                          lr_scheduler=lr_scheduler, max_accuracy=0.0,
+                          lr_scheduler=lr_scheduler, max_accuracy=0.0, last_test_stats={},
                           loss_scaler=LossScaler(device.type, enabled=amp and device.type == 'cuda'),
                           n_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
     print(f'model {args.model}: {run.n_parameters / 1e6:.2f}M parameters, {data.nb_classes} classes')
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir and du.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = claim_output_dir(args, cleanup)
     resume_path, ckpt = read_resume_checkpoint(args, output_dir)
+    if ckpt is None and output_dir and not args.eval and du.is_main_process():
+        set_aside_log(output_dir)
     if ckpt is not None:  # weights before DDP: its constructor then broadcasts them
         restore_weights(model, ckpt, resume_path, args.model)
     run.model, run.model_ema = wrap_model(args, model, device)
@@ -504,11 +544,15 @@ def _run(args) -> dict:
         del ckpt
     lr_scheduler.step(args.start_epoch)
     if args.eval:
-        stats = evaluate(data.loader_val, run.model, amp=amp and device.type == 'cuda',
-                         distributed_sum=args.distributed and args.dist_eval, print_freq=args.print_freq)
+        run.model_ema = None  # --eval measures the weights it was given
+        stats = evaluate_run(args, run, data, args.distributed and args.dist_eval)
         print(f'Accuracy of the network on the {stats["n"]} test images: {stats["acc1"]:.2f}%')
         return stats
-    test_stats = run_training(args, run, data, output_dir)
+    if args.start_epoch >= args.epochs:  # a finished run started again: say where it ended
+        print(f'{resume_path}: training already finished ({args.epochs} epochs); nothing to do')
+        test_stats = run.last_test_stats
+    else:
+        test_stats = run_training(args, run, data, output_dir)
     checksum = parameter_checksum(model)
     du.print_all(f'[rank {du.get_rank()}] parameter checksum {checksum}')
     if run.model_ema is not None:

@@ -9,7 +9,9 @@ would under NCCL. Every collective call is recorded (the innermost project funct
     torchrun --nproc_per_node=2 tests/dist_harness.py [options] -- <deit.main arguments>
 
 Options: ``--legacy-spec SPEC`` the GPU backend spec to imitate (default: the project's); ``--stop-at-epoch E``
-every rank exits when it enters epoch E (a requeue after epoch E-1, deterministically); ``--rank-local-output``
+every rank exits when it enters epoch E (a requeue after epoch E-1, deterministically); ``--kill-after-write N``
+the process dies (exit 137, as SIGKILL) right after its N-th run-folder write (checkpoint saves and log
+lines, in order); ``--rank-local-output``
 ranks > 0 get ``<output_dir>.rank<r>`` (an output dir that is not shared between nodes).
 """
 from __future__ import annotations
@@ -72,6 +74,24 @@ def stop_at_epoch(epoch: int) -> None:
     deit.main.train_one_epoch = train_one_epoch
 
 
+def kill_after_write(n: int) -> None:
+    import deit.main
+    count = [0]
+
+    def counted(real):
+        def write(*a, **kw):
+            out = real(*a, **kw)
+            count[0] += 1
+            if count[0] == n:
+                sys.stdout.flush()
+                os._exit(137)
+            return out
+        return write
+
+    deit.main.save_atomic = counted(deit.main.save_atomic)
+    deit.main.write_log = counted(deit.main.write_log)
+
+
 def hide_folder(folder: Path) -> None:
     """Make files below ``folder`` invisible to this process (another node's local disk)."""
     real_is_file = Path.is_file
@@ -88,6 +108,8 @@ def main(argv: list[str]) -> int:
     legacy = opts[opts.index('--legacy-spec') + 1] if '--legacy-spec' in opts else None
     if '--stop-at-epoch' in opts:
         stop_at_epoch(int(opts[opts.index('--stop-at-epoch') + 1]))
+    if '--kill-after-write' in opts:
+        kill_after_write(int(opts[opts.index('--kill-after-write') + 1]))
     rank = int(os.environ.get('RANK', '0'))
     if '--rank-local-output' in opts and rank > 0:
         i = argv.index('--output_dir') + 1

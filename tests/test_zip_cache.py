@@ -121,7 +121,7 @@ def test_missing_member_and_malformed_lines_name_file_and_line(tmp_path):
     zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg()}, 'a/x.jpg\t0\na/missing.jpg\t0\n')
     with pytest.raises(CacheError, match=r"train_map\.txt: line 2 names member 'a/missing\.jpg'"):
         ZipImageDataset(zp, mp_)
-    for text, msg in (('a/x.jpg 0\n', r'train_map\.txt:1: expected'), ('a/x.jpg\tzero\n', r':1: label .zero.'),
+    for text, msg in (('a/x.jpg\n', r'train_map\.txt:1: expected'), ('a/x.jpg\tzero\n', r':1: label .zero.'),
                       ('a/x.jpg\t0\n\n', r':2: expected'), ('a/x.jpg\t1\n', r'missing \[0\]')):
         (tmp_path / 'train_map.txt').write_text(text)
         with pytest.raises(CacheError, match=msg):

@@ -1,0 +1,92 @@
+"""The run folder (``--output_dir``): one writer at a time, nothing half-written left behind.
+
+Write order of an epoch (rank 0): ``best_checkpoint.pth`` (when best) -> ``log.txt`` line -> ``checkpoint.pth``.
+``checkpoint.pth`` is what a resume reads, so it is written last: a kill before it leaves the previous epoch
+as the resume point, and :func:`repair_log` drops the log lines of the epoch that is then trained again.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+LOCK_NAME = '.lock'
+
+
+class RunDirLocked(ValueError):
+    """Another live process holds the run folder."""
+
+
+def lock_run_dir(output_dir: Path):
+    """Hold an exclusive lock on ``output_dir`` for this process's lifetime; returns the open lock file.
+
+    flock locks die with their process, so the lock of a killed run is simply taken over (with a note).
+    """
+    path = Path(output_dir) / LOCK_NAME
+    f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or 'another process'
+        f.close()
+        raise RunDirLocked(f'{output_dir} is in use by a running training ({owner}); wait for it to finish or '
+                           f'choose another --output_dir') from None
+    f.seek(0)
+    previous = f.read().strip()
+    if previous:
+        print(f'note: taking over {path} from a run that is no longer alive ({previous})')
+    f.seek(0)
+    f.truncate()
+    f.write(f'host {socket.gethostname()}, pid {os.getpid()}\n')
+    f.flush()
+    return f
+
+
+def release_run_dir(lock_file) -> None:
+    if lock_file is not None:
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.close()
+
+
+def remove_stale_temp_files(output_dir: Path) -> list[str]:
+    """Temp files of saves that were killed (``.<name>.tmp-<host>-<pid>-<token>``); safe under the lock."""
+    removed = []
+    for p in Path(output_dir).glob('.*.tmp-*'):
+        p.unlink(missing_ok=True)
+        removed.append(p.name)
+    if removed:
+        print(f'removed {len(removed)} temp file(s) of interrupted saves in {output_dir}: {removed[:3]}')
+    return removed
+
+
+def repair_log(output_dir: Path, epoch: int, record: dict | None) -> None:
+    """Make ``log.txt`` end at ``epoch``: drop lines of later (re-trained) epochs, restore a missing line."""
+    path = Path(output_dir) / 'log.txt'
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get('epoch', -1) <= epoch]
+    if record is not None and not any(json.loads(ln).get('epoch') == epoch for ln in kept):
+        kept.append(json.dumps(record))
+    if kept != lines:
+        tmp = path.with_name('.log.txt.tmp-repair')
+        tmp.write_text(''.join(ln + '\n' for ln in kept))
+        os.replace(tmp, path)
+        print(f'repaired {path}: now ends at epoch {epoch} ({len(lines)} -> {len(kept)} lines)')
+
+
+def set_aside_log(output_dir: Path) -> Path | None:
+    """A run that starts fresh in a folder with a log (of a run that never checkpointed, or one started again
+    with --no-auto-resume) keeps that log as ``log.txt.prev[N]`` instead of appending to it."""
+    path = Path(output_dir) / 'log.txt'
+    if not path.is_file() or not path.stat().st_size:
+        return None
+    n, dest = 1, path.with_name('log.txt.prev')
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f'log.txt.prev{n}')
+    os.replace(path, dest)
+    print(f'starting fresh: the existing {path.name} (no checkpoint to resume it from) was moved to {dest.name}')
+    return dest

@@ -1,0 +1,195 @@
+"""Fault injection: kills at every write boundary, corrupted inputs of each kind, bad flags.
+
+Contract: every bad input ends with exit code != 0 and one line naming the file/flag (never a traceback);
+nothing is substituted; nothing written before the error is lost; a killed run resumes to the same end state.
+"""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.build_zip_cache import main as build_zip
+from deit.main import cli
+from tests.conftest import TINY, make_image, make_imagefolder, run_module
+
+HARNESS1 = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'tests/dist_harness.py']
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
+    return err
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp('faults'), n_classes=3, n_train=8, n_val=3)
+
+
+# ---- kills at each write boundary -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_kill_at_every_write_boundary_resumes_to_the_uninterrupted_end_state(folder, tmp_path):
+    common = TINY + ['--data-set', 'FOLDER', '--data-path', str(folder), '--batch-size', '4', '--epochs', '2',
+                     '--aa', 'rand-m9-mstd0.5', '--mixup', '0.8']
+    ref = tmp_path / 'ref'
+    assert run_module(HARNESS1 + ['--'] + common + ['--output_dir', str(ref)]).returncode == 0
+    want = torch.load(ref / 'checkpoint.pth', weights_only=False)
+    writes = 3 + 2 + int(_log(ref)[1]['test_acc1'] > _log(ref)[0]['test_acc1'])  # best?, log, checkpoint
+    for n in range(1, writes):
+        out = tmp_path / f'kill{n}'
+        killed = run_module(HARNESS1 + ['--kill-after-write', str(n), '--'] + common + ['--output_dir', str(out)])
+        assert killed.returncode != 0, n
+        (out / '.checkpoint.pth.tmp-node-123-abcd').write_bytes(b'half a save')  # a save killed midway
+        r = run_module(HARNESS1 + ['--'] + common + ['--output_dir', str(out)])
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        log = _log(out)
+        assert [x['epoch'] for x in log] == [0, 1], (n, log)
+        got = torch.load(out / 'checkpoint.pth', weights_only=False)
+        assert got['epoch'] == 1
+        assert all(torch.equal(got['model'][k], want['model'][k]) for k in want['model']), n
+        best = torch.load(out / 'best_checkpoint.pth', weights_only=False)
+        assert best['epoch'] == max(log, key=lambda x: (x['test_acc1'], -x['epoch']))['epoch']
+        assert not list(out.glob('.*tmp*')), n
+    # a finished run started again says where it ended
+    r = run_module(HARNESS1 + ['--'] + common + ['--output_dir', str(ref)])
+    assert r.returncode == 0 and 'training already finished' in r.stdout and 'Final accuracy: top-1' in r.stdout
+    assert len(_log(ref)) == 2
+
+
+# ---- unreadable checkpoints ------------------------------------------------------------------------------
+@pytest.mark.parametrize('content, what', [
+    (b'hello\n', 'a text file'), (b'{"model": 1}', 'a JSON file'), (b'', 'an empty file'),
+    (bytes(range(1, 255)) * 4, 'a binary file of unknown format'), (b'e', 'a text file')])
+def test_garbage_checkpoints_get_one_line_everywhere(content, what, tmp_path, capsys):
+    from tools import analyze, evaluate
+    from tools.load_checkpoint import main as load_main
+    bad = tmp_path / 'ckpt.pth'
+    bad.write_bytes(content)
+    runs = [lambda: cli(TINY + ['--data-set', 'DEMO', '--resume', str(bad), '--epochs', '1']),
+            lambda: cli(TINY + ['--data-set', 'DEMO', '--resume', str(bad), '--eval']),
+            lambda: cli(TINY + ['--data-set', 'DEMO', '--finetune', str(bad), '--epochs', '1']),
+            lambda: load_main([str(bad)]),
+            lambda: evaluate.main([str(bad), '--data-set', 'DEMO']),
+            lambda: analyze.main(['logits', '--ckpt', str(bad), '--data-set', 'DEMO'])]
+    for run in runs:
+        assert run() == 2
+        err = _err(capsys)
+        assert f'{bad}: {what}, not a PyTorch checkpoint' in err and err.count('\n') == 1, err
+
+
+# ---- corrupted data --------------------------------------------------------------------------------------
+def _flip_inside_jpeg(zip_path: Path) -> str:
+    """Flip one byte in the entropy-coded data of the first member: the JPEG still decodes, to wrong pixels."""
+    with zipfile.ZipFile(zip_path) as zf:
+        info = sorted(zf.infolist(), key=lambda i: i.filename)[0]
+        data = zf.read(info)
+    raw = bytearray(zip_path.read_bytes())
+    at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + data.find(b'\xff\xda') + 60
+    raw[at] ^= 0x55
+    zip_path.write_bytes(bytes(raw))
+    from PIL import Image
+    with zipfile.ZipFile(zip_path) as zf:  # still a decodable image (zipfile's own read would check the CRC)
+        off = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        Image.open(io.BytesIO(bytes(raw[off:off + info.compress_size]))).load()
+    return info.filename
+
+
+def test_crc_errors_are_found_by_verify_and_the_reader(folder, tmp_path, capsys):
+    dst = tmp_path / 'cache'
+    assert build_zip(['--src', str(folder), '--dst', str(dst)]) == 0
+    victim = _flip_inside_jpeg(dst / 'val.zip')
+    capsys.readouterr()
+    assert build_zip(['--dst', str(dst), '--verify']) == 1
+    assert f'BAD val.zip@/{victim}: CRC-32 mismatch' in capsys.readouterr().out
+    args = TINY + ['--data-set', 'IMNET', '--data-path', str(dst), '--cache', '--epochs', '1', '--batch-size', '4']
+    assert cli(args) == 2
+    assert f'val.zip@/{victim}: CRC-32 mismatch' in _err(capsys)
+    out = tmp_path / 'skip'
+    assert cli(args + ['--skip-bad-images', '--output_dir', str(out)]) == 0
+    log = _log(out)[0]
+    assert log['test_skipped_images'] == 1 and log['test_n'] == 8  # reported, over the 8 readable images
+
+
+def test_val_labels_must_match_their_class_folders(folder, tmp_path, capsys):
+    dst = tmp_path / 'cache'
+    assert build_zip(['--src', str(folder), '--dst', str(dst)]) == 0
+    lines = (dst / 'val_map.txt').read_text().splitlines()
+    name, label = lines[0].split('\t')
+    lines[0] = f'{name}\t{(int(label) + 1) % 3}'
+    (dst / 'val_map.txt').write_text('\n'.join(lines) + '\n')
+    assert build_zip(['--dst', str(dst), '--verify']) == 2
+    assert f"val_map.txt:1: '{name}' has label" in _err(capsys)
+    assert cli(TINY + ['--data-set', 'IMNET', '--data-path', str(dst), '--cache', '--epochs', '1']) == 2
+    assert f"but class folder '{name.split('/')[0]}' is label {label}" in _err(capsys)
+
+
+def test_undecodable_file_in_an_image_folder(tmp_path, capsys):
+    root = make_imagefolder(tmp_path / 'f', n_classes=2, n_train=4, n_val=2)
+    bad = root / 'train' / 'class_1' / '001.jpg'
+    bad.write_bytes(bad.read_bytes()[:100])
+    args = TINY + ['--data-set', 'FOLDER', '--data-path', str(root), '--epochs', '1', '--batch-size', '4']
+    assert cli(args) == 2
+    assert f'{bad}: cannot decode image' in _err(capsys)
+    out = tmp_path / 'run'
+    assert cli(args + ['--skip-bad-images', '--output_dir', str(out)]) == 0
+    assert _log(out)[0]['train_skipped_images'] == 1
+
+
+def test_failed_cache_build_leaves_nothing(tmp_path, capsys):
+    src = tmp_path / 'src'
+    (src / 'train' / 'a').mkdir(parents=True)
+    make_image(0, 0).save(src / 'train' / 'a' / 'x.jpg')
+    (src / 'val' / 'b').mkdir(parents=True)
+    make_image(0, 1).save(src / 'val' / 'b' / 'x.jpg')
+    assert build_zip(['--src', str(src), '--dst', str(tmp_path / 'out')]) == 2
+    assert 'class folders differ' in _err(capsys) and not (tmp_path / 'out').exists()
+
+
+# ---- bad flags ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('extra, msg', [
+    (['--epochs', '0'], '--epochs 0: train for at least 1 epoch'),
+    (['--input-size', '7'], "--input-size 7 is not a multiple of deit_demo_patch4_32's patch size 4"),
+    (['--input-size', '30'], 'use e.g. --input-size 28'),
+    (['--eval-every', '0'], '--eval-every 0'),
+])
+def test_bad_flags_are_one_line(extra, msg, capsys):
+    assert cli(TINY + ['--data-set', 'DEMO'] + extra) == 2
+    err = _err(capsys)
+    assert msg in err and err.count('\n') == 1, err
+
+
+def test_patch16_model_input_size_is_checked(capsys):
+    assert cli(['--model', 'deit_tiny_patch16_224', '--input-size', '100', '--data-set', 'DEMO', '--epochs', '1',
+                '--num_workers', '0']) == 2
+    assert 'use e.g. --input-size 96' in _err(capsys)
+
+
+def test_one_run_per_output_dir(tmp_path, capsys):
+    from deit.rundir import lock_run_dir, release_run_dir
+    out = tmp_path / 'run'
+    out.mkdir()
+    held = lock_run_dir(out)  # a live training holds the folder
+    args = TINY + ['--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '1', '--output_dir', str(out)]
+    assert cli(args) == 2
+    assert 'is in use by a running training' in _err(capsys) and not (out / 'log.txt').exists()
+    release_run_dir(held)
+    (out / '.lock').write_text('host gone, pid 999999\n')  # the lock file of a run that was killed
+    assert cli(args) == 0
+    assert 'taking over' in capsys.readouterr().out and len(_log(out)) == 1
+
+
+def test_eval_every_logs_test_values_only_when_measured(tmp_path):
+    out = tmp_path / 'run'
+    assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '3', '--max-steps-per-epoch', '1', '--eval-every', '2',
+                       '--output_dir', str(out)]) == 0
+    log = _log(out)
+    assert ['test_acc1' in x for x in log] == [False, True, True]
