@@ -6,6 +6,8 @@ Generates N small JPEGs (default 20k) as an ImageFolder, builds the ZIP cache, t
                    (c) Swin's ZipReader (cached ZipFile handle + ZipFile.read per sample)
   fetch + decode   the same plus PIL decode
   end-to-end       zip fetch + decode + DeiT train transforms, vs decode + transforms from bytes in RAM
+  CRC-32           the reader's per-read CRC check, vs decode and decode + transforms of ImageNet-sized
+                   JPEGs (500x375, quality 90, from scikit-learn's sample photos)
   memory           PSS/RSS of DataLoader workers (1 vs 4) and the zip mapping's share of it
 
     python -m benchmarks.bench_zip_loader [--n 20000 --size 64 --workdir /tmp/zipbench]
@@ -89,6 +91,34 @@ def worker_memory(ds, workers: int, zip_path: str) -> dict:
             'zip_pss_mb': sum(s[2] for s in stats) / 1024, 'zip_private_mb': sum(s[3] for s in stats) / 1024}
 
 
+def realistic_jpegs(n: int = 16) -> list[bytes]:
+    """ImageNet-sized JPEGs (500x375, quality 90) cut from the real photos scikit-learn ships."""
+    from sklearn.datasets import load_sample_images
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    out = []
+    for i in range(n):
+        ph = photos[i % len(photos)]
+        x, y = (i * 37) % (ph.width - 400), (i * 23) % (ph.height - 300)
+        buf = io.BytesIO()
+        ph.crop((x, y, x + 400, y + 300)).resize((500, 375), Image.BICUBIC).save(buf, 'JPEG', quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def crc_cost(tf, rounds: int) -> None:
+    import zlib
+    blobs = realistic_jpegs()
+    crc, dec, full = [], [], []
+    for _ in range(rounds):
+        crc.append(timed(lambda i: zlib.crc32(blobs[i % 16]), range(2000)))
+        dec.append(timed(lambda i: decode(blobs[i % 16]), range(100)))
+        full.append(timed(lambda i: tf(decode(blobs[i % 16])), range(100)))
+    c, d, f = (1e6 / statistics.median(v) for v in (crc, dec, full))
+    print(f'\nCRC-32 per read (checked by the reader and --verify): {c:.1f} us on {len(blobs[0]) // 1024} KiB '
+          f'JPEGs = {100 * c / d:.2f} % of decode ({d:.0f} us), {100 * c / f:.2f} % of decode + DeiT transforms '
+          f'({f:.0f} us)')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--n', type=int, default=20000)
@@ -139,7 +169,7 @@ def main():
     blobs = [ds.read_bytes(i) for i in range(len(ds))]
     e2e, pure = [], []
     for _ in range(args.rounds):
-        order = rng.sample(range(len(ds)), 1000)
+        order = rng.sample(range(len(ds)), min(1000, len(ds)))
         torch.manual_seed(0), random.seed(0)  # RandAugment draws from `random`, RandomErasing from torch
         e2e.append(timed(lambda i: tf(ds.load(i)), order))
         torch.manual_seed(0), random.seed(0)
@@ -147,6 +177,8 @@ def main():
     ratio = statistics.median(p / e for e, p in zip(e2e, pure))
     print(f'\nend-to-end (decode + DeiT train transforms at 224): zip {statistics.median(e2e):.0f}/s, '
           f'bytes-in-RAM {statistics.median(pure):.0f}/s; zip loading overhead {100 * (ratio - 1):+.1f}%')
+
+    crc_cost(tf, args.rounds)
 
     print('\nDataLoader worker memory (after ~150 random batches)')
     ds_nt = ZipImageDataset(dst / 'train.zip', dst / 'train_map.txt', transform=None)

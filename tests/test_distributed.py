@@ -41,7 +41,7 @@ def test_torchrun_two_ranks_identical_weights_rank0_files_exact_dist_eval(odd_fo
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
     assert 'effective batch size 8 x 2 = 16' in text
     # rank 0 alone wrote: one log line per epoch, no stray files
-    assert sorted(p.name for p in out.iterdir()) == ['best_checkpoint.pth', 'checkpoint.pth', 'log.txt', 'tb']
+    assert sorted(p.name for p in out.iterdir()) == ['.lock', 'best_checkpoint.pth', 'checkpoint.pth', 'log.txt', 'tb']
     assert [json.loads(x)['epoch'] for x in (out / 'log.txt').read_text().splitlines()] == [0, 1]
     # dist-eval over 2 ranks == single-process eval of the same checkpoint, on 15 (odd) images
     ck = ['--eval', '--resume', str(out / 'checkpoint.pth')]
