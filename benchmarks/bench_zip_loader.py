@@ -11,13 +11,22 @@ Generates N small JPEGs (default 20k) as an ImageFolder, builds the ZIP cache, t
   memory           PSS/RSS of DataLoader workers (1 vs 4) and the zip mapping's share of it
 
     python -m benchmarks.bench_zip_loader [--n 20000 --size 64 --workdir /tmp/zipbench]
+    python -m benchmarks.bench_zip_loader --members 1281167      # ImageNet-sized index: open time and memory
+
+``--members N`` builds (once, cached in --workdir) a train.zip of N tiny JPEGs in 1000 class folders and its
+train_map.txt, then reports, each in a fresh process (one rank): open time and RSS growth of the previous
+in-memory path (zipfile.infolist + Python lists per sample) vs this one without and with a stored index, and
+the private memory of each of 4 DataLoader workers over one full epoch of random access.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -119,6 +128,116 @@ def crc_cost(tf, rounds: int) -> None:
           f'({f:.0f} us)')
 
 
+def rss_mb(pid='self') -> float:
+    with open(f'/proc/{pid}/status') as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith('VmRSS')) / 1024
+
+
+def private_mb(pid) -> float:
+    with open(f'/proc/{pid}/smaps_rollup') as f:
+        return sum(int(ln.split()[1]) for ln in f if ln.startswith(('Private_Clean', 'Private_Dirty'))) / 1024
+
+
+def make_big_zip(root: Path, members: int, classes: int = 1000) -> Path:
+    """train.zip with ``members`` tiny JPEGs (class folders n00000000..) and its map; cached."""
+    zp, mp_ = root / 'train.zip', root / 'train_map.txt'
+    if (root / f'done-{members}').exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(16):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(buf, 'JPEG', quality=90)
+        blobs.append(buf.getvalue())
+    t0 = time.time()
+    with zipfile.ZipFile(zp, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf, open(mp_, 'w') as mf:
+        for i in range(members):
+            c = i % classes
+            name = f'n{c:08d}/n{c:08d}_{i}.JPEG'
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(info, blobs[i % 16])
+            mf.write(f'{name}\t{c}\n')
+    (root / f'done-{members}').touch()
+    print(f'built {zp} ({members} members, {zp.stat().st_size / 2**30:.2f} GiB) in {time.time() - t0:.0f}s')
+    return root
+
+
+class _Bytes(torch.utils.data.Dataset):
+    """Raw member bytes only: the epoch measures the index's memory, not JPEG decoding."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return len(self.ds.read_bytes(i))
+
+
+def probe(kind: str, root: Path) -> dict:
+    """One rank's view, in this fresh process: open time, RSS growth, and (kind 'epoch') worker memory."""
+    zp, mp_ = root / 'train.zip', root / 'train_map.txt'
+    before = rss_mb()
+    t0 = time.perf_counter()
+    if kind == 'old':  # the previous path: a ZipInfo per member, then three Python lists per sample
+        from data.zip_cache import parse_map_file
+        with zipfile.ZipFile(zp) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+        names = [i.filename for i in infos]
+        lookup = {n: k for k, n in enumerate(names)}
+        entries = parse_map_file(mp_)
+        keep = (infos, names, [lookup[n] for n, _ in entries], [lab for _, lab in entries],
+                [(f'train.zip@/{n}', lab) for n, lab in entries])
+        out = {'open_s': time.perf_counter() - t0, 'rss_mb': rss_mb() - before, 'n': len(keep[2])}
+        del lookup
+        return out
+    ds = ZipImageDataset(zp, mp_, cache_mode='no')
+    out = {'open_s': time.perf_counter() - t0, 'rss_mb': rss_mb() - before, 'n': len(ds)}
+    if kind == 'epoch':
+        loader = torch.utils.data.DataLoader(_Bytes(ds), batch_size=512, num_workers=4, shuffle=True,
+                                             persistent_workers=True, collate_fn=len)
+        it = iter(loader)
+        next(it)
+        pids = [w.pid for w in it._workers]
+        start = [private_mb(p) for p in pids]
+        t0 = time.perf_counter()
+        for _ in it:
+            pass
+        out.update(epoch_s=time.perf_counter() - t0, worker_private_start_mb=start,
+                   worker_private_end_mb=[private_mb(p) for p in pids])
+    return out
+
+
+def run_probe(kind: str, root: Path) -> dict:
+    r = subprocess.run([sys.executable, '-m', 'benchmarks.bench_zip_loader', '--probe', kind, '--workdir', str(root)],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def scale(members: int, workdir: Path) -> None:
+    root = make_big_zip(workdir / f'big{members}', members)
+    idx = root / 'train.zip.idx'
+    old = run_probe('old', root)
+    idx.unlink(missing_ok=True)
+    first = run_probe('new', root)  # parses the central directory and stores the index
+    stored = [run_probe('new', root) for _ in range(3)]
+    epoch = run_probe('epoch', root)
+    best = min(stored, key=lambda r: r['open_s'])
+    print(f'\n{members} members, one rank each (fresh process):')
+    print(f'  previous path (zipfile.infolist + lists): open {old["open_s"]:.2f} s, RSS +{old["rss_mb"]:.0f} MB')
+    print(f'  without an index (made and stored):        open {first["open_s"]:.2f} s, RSS +{first["rss_mb"]:.0f} MB')
+    print(f'  with the stored index (best of 3):         open {best["open_s"]:.3f} s, RSS +{best["rss_mb"]:.0f} MB '
+          f'(index file {idx.stat().st_size / 2**20:.0f} MiB, shared page cache)')
+    print(f'  speed-up of open: {old["open_s"] / best["open_s"]:.0f}x with the index, '
+          f'{old["open_s"] / first["open_s"]:.1f}x without; RSS {old["rss_mb"] / max(best["rss_mb"], 1):.0f}x less')
+    grow = [e - s for s, e in zip(epoch['worker_private_start_mb'], epoch['worker_private_end_mb'])]
+    print(f'  4 workers, one full epoch of random access ({epoch["epoch_s"]:.0f} s): private memory per worker '
+          f'{", ".join(f"{s:.0f}->{e:.0f}" for s, e in zip(epoch["worker_private_start_mb"], epoch["worker_private_end_mb"]))} MB '
+          f'(growth at most {max(grow):+.1f} MB)')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--n', type=int, default=20000)
@@ -126,7 +245,15 @@ def main():
     ap.add_argument('--workdir', type=Path, default=Path('/tmp/zipbench'))
     ap.add_argument('--sample', type=int, default=5000, help='samples per timing round')
     ap.add_argument('--rounds', type=int, default=5)
+    ap.add_argument('--members', type=int, default=None, help='ImageNet-scale index benchmark with N members')
+    ap.add_argument('--probe', default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.workdir)))
+        return
+    if args.members:
+        scale(args.members, args.workdir)
+        return
     src, dst = args.workdir / 'src', args.workdir / 'cache'
     t0 = time.time()
     make_tree(src, args.n, args.size)

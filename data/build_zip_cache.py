@@ -23,8 +23,8 @@ from pathlib import Path
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from data.zip_cache import (CacheError, ZipImageDataset, check_labels, check_split_labels, parse_map_file,
-                            train_class_index, write_map_file)
+from data.zip_cache import (CacheError, ZipImageDataset, check_labels, check_split_labels, open_index,
+                            parse_map_file, write_map_file)
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps fixed so two builds are byte-identical
 
@@ -142,6 +142,9 @@ def build(src: Path, dst: Path, val_labels: Path | None = None, train_map: Path 
         tmp = dst / f'.{split}_map.txt.tmp'
         write_map_file(tmp, entries)
         os.replace(tmp, dst / f'{split}_map.txt')
+    for split in ('train', 'val'):  # <split>.zip.idx: ranks and workers open the cache from it in ~1 s
+        open_index(dst / f'{split}.zip', dst / f'{split}_map.txt', folder_labels=(split == 'train'),
+                   train_map=dst / 'train_map.txt' if split == 'val' else None)
     return {'classes': len(classes), 'train': len(train), 'val': len(val)}
 
 

@@ -23,7 +23,7 @@ import io
 import mmap
 import multiprocessing as mp
 import os
-import struct
+import re
 import zipfile
 import zlib
 from pathlib import Path
@@ -32,12 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-LOCAL_HEADER = struct.Struct('<4sHHHHHIIIHH')  # local file header, 30 bytes
-LOCAL_MAGIC = b'PK\x03\x04'
-
-
-class CacheError(ValueError):
-    """A problem with a cache file; the message names the file and line or member."""
+from data.zip_index import (CacheError, input_signature, join_names, read_central_directory, read_index,
+                            write_index, zip_tail)
 
 
 class CorruptImageError(CacheError):
@@ -120,59 +116,32 @@ def train_class_index(train_map: Path) -> dict[str, int]:
 
 
 class ZipIndex:
-    """Offset table of a zip file's members, read through a shared read-only mmap."""
+    """A cache zip's members (data offsets, sizes, methods, CRCs, names) and one map's rows and labels.
 
-    def __init__(self, zip_path: str | os.PathLike):
-        self.path = Path(zip_path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f'zip file not found: {self.path}')
-        self._mm = None
-        if self.path.stat().st_size == 0:
-            raise CacheError(f'{self.path}: empty file')
-        with open(self.path, 'rb') as f:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            zf = zipfile.ZipFile(self.path)
-        except zipfile.BadZipFile as e:
-            raise CacheError(f'{self.path}: not a readable zip file ({e})') from e
-        with zf:
-            infos = [i for i in zf.infolist() if not i.is_dir()]
-        n = len(infos)
-        self.names = [i.filename for i in infos]
-        self.offsets = np.empty(n, np.int64)
-        self.sizes = np.empty(n, np.int64)
-        self.methods = np.empty(n, np.int8)
-        self.crcs = np.empty(n, np.uint32)
-        for k, info in enumerate(infos):
-            hdr = LOCAL_HEADER.unpack_from(mm, info.header_offset)
-            if hdr[0] != LOCAL_MAGIC:
-                raise CacheError(f'{self.path}@/{info.filename}: bad local header (truncated or corrupt zip)')
-            self.offsets[k] = info.header_offset + LOCAL_HEADER.size + hdr[9] + hdr[10]
-            self.sizes[k] = info.compress_size
-            self.methods[k] = info.compress_type
-            self.crcs[k] = info.CRC
-            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                raise CacheError(f'{self.path}@/{info.filename}: unsupported compression {info.compress_type}')
-            if self.offsets[k] + self.sizes[k] > len(mm):
-                raise CacheError(f'{self.path}@/{info.filename}: member runs past the end of the file (truncated)')
-        self._mm = mm
+    Arrays come memory-mapped from ``<zip>.idx`` (see data/zip_index.py), or from memory when the index
+    could not be stored. Nothing is held per member as a Python object; names are decoded on demand.
+    """
 
-    def rows_of(self, names, source: str) -> np.ndarray:
-        """Member index of each name; an unknown name is an error naming ``source`` and the entry number."""
-        lookup = {name: k for k, name in enumerate(self.names)}
-        rows = np.empty(len(names), np.int64)
-        for n, name in enumerate(names):
-            k = lookup.get(name)
-            if k is None:
-                hint = ''
-                prefixed = [p for p in ('train/', 'val/') if p + name in lookup]
-                if prefixed:
-                    hint = (f' (the zip has {prefixed[0] + name!r}: it was built from the folder above '
-                            f'{prefixed[0]!r}; members must be relative to the split folder, as the official '
-                            f'cache and data.build_zip_cache write them)')
-                raise CacheError(f'{source}: line {n + 1} names member {name!r}, which is not in {self.path}{hint}')
-            rows[n] = k
-        return rows
+    def __init__(self, zip_path, arrays: dict, index_path: Path | None = None):
+        self.path, self.index_path = Path(zip_path), index_path
+        self._arrays, self._mm = arrays, None
+
+    def __getattr__(self, name):  # offsets, sizes, methods, crcs, rows, labels, name_starts, name_blob
+        arrays = self.__dict__.get('_arrays')
+        if arrays is None and self.__dict__.get('index_path') is not None:  # unpickled in a worker: map again
+            arrays = self._arrays = read_index(self.index_path, None, check_inputs=False)
+        if arrays is not None and name in arrays:
+            return arrays[name]
+        raise AttributeError(name)
+
+    def member_name(self, k: int) -> str:
+        a, b = int(self.name_starts[k]), int(self.name_starts[k + 1]) - 1  # names are '\n'-separated
+        return bytes(self.name_blob[a:b]).decode('utf-8')
+
+    @property
+    def names(self) -> list[str]:
+        """All member names (decoded now: for tools such as --verify, not for training)."""
+        return bytes(self.name_blob).decode('utf-8').split('\n')[:len(self.offsets)] if len(self.offsets) else []
 
     @property
     def mm(self) -> mmap.mmap:
@@ -183,15 +152,15 @@ class ZipIndex:
 
     def read(self, k: int, check_crc: bool = True) -> bytes:
         """Member ``k``'s bytes. The CRC-32 of the central directory is checked (as ``unzip -t`` does): flipped
-        bytes inside a JPEG often still decode, into wrong pixels. Cost: ~2 % of a JPEG decode, ~0.5 % of
+        bytes inside a JPEG often still decode, into wrong pixels. Cost: ~1.5-2 % of a JPEG decode, <0.5 % of
         decode + DeiT train transform (benchmarks/bench_zip_loader.py)."""
         off, size = int(self.offsets[k]), int(self.sizes[k])
         raw = self.mm[off:off + size]
         if self.methods[k] == zipfile.ZIP_DEFLATED:
             raw = zlib.decompress(raw, -15)
         if check_crc and zlib.crc32(raw) != int(self.crcs[k]):
-            raise CorruptImageError(f'{self.path.name}@/{self.names[k]}: CRC-32 mismatch (the stored bytes are '
-                                    f'corrupted; rebuild the cache or restore the file)')
+            raise CorruptImageError(f'{self.path.name}@/{self.member_name(k)}: CRC-32 mismatch (the stored bytes '
+                                    f'are corrupted; rebuild the cache or restore the file)')
         return raw
 
     def warm(self, members=None, chunk: int = 64 << 20) -> None:
@@ -214,14 +183,118 @@ class ZipIndex:
     def __getstate__(self):
         st = self.__dict__.copy()
         st['_mm'] = None
+        if self.index_path is not None:  # workers map the index file themselves: shared pages, no copy
+            st['_arrays'] = None
         return st
 
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.offsets)
+
+
+def _map_arrays(map_path: Path):
+    """(names blob in the index layout, labels) of a map file in whole-file passes, or None when a line is
+    irregular (empty, no tab, a label that is no non-negative integer): parse_map_file then names it."""
+    content = Path(map_path).read_bytes()
+    if not content or b'\r' in content:
+        return None
+    if not content.endswith(b'\n'):
+        content += b'\n'
+    lines = content.count(b'\n')
+    if content.count(b'\t') != lines:
+        return None
+    labels = re.findall(rb'\t(\d+)\n', content)
+    names = re.sub(rb'\t[^\n]*', b'', content)
+    if len(labels) != lines or names.startswith(b'\n') or b'\n\n' in names:
+        return None
+    return names, np.array(labels).astype(np.int64)
+
+
+def _labels_ok(names: bytes, labels: np.ndarray, folder_labels: bool) -> bool:
+    """check_labels' conditions, on whole arrays (False: let check_labels find and name the problem)."""
+    if not len(labels) or (np.bincount(labels) == 0).any():
+        return False
+    if not folder_labels:
+        return True
+    folders = re.findall(rb'^([^/\n]*)/', names, re.M)
+    if len(folders) != len(labels):
+        return False
+    pairs = set(zip(folders, labels.tolist()))
+    return len(pairs) == len({f for f, _ in pairs}) == len({lab for _, lab in pairs})
+
+
+def _rows_of(member_names: list[str], map_names: list[str], map_path, zip_path) -> np.ndarray:
+    """Member index of each map entry; an unknown name is an error naming the map line."""
+    if member_names == map_names:  # the usual case: the zip was written in map order
+        return np.arange(len(map_names), dtype=np.int64)
+    lookup = {name: k for k, name in enumerate(member_names)}
+    rows = np.empty(len(map_names), np.int64)
+    for n, name in enumerate(map_names):
+        k = lookup.get(name)
+        if k is None:
+            hint = ''
+            prefixed = [p for p in ('train/', 'val/') if p + name in lookup]
+            if prefixed:
+                hint = (f' (the zip has {prefixed[0] + name!r}: it was built from the folder above '
+                        f'{prefixed[0]!r}; members must be relative to the split folder, as the official '
+                        f'cache and data.build_zip_cache write them)')
+            raise CacheError(f'{map_path}: line {n + 1} names member {name!r}, which is not in {zip_path}{hint}')
+        rows[n] = k
+    return rows
+
+
+def open_index(zip_path, map_path, folder_labels: bool = True, train_map: Path | None = None) -> ZipIndex:
+    """The index of (zip, map): ``<zip>.idx`` when it was made from exactly these files, else made now.
+
+    Making it parses the central directory (no ZipInfo per member) and the map, checks the labels (and,
+    with ``train_map``, that class-folder members carry their train label), and stores it atomically next
+    to the zip; where that folder is not writable the index is kept in memory, with a message.
+    """
+    zip_path, map_path = Path(zip_path), Path(map_path)
+    if not zip_path.is_file():
+        raise FileNotFoundError(f'zip file not found: {zip_path}')
+    if not map_path.is_file():
+        raise FileNotFoundError(f'map file not found: {map_path}')
+    idx_path = zip_path.with_name(zip_path.name + '.idx')
+    inputs = {'zip': input_signature(zip_path, zip_tail(zip_path)), 'map': input_signature(map_path),
+              'folder_labels': folder_labels, 'train_map': input_signature(train_map) if train_map else None}
+    if idx_path.is_file():
+        arrays = read_index(idx_path, inputs)
+        if isinstance(arrays, dict):
+            return ZipIndex(zip_path, arrays, idx_path)
+        print(f'{idx_path}: {arrays}; making it again')
+    table = read_central_directory(zip_path)
+    fast = _map_arrays(map_path)
+    if fast is None or not _labels_ok(*fast, folder_labels):  # the exact parser names the bad line
+        entries = parse_map_file(map_path)
+        check_labels(entries, str(map_path), folder_labels)
+        fast = join_names([n for n, _ in entries])[0].tobytes(), np.array([lab for _, lab in entries], np.int64)
+    map_blob, labels = fast
+    if train_map is not None:
+        entries = list(zip(map_blob.decode('utf-8').split('\n'), labels.tolist()))
+        check_split_labels(entries, train_class_index(train_map), str(map_path))
+    if table['name_blob'].tobytes() == map_blob:  # the usual case: the zip was written in map order
+        rows = np.arange(len(labels), dtype=np.int64)
+    else:
+        member_names = table['name_blob'].tobytes().decode('utf-8').split('\n')[:-1]
+        rows = _rows_of(member_names, map_blob.decode('utf-8').split('\n')[:-1], map_path, zip_path)
+    arrays = {k: table[k] for k in ('offsets', 'sizes', 'methods', 'crcs', 'name_starts', 'name_blob')}
+    arrays.update(rows=rows, labels=labels)
+    try:
+        write_index(idx_path, inputs, arrays)
+    except OSError as e:
+        print(f'cannot store the index next to {zip_path} ({e.strerror}); keeping it in memory for this run')
+        return ZipIndex(zip_path, arrays, None)
+    print(f'wrote {idx_path} ({len(arrays["offsets"])} members, {len(labels)} map entries)')
+    return ZipIndex(zip_path, read_index(idx_path, inputs), idx_path)
 
 
 class SkipCounter:
-    """Counts images skipped by ``--skip-bad-images`` across DataLoader workers (a shared mp.Value)."""
+    """The ``--skip-bad-images`` contract of the datasets: an unreadable image is an error naming it, or
+    (``skip_bad``) ``None`` for collate_skip_bad to drop, counted across DataLoader workers (a shared
+    mp.Value). Never is another image substituted."""
 
     def __init__(self, skip_bad: bool):
         self.skip_bad = skip_bad
@@ -230,6 +303,17 @@ class SkipCounter:
     def count_skip(self) -> None:
         with self.skipped.get_lock():
             self.skipped.value += 1
+
+    def _sample(self, load, target: int):
+        """(transform(load()), target), or None for an unreadable image when skipping."""
+        try:
+            img = load()
+        except CorruptImageError:
+            if not self.skip_bad:
+                raise
+            self.count_skip()
+            return None
+        return (self.transform(img) if self.transform is not None else img), target
 
     def pop_skipped(self) -> int:
         """Images skipped since the last call (all workers together)."""
@@ -251,25 +335,24 @@ def decode_image(data: bytes, name: str) -> Image.Image:
 
 
 class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
-    """(image, label) samples from a zip + map file, decoded with PIL, then ``transform``."""
+    """(image, label) samples from a zip + map file, decoded with PIL, then ``transform``.
+
+    Labels and member rows are (memory-mapped) numpy arrays; a sample's name is looked up only when an
+    error message needs it.
+    """
 
     def __init__(self, zip_path, map_path, transform=None, folder_labels: bool = True, skip_bad: bool = False,
-                 cache_mode: str = 'full', rank: int = 0, world_size: int = 1, class_index: dict | None = None):
+                 cache_mode: str = 'full', rank: int = 0, world_size: int = 1, train_map: Path | None = None):
         if cache_mode not in ('full', 'part', 'no'):
             raise ValueError(f"cache_mode must be 'full', 'part' or 'no', got {cache_mode!r}")
-        self.index = ZipIndex(zip_path)
-        entries = parse_map_file(map_path)
-        self.num_classes = check_labels(entries, str(map_path), folder_labels)
-        if class_index:  # val members with class folders must carry their folder's train label
-            check_split_labels(entries, class_index, str(map_path))
-        self.rows = rows = self.index.rows_of([name for name, _ in entries], str(map_path))
-        self.targets = [lab for _, lab in entries]
-        prefix = Path(zip_path).name
-        self.samples = [(f'{prefix}@/{name}', lab) for name, lab in entries]
+        self.index = open_index(zip_path, map_path, folder_labels, train_map)
+        self.rows, self.targets = self.index.rows, self.index.labels
+        self.num_classes = int(self.targets.max()) + 1
+        self.zip_name = Path(zip_path).name
         SkipCounter.__init__(self, skip_bad)
         self.transform, self.cache_mode = transform, cache_mode
         # Swin's cache_mode='part': this rank only ever reads (and so only holds) every world-th sample
-        self.shard = np.arange(rank, len(rows), world_size) if cache_mode == 'part' else None
+        self.shard = np.arange(rank, len(self.rows), world_size) if cache_mode == 'part' else None
         if cache_mode == 'full':
             self.index.warm()
         elif cache_mode == 'part':
@@ -278,37 +361,36 @@ class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
     @classmethod
     def from_folder(cls, root, split: str, transform=None, cache_mode: str = 'full', skip_bad: bool = False,
                     rank: int | None = None, world_size: int | None = None):
-        """``root/{split}.zip`` + ``root/{split}_map.txt`` (train maps carry class folders)."""
+        """``root/{split}.zip`` + ``root/{split}_map.txt`` (train maps carry class folders; other splits'
+        members with class folders must carry their folder's train label)."""
         from deit.distributed import get_rank, get_world_size
         root = Path(root)
-        class_index = None
-        if split != 'train' and (root / 'train_map.txt').is_file():
-            class_index = train_class_index(root / 'train_map.txt')
+        train_map = root / 'train_map.txt'
         return cls(root / f'{split}.zip', root / f'{split}_map.txt', transform, folder_labels=(split == 'train'),
-                   skip_bad=skip_bad, cache_mode=cache_mode, class_index=class_index,
+                   skip_bad=skip_bad, cache_mode=cache_mode,
+                   train_map=train_map if split != 'train' and train_map.is_file() else None,
                    rank=get_rank() if rank is None else rank,
                    world_size=get_world_size() if world_size is None else world_size)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def sample_name(self, i: int) -> str:
+        return f'{self.zip_name}@/{self.index.member_name(int(self.rows[i]))}'
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """(name, label) of every sample, built on demand (tools and tests; training never needs it)."""
+        return [(self.sample_name(i), int(t)) for i, t in enumerate(self.targets)]
+
     def read_bytes(self, i: int) -> bytes:
         return self.index.read(int(self.rows[i]))
 
     def load(self, i: int) -> Image.Image:
-        return decode_image(self.read_bytes(i), self.samples[i][0])
+        return decode_image(self.read_bytes(i), self.sample_name(i))
 
     def __getitem__(self, i: int):
-        try:
-            img = self.load(i)
-        except CorruptImageError:
-            if not self.skip_bad:
-                raise
-            self.count_skip()
-            return None
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[i]
+        return self._sample(lambda: self.load(i), int(self.targets[i]))
 
 
 def collate_skip_bad(batch, keep_even: bool = True):

@@ -17,7 +17,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 
-from data.zip_cache import CorruptImageError, SkipCounter, decode_image
+from data.zip_cache import SkipCounter, decode_image
 
 DEMO_SIZE = 32  # digits are 8x8; 4x upscaling keeps strokes visible to a patch-4 ViT
 DEMO_MEAN, DEMO_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -65,17 +65,7 @@ class CheckedImageFolder(SkipCounter, datasets.ImageFolder):
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        try:
-            with open(path, 'rb') as f:
-                img = decode_image(f.read(), path)
-        except CorruptImageError:
-            if not self.skip_bad:
-                raise
-            self.count_skip()
-            return None
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target
+        return self._sample(lambda: decode_image(Path(path).read_bytes(), path), target)
 
 
 def _folder(root: Path, split_names: tuple[str, ...], transform, skip_bad: bool = False) -> datasets.ImageFolder:

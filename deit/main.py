@@ -301,7 +301,7 @@ def build_criterion(args, nb_classes: int, mixup_fn, device):
 
 
 def build_optimization(args, model):
-    """(optimizer, lr scheduler, loss scaler); --lr is scaled by the total batch unless --unscale-lr."""
+    """(optimizer, lr scheduler); --lr is scaled by the total batch unless --unscale-lr."""
     world = du.get_world_size()
     base_lr = args.lr
     if not args.unscale_lr:

@@ -6,6 +6,7 @@ import json
 import mmap
 import os
 import pickle
+import struct
 import zipfile
 
 import numpy as np
@@ -238,3 +239,98 @@ def test_cache_under_ddp_with_rasampler_and_persistent_workers(cache, tmp_path):
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
     log = [json.loads(x) for x in (tmp_path / 'run' / 'log.txt').read_text().splitlines()]
     assert [x['epoch'] for x in log] == [0, 1] and log[-1]['test_n'] == 6
+
+
+# ---- the stored index (<zip>.idx) -----------------------------------------------------------------------
+def _member_table(zp):
+    """What zipfile itself says about a zip's file members: name -> (data offset, size, crc)."""
+    out = {}
+    with zipfile.ZipFile(zp) as zf, open(zp, 'rb') as f:
+        for i in zf.infolist():
+            if i.is_dir():
+                continue
+            f.seek(i.header_offset + 26)
+            n, m = struct.unpack('<HH', f.read(4))
+            out[i.filename] = (i.header_offset + 30 + n + m, i.compress_size, i.CRC)
+    return out
+
+
+def test_index_is_stored_reused_and_rebuilt_when_stale(tmp_path, capsys):
+    from data.zip_cache import open_index
+    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(0), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    idx = open_index(zp, mp_)
+    assert (tmp_path / 'train.zip.idx').is_file() and 'wrote' in capsys.readouterr().out
+    assert isinstance(idx.offsets, np.memmap) or isinstance(idx.offsets.base, np.memmap)
+    again = open_index(zp, mp_)  # reused: no message, same arrays
+    assert capsys.readouterr().out == '' and list(again.rows) == [0, 1]
+    # a member appended to the zip: the index no longer describes it
+    with zipfile.ZipFile(zp, 'a') as zf:
+        zf.writestr('c/z.jpg', _jpeg(2))
+    (tmp_path / 'train_map.txt').write_text('a/x.jpg\t0\nb/y.jpg\t1\nc/z.jpg\t2\n')
+    ds = ZipImageDataset(zp, mp_, cache_mode='no')
+    assert 'stale' in capsys.readouterr().out and len(ds) == 3 and ds.sample_name(2) == 'train.zip@/c/z.jpg'
+    assert ds.read_bytes(2) == _jpeg(2)
+    # a corrupt index is named and made again, never trusted
+    (tmp_path / 'train.zip.idx').write_bytes(b'MAXSUP-ZIPIDX\n' + b'\xff' * 40)
+    ds = ZipImageDataset(zp, mp_, cache_mode='no')
+    out = capsys.readouterr().out
+    assert f'{tmp_path / "train.zip.idx"}: unreadable' in out and ds.read_bytes(1) == _jpeg(1)
+
+
+def test_index_kept_in_memory_when_the_folder_is_read_only(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import data.zip_cache
+    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(0)}, 'a/x.jpg\t0\n')
+
+    def read_only(*a, **kw):  # what a read-only data folder answers (tests run as root, who may write)
+        raise PermissionError(errno.EACCES, 'Permission denied')
+
+    monkeypatch.setattr(data.zip_cache, 'write_index', read_only)
+    ds = ZipImageDataset(zp, mp_, cache_mode='no')
+    assert 'keeping it in memory' in capsys.readouterr().out and ds.read_bytes(0) == _jpeg(0)
+    assert not (tmp_path / 'train.zip.idx').exists()
+
+
+def test_index_travels_to_workers_without_copying_arrays(cache):
+    import pickle
+    ds = ZipImageDataset(cache / 'train.zip', cache / 'train_map.txt', cache_mode='no')
+    state = pickle.dumps(ds)
+    assert len(state) < 4096  # the arrays are not in the pickle: the worker maps the index file again
+    clone = pickle.loads(state)
+    assert clone.read_bytes(5) == ds.read_bytes(5) and clone.sample_name(5) == ds.sample_name(5)
+
+
+@pytest.mark.parametrize('method', [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_every_compression_mode_reads_byte_exact(tmp_path, method):
+    members = {f'c{i % 3}/{i}.jpg': _jpeg(i % 3, i) for i in range(7)}
+    zp = tmp_path / 'train.zip'
+    with zipfile.ZipFile(zp, 'w', method) as zf:
+        for k, v in members.items():
+            zf.writestr(k, v)
+    (tmp_path / 'train_map.txt').write_text(''.join(f'{k}\t{int(k[1])}\n' for k in members))
+    ds = ZipImageDataset(zp, tmp_path / 'train_map.txt', cache_mode='no')
+    assert [ds.read_bytes(i) for i in range(len(ds))] == list(members.values())
+
+
+def test_zip64_member_past_4gb_parses_as_zipfile_does(tmp_path):
+    """A sparse file: 5 GiB of hole, then a zip whose headers sit past 4 GiB (ZIP64 offsets)."""
+    from data.zip_index import read_central_directory
+    zp = tmp_path / 'big.zip'
+    with open(zp, 'wb') as f:
+        f.seek(5 << 30)
+        with zipfile.ZipFile(f, 'w', zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for i in range(3):
+                zf.writestr(f'n0/{i}.jpg', _jpeg(0, i))
+            zf.writestr('n0/deflated.jpg', _jpeg(1), compress_type=zipfile.ZIP_DEFLATED)
+    assert zp.stat().st_size > 5 << 30
+    want = _member_table(zp)
+    assert min(off for off, _, _ in want.values()) > 1 << 32
+    got = read_central_directory(zp)
+    names = bytes(got['name_blob']).decode('utf-8').split('\n')[:-1]
+    assert {n: (int(o), int(s), int(c)) for n, o, s, c in
+            zip(names, got['offsets'], got['sizes'], got['crcs'])} == want
+    (tmp_path / 'big_map.txt').write_text(''.join(f'{n}\t0\n' for n in want))
+    ds = ZipImageDataset(zp, tmp_path / 'big_map.txt', cache_mode='no')
+    with zipfile.ZipFile(zp) as zf:
+        assert [ds.read_bytes(i) for i in range(len(ds))] == [zf.read(n) for n in want]
