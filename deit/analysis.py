@@ -33,24 +33,39 @@ def collect_outputs(model, loader, device='cpu', features: bool = True, progress
     return res
 
 
-def logit_statistics(logits: torch.Tensor, labels: torch.Tensor | None = None, threshold: float = 0.1) -> dict:
-    """Per-sample near-zero counts (|z| < threshold) and summary statistics of the logit distribution."""
+NEAR_ZERO_THRESHOLD = 0.01  # official viz/logits.py analyze_logits
+
+
+def logit_statistics(logits: torch.Tensor, labels: torch.Tensor | None = None,
+                     threshold: float = NEAR_ZERO_THRESHOLD) -> dict:
+    """Per-sample proportion of near-zero logits (|z| < threshold, as the official ``viz/logits.py``) and
+    summary statistics of the logit distribution."""
     z = logits.float()
-    near_zero = (z.abs() < threshold).sum(1)
+    near_zero = (z.abs() < threshold).float().mean(1)  # a proportion of the K classes, not a count
     top1_prob = z.softmax(1).max(1).values
     rng = z.max(1).values - z.min(1).values
     stats = {
         'threshold': threshold, 'n': len(z), 'num_classes': z.shape[1],
-        'near_zero_mean': float(near_zero.float().mean()), 'near_zero_median': float(near_zero.float().median()),
+        'near_zero_fraction_mean': float(near_zero.mean()), 'near_zero_fraction_median': float(near_zero.median()),
         'logit_mean': float(z.mean()), 'logit_std': float(z.std()),
         'logit_range_mean': float(rng.mean()), 'logit_max_mean': float(z.max(1).values.mean()),
         'logit_min_mean': float(z.min(1).values.mean()), 'top1_prob_mean': float(top1_prob.mean()),
-        'corr_top1prob_nearzero': float(np.corrcoef(top1_prob.numpy(), near_zero.float().numpy())[0, 1])
-        if near_zero.float().std() > 0 and top1_prob.std() > 0 else float('nan'),
+        'corr_top1prob_nearzero': float(np.corrcoef(top1_prob.numpy(), near_zero.numpy())[0, 1])
+        if near_zero.std() > 0 and top1_prob.std() > 0 else float('nan'),
     }
     if labels is not None:
         stats['accuracy'] = float((z.argmax(1) == labels).float().mean())
-    return stats | {'per_sample': {'near_zero': near_zero.tolist(), 'top1_prob': top1_prob.tolist()}}
+    return stats | {'per_sample': {'near_zero_fraction': near_zero.tolist(), 'top1_prob': top1_prob.tolist()}}
+
+
+def logit_densities(logits_by_run: dict[str, torch.Tensor], bins: int = 100) -> dict:
+    """Histogram densities of all logit values per model on ONE shared set of bins (the paper's figure)."""
+    lo = min(float(z.min()) for z in logits_by_run.values())
+    hi = max(float(z.max()) for z in logits_by_run.values())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
+    return {'edges': edges.tolist(), 'density': {
+        k: np.histogram(z.float().numpy().ravel(), bins=edges, density=True)[0].tolist()
+        for k, z in logits_by_run.items()}}
 
 
 def linear_probe(train_x, train_y, test_x, test_y, Cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), val_fraction=0.2,

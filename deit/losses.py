@@ -351,40 +351,51 @@ class OnlineLabelSmoothing(nn.Module):
 
 
 class ZipfLabelSmoothing(nn.Module):
-    """Zipf's label smoothing (Liang et al., "Efficient One Pass Self-distillation with Zipf's LS", ECCV 2022).
+    """Zipf's label smoothing (Liang et al., "Efficient One Pass Self-distillation with Zipf's LS", ECCV 2022),
+    as its authors' code computes it (megvii-research/zipfls, pytorch_zipfls/losses.py gen_pdf + kl_loss):
 
-    The non-target classes are ranked by the model's own (detached) logits; rank r gets mass proportional to
-    ``r ** -power`` (Zipf's law). The loss adds a KL term between that distribution and the model's softmax
-    restricted to the non-target classes, leaving the target probability to CE:
-        L = CE(z, y) + weight * KL(q_zipf || softmax(z_{k != y}))
-    Soft targets: CE against t, and the excluded class is argmax(t).
+    - every class is ranked by the model's own (detached) logits, target included, with
+      ``rankdata(-z, method='min')``: ties share the smallest rank, and when the prediction is right the
+      non-target ranks start at 2;
+    - the non-target classes get mass ``(1 / rank) ** power``, renormalised over them;
+    - the term is KL(q || softmax of the non-target logits), averaged over the batch, or with ``loss_mask``
+      over the correctly classified samples only (0 when there are none); the authors' default is off.
+
+        L = CE(z, y) + weight * KL
+
+    Soft targets (Mixup): CE against t, and the excluded (target) class is argmax(t). The authors' ``--dense``
+    variant ranks by votes of per-location predictions of a CNN feature map and is not reproduced here.
     """
 
-    def __init__(self, weight: float = 1.0, power: float = 1.0, validate: bool = True):
+    def __init__(self, weight: float = 1.0, power: float = 1.0, loss_mask: bool = False, validate: bool = True):
         super().__init__()
         if weight < 0 or power <= 0:
             raise ValueError(f'Zipf LS needs weight >= 0 and power > 0, got weight={weight}, power={power}')
-        self.weight, self.power, self.validate = float(weight), float(power), validate
+        self.weight, self.power, self.loss_mask, self.validate = float(weight), float(power), loss_mask, validate
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.validate:
             check_inputs(logits, target, who='ZipfLabelSmoothing',
                          values=value_check_due(self, logits))
         z = logits.float()
-        B, K = z.shape
         labels = target if target.dim() == 1 else target.argmax(1)
-        is_gt = F.one_hot(labels, K).bool()
+        is_gt = F.one_hot(labels, z.shape[1]).bool()
         with torch.no_grad():
-            order = z.masked_fill(is_gt, float('-inf')).argsort(dim=1, descending=True)
-            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(1, K + 1, device=z.device).expand(B, K))
-            q = ranks.float().pow(-self.power).masked_fill(is_gt, 0.0)
-            q = q / q.sum(1, keepdim=True)
+            neg = -z
+            rank = torch.searchsorted(neg.sort(dim=1).values.contiguous(), neg.contiguous()) + 1  # method='min'
+            q = rank.double().pow(-self.power).masked_fill(is_gt, 0.0)
+            q = (q / q.sum(1, keepdim=True)).float()
         logp_nt = F.log_softmax(z.masked_fill(is_gt, float('-inf')), dim=1).masked_fill(is_gt, 0.0)
         kl = (q * (q.clamp_min(1e-30).log() - logp_nt)).sum(1)
-        return (_cross_entropy(z, target) + self.weight * kl).mean()
+        if self.loss_mask:
+            correct = (z.argmax(1) == labels).float()
+            kl_term = (kl * correct).sum() / correct.sum() if correct.any() else kl.mean() * 0
+        else:
+            kl_term = kl.mean()
+        return _cross_entropy(z, target).mean() + self.weight * kl_term
 
     def extra_repr(self) -> str:
-        return f'weight={self.weight}, power={self.power}'
+        return f'weight={self.weight}, power={self.power}, loss_mask={self.loss_mask}'
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -463,13 +474,14 @@ SCHEDULED_LOSSES = ('maxsup', 'ls', 'ls_reg_only', 'ls_err_only')  # alpha follo
 def create_criterion(args: Namespace | Mapping | None = None, **kwargs) -> nn.Module:
     """Build a loss by name. Accepts the trainer's argparse Namespace, a dict, or keyword arguments.
 
-    Keys: ``loss`` (one of LOSSES), ``maxsup_alpha`` (alpha for maxsup/ls/ls_*; default 0.1),
+    Keys: ``loss`` (one of LOSSES), ``alpha`` (weight for maxsup/ls/ls_*; default 0.1; ``maxsup_alpha`` is
+    accepted too),
     ``nb_classes`` (OLS), ``ols_a``, ``zipf_weight``, ``zipf_power``, ``logit_penalty_beta``.
     """
     opts = dict(vars(args) if isinstance(args, Namespace) else (args or {}))
     opts.update(kwargs)
     name = opts.get('loss', 'maxsup')
-    alpha = opts.get('maxsup_alpha', 0.1)
+    alpha = opts.get('alpha', opts.get('maxsup_alpha', 0.1))
     if name == 'ce':
         return CrossEntropyLoss()
     if name == 'maxsup':
@@ -485,7 +497,8 @@ def create_criterion(args: Namespace | Mapping | None = None, **kwargs) -> nn.Mo
             raise ValueError('loss "ols" needs nb_classes')
         return OnlineLabelSmoothing(opts['nb_classes'], a=opts.get('ols_a', 0.5), smoothing=alpha)
     if name == 'zipf':
-        return ZipfLabelSmoothing(opts.get('zipf_weight', 1.0), opts.get('zipf_power', 1.0))
+        return ZipfLabelSmoothing(opts.get('zipf_weight', 1.0), opts.get('zipf_power', 1.0),
+                                  loss_mask=opts.get('zipf_loss_mask', False))
     if name == 'logit_penalty':
         return LogitPenaltyLoss(opts.get('logit_penalty_beta', 2e-3))
     raise ValueError(f'unknown loss {name!r}; choose one of {", ".join(LOSSES)}')

@@ -99,12 +99,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     a('--finetune', default='', help='initialise from this checkpoint (head reset / pos-embed resize as needed)')
     # loss family (MaxSup)
     a('--loss', default='maxsup', choices=LOSSES)
-    a('--maxsup-alpha', type=float, default=0.1, help='alpha at epoch 0 (maxsup, ls, ls_reg_only, ls_err_only, ols)')
-    a('--maxsup-alpha-end', type=float, default=None,
-      help='alpha at the last epoch, linear in between; default 0.2 for maxsup (paper), constant otherwise')
+    a('--alpha', '--maxsup-alpha', dest='alpha', type=float, default=0.1,
+      help='regulariser weight at epoch 0 (maxsup, ls, ls_reg_only, ls_err_only; ols: its initial smoothing)')
+    a('--alpha-end', '--maxsup-alpha-end', dest='alpha_end', type=float, default=0.2,
+      help='weight at the last epoch, linear in between: the paper schedules MaxSup AND label smoothing '
+           '0.1 -> 0.2 by default (Sec. 5.1, App. F)')
+    a('--alpha-schedule', choices=('linear', 'constant'), default='linear',
+      help="'constant': the weight stays --alpha all run (Table 1; Table 8's fixed column)")
     a('--ols-a', type=float, default=0.5)
     a('--zipf-weight', type=float, default=1.0)
     a('--zipf-power', type=float, default=1.0)
+    a('--zipf-loss-mask', action='store_true',
+      help="Zipf LS term on correctly classified samples only (the authors' --mask; off by default, as theirs)")
     a('--logit-penalty-beta', type=float, default=2e-3)
     # data
     a('--data-path', default=None, type=str)
@@ -148,8 +154,6 @@ def check_args(args) -> None:
         raise ValueError(f'--epochs {args.epochs}: train for at least 1 epoch (or pass --eval to only evaluate)')
     if args.eval_every < 1:
         raise ValueError(f'--eval-every {args.eval_every}: must be >= 1')
-    if args.maxsup_alpha_end is None:
-        args.maxsup_alpha_end = 0.2 if args.loss == 'maxsup' else args.maxsup_alpha
 
 
 def build_loaders(args, dataset_train, dataset_val):
@@ -291,8 +295,8 @@ def build_criterion(args, nb_classes: int, mixup_fn, device):
         base_criterion = torch.nn.BCEWithLogitsLoss()
     elif args.loss == 'ce' and args.smoothing > 0 and mixup_fn is None:
         base_criterion = LabelSmoothingLoss(args.smoothing)
-    schedule = AlphaSchedule(args.maxsup_alpha, args.maxsup_alpha_end, args.epochs) \
-        if args.loss in SCHEDULED_LOSSES else None
+    end = args.alpha if args.alpha_schedule == 'constant' else args.alpha_end
+    schedule = AlphaSchedule(args.alpha, end, args.epochs) if args.loss in SCHEDULED_LOSSES else None
     teacher = load_teacher(args, nb_classes, device) if args.distillation_type != 'none' else None
     criterion = DistillationLoss(base_criterion, teacher, args.distillation_type, args.distillation_alpha,
                                  args.distillation_tau).to(device)

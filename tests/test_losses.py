@@ -230,24 +230,59 @@ def test_ols_accumulates_correct_samples_and_swaps_at_epoch_end():
     assert torch.allclose(ols(z, F.one_hot(y, K).float()), ols(z, y), atol=1e-6)
 
 
-def test_zipf_distribution_follows_rank_and_kl_is_zero_at_match():
-    zipf = ZipfLabelSmoothing(weight=1.0, power=1.0)
-    # logits chosen so that the non-target softmax is exactly the Zipf law: z_k = -log(rank)
-    y = torch.tensor([2])
-    ranks = torch.tensor([1.0, 2.0, 0.0, 3.0, 4.0, 5.0])
-    z = torch.where(ranks > 0, -ranks.clamp_min(1).log(), torch.tensor(3.0))[None]
-    assert torch.allclose(zipf(z, y), F.cross_entropy(z, y), atol=1e-6)
-    # ranks come from the model's own logits, so permuting them keeps the KL at zero ...
-    z2 = z.clone()
-    z2[0, [0, 5]] = z2[0, [5, 0]]
-    assert torch.allclose(zipf(z2, y), F.cross_entropy(z2, y), atol=1e-6)
-    # ... while a flat non-target softmax pays KL(zipf || uniform), computed by hand
-    z3 = torch.tensor([[0.0, 0.0, 3.0, 0.0, 0.0, 0.0]])
-    q = torch.tensor([1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
+def _official_zipf_term(logits, labels, power=1.0, loss_mask=False):
+    """Transcription of megvii-research/zipfls pytorch_zipfls/losses.py: gen_pdf (hard rank, 'rank_zipf',
+    with_target=False) + kl_loss, on CPU."""
+    from scipy.stats import rankdata
+    n, c = logits.shape
+    mask = torch.ones_like(logits).scatter_(1, labels.unsqueeze(1), 0.)
+    rank = rankdata(-logits.detach().numpy(), axis=1, method='min')
+    dist = (1 / rank) ** power
+    dist = dist[mask.bool().numpy()].reshape((n, c - 1))
+    pdf = torch.Tensor(dist / dist.sum(axis=1, keepdims=True))
+    res = F.log_softmax(logits[mask.bool()].view((n, c - 1)), dim=1)
+    loss = F.kl_div(res, pdf, reduction='none').sum(axis=1)
+    if loss_mask:
+        m = (torch.argmax(logits, 1) == labels)
+        return (loss * m).sum() / m.sum() if m.any() else loss.mean() * 0
+    return loss.mean()
+
+
+@pytest.mark.parametrize('power, loss_mask', [(1.0, False), (1.5, False), (1.0, True)])
+def test_zipf_matches_the_authors_formula_values_and_gradients(power, loss_mask):
+    torch.manual_seed(0)
+    z = torch.randn(16, 10) * 2
+    z[:3, 4] = z[:3, 7]  # ties: method='min' gives them the same rank
+    y = torch.randint(0, 10, (16,))
+    y[:5] = z[:5].argmax(1)  # some correct predictions: their non-target ranks start at 2
+    weight = 0.7
+    a = z.clone().requires_grad_()
+    ours = ZipfLabelSmoothing(weight=weight, power=power, loss_mask=loss_mask)(a, y)
+    b = z.clone().requires_grad_()
+    ref = F.cross_entropy(b, y) + weight * _official_zipf_term(b, y, power, loss_mask)
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_zipf_ranks_include_the_target_class():
+    """A right prediction: the best non-target class has rank 2, so q differs from ranking 1..K-1."""
+    z = torch.tensor([[5.0, 3.0, 2.0, 1.0]])
+    y = torch.tensor([0])
+    q = torch.tensor([1 / 2, 1 / 3, 1 / 4])
     q = q / q.sum()
-    kl = (q * (q * 5).log()).sum()
-    assert zipf(z3, y).item() == pytest.approx((F.cross_entropy(z3, y) + kl).item(), abs=1e-6)
-    assert kl > 0.05
+    logp = F.log_softmax(z[0, 1:], 0)
+    kl = (q * (q.log() - logp)).sum()
+    loss = ZipfLabelSmoothing(weight=1.0)(z, y)
+    assert loss.item() == pytest.approx((F.cross_entropy(z, y) + kl).item(), abs=1e-6)
+    # all ranks tie: q is uniform over the non-target classes, matched by a flat non-target softmax
+    flat = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    assert ZipfLabelSmoothing()(flat, y).item() == pytest.approx(F.cross_entropy(flat, y).item(), abs=1e-6)
+    # loss_mask: no correct sample in the batch, no Zipf term
+    wrong = torch.tensor([[0.0, 3.0, 2.0, 1.0]])
+    assert ZipfLabelSmoothing(loss_mask=True)(wrong, y).item() == pytest.approx(
+        F.cross_entropy(wrong, y).item(), abs=1e-6)
 
 
 def test_every_loss_handles_hard_and_soft_targets():

@@ -125,7 +125,15 @@ def test_every_config_builds_full_deit_s_and_gives_150_class_logits(config):
     assert cfg.model.backbone.num_heads == 6 and cfg.model.backbone.out_indices == (2, 5, 8, 11)
     assert cfg.model.decode_head.num_classes == 150 and cfg.model.auxiliary_head.num_classes == 150
     assert cfg.model.backbone.patch_bias is True  # DeiT's patch embedding has a bias (mmseg's stock: False)
-    assert cfg.optim_wrapper.constructor == 'ViTLayerDecayOptimizerConstructor'
+    if 'layerdecay' in config.name:  # the clearly named variant
+        assert cfg.optim_wrapper.constructor == 'ViTLayerDecayOptimizerConstructor'
+        assert cfg.optim_wrapper.paramwise_cfg.decay_rate == 0.65
+    else:  # the paper fine-tunes with mmseg's own DeiT-S UperNet optimiser: plain AdamW
+        assert 'constructor' not in cfg.optim_wrapper
+        assert cfg.optim_wrapper.optimizer == {'type': 'AdamW', 'lr': 6e-5, 'betas': (0.9, 0.999),
+                                               'weight_decay': 0.01}
+        assert {k: v.decay_mult for k, v in cfg.optim_wrapper.paramwise_cfg.custom_keys.items()} == \
+            {'pos_embed': 0.0, 'cls_token': 0.0, 'norm': 0.0}
     kind = next((k for k in ('baseline', 'ls', 'maxsup') if f'_{k}_' in config.name), None)
     if kind:  # the three fine-tuning configs differ only in the backbone checkpoint
         assert cfg.model.backbone.init_cfg == {'type': 'Pretrained', 'checkpoint': f'pretrain/deit_s_{kind}_mmseg.pth'}
@@ -146,7 +154,11 @@ def test_layer_decay_constructor_scales_lr_by_depth():
     cfg = load_config(TINY_CFG)
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
-    optim = build_optim_wrapper(model, cfg.optim_wrapper)
+    variant = load_config(ROOT / 'segmentation' / 'configs' /
+                          'upernet_deit-s16_maxsup-layerdecay0.65_8xb2-160k_ade20k-512x512.py')
+    optim_cfg = variant.optim_wrapper
+    optim_cfg.paramwise_cfg.num_layers = 4  # the tiny backbone
+    optim = build_optim_wrapper(model, optim_cfg)
     lrs = {g['lr_scale'] for g in optim.optimizer.param_groups}
     # 4 blocks + embeddings + heads: 6 distinct scales 0.65^5 ... 0.65^0
     assert sorted(lrs) == pytest.approx(sorted(0.65 ** k for k in range(6)))

@@ -5,6 +5,7 @@
     python -m tools.analyze transfer   --ckpt ... --transfer-data /data/cifar10  # linear probe
     python -m tools.analyze gradcam    --ckpt ... [--num-images 6]               # Figure 3 grid
     python -m tools.analyze projection --ckpt ... --classes 0 1 2                # Mueller et al. 2019
+    python -m tools.analyze cam-boxes  --ckpt ... --boxes LOC_val_solution.csv   # Grad-CAM vs boxes (Sec. 5.4)
 Data: ``--data-set FOLDER|IMNET|DEMO --data-path P [--cache]``. Every subcommand writes PNG + JSON into --out.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deit import analysis
+from deit import analysis, localization
 from deit.checkpoint import CheckpointError, load_model
 from deit.datasets import (DATA_SETS, DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                            eval_data_set, eval_split)
@@ -54,11 +55,14 @@ def outputs(model, args, split: str, features=True, data_set=None, data_path=Non
 
 
 def cmd_logits(models, args, out: Path) -> dict:
-    stats = {}
+    stats, logits = {}, {}
     for name, model in models.items():
         o = outputs(model, args, args.split, features=False, name=name)
+        logits[name] = o['logits']
         stats[name] = analysis.logit_statistics(o['logits'], o['labels'], args.threshold)
-    plots.logit_figures(stats, out / 'logits.png')
+    densities = analysis.logit_densities(logits)
+    plots.logit_figures(stats, densities, out / 'logits.png')
+    (out / 'logit_density.json').write_text(json.dumps(densities))
     (out / 'logits_per_sample.json').write_text(json.dumps({k: v['per_sample'] for k, v in stats.items()}))
     return {k: {m: x for m, x in v.items() if m != 'per_sample'} for k, v in stats.items()}
 
@@ -92,18 +96,73 @@ def cmd_transfer(models, args, out: Path) -> dict:
     return res
 
 
-def cmd_gradcam(models, args, out: Path) -> dict:
+def _images(args, idx):
     ds, _ = eval_split(args.data_set, args.data_path, args.split, args.input_size, args.cache)
-    idx = list(range(min(args.num_images, len(ds))))
     x = torch.stack([ds[i][0] for i in idx])
     labels = [int(ds[i][1]) for i in idx]
     mean, std = (DEMO_MEAN, DEMO_STD) if args.data_set == 'DEMO' else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
-    imgs = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return x, labels, (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _predictions(model, x) -> list[tuple[int, float]]:
+    with torch.no_grad():
+        p = model(x).float().softmax(1)
+    conf, pred = p.max(1)
+    return list(zip(pred.tolist(), conf.tolist()))
+
+
+def cmd_gradcam(models, args, out: Path) -> dict:
+    ds, _ = eval_split(args.data_set, args.data_path, args.split, args.input_size, args.cache)
+    idx = list(range(min(args.num_images, len(ds))))
+    x, labels, imgs = _images(args, idx)
     maps = {name: analysis.gradcam_maps(m, x.clone(), labels) for name, m in models.items()}
-    plots.gradcam_grid(imgs, maps, out / 'gradcam.png')
+    preds = {name: _predictions(m, x) for name, m in models.items()}
+    plots.gradcam_grid(imgs, maps, out / 'gradcam.png', labels, preds)
     np.savez_compressed(out / 'gradcam_maps.npz', **maps)
-    return {'images': idx, 'labels': labels, 'mean_activation': {k: float(v.mean()) for k, v in maps.items()}}
+    return {'images': idx, 'labels': labels, 'predictions': preds,
+            'mean_activation': {k: float(v.mean()) for k, v in maps.items()}}
+
+
+def _image_id_and_size(ds, i) -> tuple[str, tuple[int, int]]:
+    """(file stem, original (width, height)) of sample i of an image folder or the ZIP cache."""
+    import io
+
+    from PIL import Image
+    if hasattr(ds, 'sample_name'):  # ZIP cache
+        name = ds.sample_name(i).split('@/', 1)[1]
+        return Path(name).stem, Image.open(io.BytesIO(ds.read_bytes(i))).size
+    path = ds.samples[i][0]
+    with Image.open(path) as im:
+        return Path(path).stem, im.size
+
+
+def cmd_cam_boxes(models, args, out: Path) -> dict:
+    """Sec. 5.4: precision / recall of each model's thresholded Grad-CAM against the val boxes."""
+    if not args.boxes:
+        raise ValueError('cam-boxes needs --boxes (LOC_val_solution.csv or a folder of ILSVRC val XML files)')
+    boxes = localization.read_boxes(args.boxes)
+    ds, _ = eval_split(args.data_set, args.data_path, args.split, args.input_size, args.cache)
+    picked = []
+    for i in range(len(ds)):
+        key, (w, h) = _image_id_and_size(ds, i)
+        if key in boxes:
+            picked.append((i, localization.boxes_in_crop(boxes[key], w, h, args.input_size, 0.875)))
+        if len(picked) == args.num_images:
+            break
+    if not picked:
+        raise ValueError(f'no image of {args.data_path} ({args.split}) has a box in {args.boxes}')
+    x, labels, _ = _images(args, [i for i, _ in picked])
+    res = {}
+    for name, model in models.items():
+        maps = analysis.gradcam_maps(model, x.clone(), labels)
+        pr = [localization.cam_precision_recall(m, b, args.cam_threshold) for m, (_, b) in zip(maps, picked)]
+        res[name] = {'precision': float(np.mean([p for p, _ in pr])), 'recall': float(np.nanmean([r for _, r in pr])),
+                     'per_image': pr}
+    plots.bar_table({f'{k} precision': [v['precision']] for k, v in res.items()} |
+                    {f'{k} recall': [v['recall']] for k, v in res.items()}, 'fraction', out / 'cam_boxes.png',
+                    f'Grad-CAM >= {args.cam_threshold} vs boxes, {len(picked)} images')
+    return {'threshold': args.cam_threshold, 'images': len(picked), 'models': res}
 
 
 def cmd_projection(models, args, out: Path) -> dict:
@@ -119,7 +178,7 @@ def cmd_projection(models, args, out: Path) -> dict:
 
 
 COMMANDS = {'logits': cmd_logits, 'features': cmd_features, 'transfer': cmd_transfer, 'gradcam': cmd_gradcam,
-            'projection': cmd_projection}
+            'projection': cmd_projection, 'cam-boxes': cmd_cam_boxes}
 
 
 def main(argv=None) -> int:
@@ -136,9 +195,13 @@ def main(argv=None) -> int:
     ap.add_argument('--num-workers', type=int, default=2)
     ap.add_argument('--max-samples', type=int, default=None, help='fixed-seed subset of each split')
     ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--threshold', type=float, default=0.1, help='|z| below this counts as near zero')
+    ap.add_argument('--threshold', type=float, default=analysis.NEAR_ZERO_THRESHOLD,
+                    help='|z| below this counts as near zero (official viz/logits.py: 0.01)')
     ap.add_argument('--transfer-data', default=None)
     ap.add_argument('--num-images', type=int, default=6)
+    ap.add_argument('--boxes', default=None, help='cam-boxes: LOC_val_solution.csv or a folder of val XML files')
+    ap.add_argument('--cam-threshold', type=float, default=localization.CAM_THRESHOLD,
+                    help='cam-boxes: pixels with normalised Grad-CAM >= this are "active"')
     ap.add_argument('--classes', type=int, nargs=3, default=(0, 1, 2))
     ap.add_argument('--model', default=None, help="for every checkpoint (default: each one's own, or inferred)")
     ap.add_argument('--num-classes', type=int, default=None)

@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 
 def _save(fig, path) -> Path:
@@ -30,20 +31,39 @@ def reliability_diagram(rel: dict, path, title: str = '') -> Path:
     return _save(fig, path)
 
 
-def logit_figures(stats_by_run: dict, path) -> Path:
-    """Near-zero-count histograms side by side + scatter of top-1 probability vs near-zero count."""
+def logit_figures(stats_by_run: dict, densities: dict, path) -> Path:
+    """Per model: histogram of the near-zero proportion (shared fractional x axis); then all models' logit
+    densities on shared axes (the paper's logit figure), and top-1 probability vs near-zero proportion."""
     runs = list(stats_by_run)
-    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(4 * (len(runs) + 1), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], runs):
-        nz = stats_by_run[name]['per_sample']['near_zero']
-        ax.hist(nz, bins=min(40, max(5, len(set(nz)))), color='C0', alpha=0.8)
-        ax.set(title=f'{name}', xlabel=f'# logits with |z| < {stats_by_run[name]["threshold"]}', ylabel='samples')
+    thr = stats_by_run[runs[0]]['threshold']
+    n = len(runs) + 2
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, constrained_layout=True)
+    top = max(max(s['per_sample']['near_zero_fraction']) for s in stats_by_run.values())
+    bins = np.linspace(0, max(top, 1e-3), 31)
+    for i, (ax, name) in enumerate(zip(axes[0], runs)):
+        ax.hist(stats_by_run[name]['per_sample']['near_zero_fraction'], bins=bins, color=f'C{i}', alpha=0.85)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(f'proportion of logits with |z| < {thr:g}', fontsize=9)
+        ax.set_ylabel('samples', fontsize=9)
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+        ax.tick_params(labelsize=8)
+    ax = axes[0][-2]
+    centers = (np.asarray(densities['edges'][:-1]) + np.asarray(densities['edges'][1:])) / 2
+    for i, name in enumerate(runs):
+        ax.plot(centers, densities['density'][name], color=f'C{i}', label=name, lw=1.4)
+    ax.set_title('logit density', fontsize=10)
+    ax.set_xlabel('logit value', fontsize=9)
+    ax.set_ylabel('density', fontsize=9)
+    ax.legend(fontsize=8)
     ax = axes[0][-1]
     for i, name in enumerate(runs):
         ps = stats_by_run[name]['per_sample']
-        ax.scatter(ps['near_zero'], ps['top1_prob'], s=6, alpha=0.5, color=f'C{i}', label=name)
-    ax.set(xlabel='# near-zero logits', ylabel='top-1 probability', title='confidence vs near-zero logits')
-    ax.legend(fontsize=7)
+        ax.scatter(ps['near_zero_fraction'], ps['top1_prob'], s=5, alpha=0.4, color=f'C{i}', label=name)
+    ax.set_title('confidence vs near-zero logits', fontsize=10)
+    ax.set_xlabel('near-zero proportion', fontsize=9)
+    ax.set_ylabel('top-1 probability', fontsize=9)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    ax.legend(fontsize=8, markerscale=3)
     return _save(fig, path)
 
 
@@ -61,21 +81,29 @@ def projection_figure(proj_by_run: dict, path) -> Path:
     return _save(fig, path)
 
 
-def gradcam_grid(images: np.ndarray, maps_by_run: dict, path) -> Path:
-    """Rows = images, columns = input + one Grad-CAM overlay per checkpoint (the paper's Figure 3 layout)."""
+def gradcam_grid(images: np.ndarray, maps_by_run: dict, path, labels=None, preds_by_run=None) -> Path:
+    """Rows = images (labelled with their class), columns = input + one Grad-CAM overlay per checkpoint with
+    its prediction and probability (the paper's Figure 3 layout); one colour bar for the shared 0..1 scale."""
     runs = list(maps_by_run)
     n = len(images)
-    fig, axes = plt.subplots(n, len(runs) + 1, figsize=(2.2 * (len(runs) + 1), 2.2 * n), squeeze=False)
+    fig, axes = plt.subplots(n, len(runs) + 1, figsize=(2.4 * (len(runs) + 1) + 0.6, 2.5 * n), squeeze=False,
+                             constrained_layout=True)
+    mappable = None
     for i in range(n):
         axes[i][0].imshow(images[i])
-        axes[i][0].set_title('input' if i == 0 else '')
+        axes[i][0].set_title(f'class {labels[i]}' if labels is not None else 'input', fontsize=8)
         for j, name in enumerate(runs):
             axes[i][j + 1].imshow(images[i])
-            axes[i][j + 1].imshow(maps_by_run[name][i], cmap='jet', alpha=0.45)
-            if i == 0:
-                axes[i][j + 1].set_title(name, fontsize=8)
+            mappable = axes[i][j + 1].imshow(maps_by_run[name][i], cmap='jet', alpha=0.45, vmin=0, vmax=1)
+            title = name if i == 0 else ''
+            if preds_by_run is not None:
+                pred, prob = preds_by_run[name][i]
+                title = f'{title}\npred {pred} ({prob:.2f})'.strip()
+            axes[i][j + 1].set_title(title, fontsize=8)
         for ax in axes[i]:
             ax.axis('off')
+    if mappable is not None:
+        fig.colorbar(mappable, ax=axes, shrink=0.6, label='Grad-CAM (normalised)')
     return _save(fig, path)
 
 

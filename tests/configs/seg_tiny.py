@@ -10,7 +10,6 @@ model = dict(
     neck=dict(in_channels=[128] * 4, out_channels=128),
     decode_head=dict(in_channels=[128] * 4, channels=32),
     auxiliary_head=dict(in_channels=128, channels=16))
-optim_wrapper = dict(paramwise_cfg=dict(num_layers=4))
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations', reduce_zero_label=True),

@@ -1,7 +1,10 @@
 # UperNet + DeiT-S/16 on ADE20K, 512x512 crops, 160k iterations, 8 GPUs x 2 images (the paper's setting).
 # Model, data pipeline (incl. multi-scale + flip TTA), runtime and schedule come from mmseg's own DeiT-S
 # config; this file sets what differs: the backbone weights come from a converted DeiT checkpoint
-# (segmentation/tools/convert_deit_to_mmseg.py, or train.py --backbone-checkpoint), layer-wise lr decay.
+# (segmentation/tools/convert_deit_to_mmseg.py, or train.py --backbone-checkpoint) and patch_bias.
+# Optimiser: mmseg's own (plain AdamW, lr 6e-5, weight decay 0.01, none on pos_embed/cls_token/norm) -
+# the paper fine-tunes with mmseg's UperNet DeiT-S setup and names no layer-wise lr decay. The layer-decay
+# variant is upernet_deit-s16_maxsup-layerdecay0.65_8xb2-160k_ade20k-512x512.py (not the paper's setting).
 _base_ = ['mmseg::vit/vit_deit-s16_mln_upernet_8xb2-160k_ade20k-512x512.py']
 
 custom_imports = dict(imports=['segmentation.mmseg_ext'], allow_failed_imports=False)
@@ -19,14 +22,6 @@ model = dict(
     neck=dict(in_channels=[384, 384, 384, 384], out_channels=384, scales=[4, 2, 1, 0.5]),
     decode_head=dict(in_channels=[384, 384, 384, 384], num_classes=150),
     auxiliary_head=dict(in_channels=384, num_classes=150))
-
-# AdamW with layer-wise lr decay (BEiT/MAE-style, 12 blocks); no decay on pos_embed/cls_token/norms/biases
-optim_wrapper = dict(
-    _delete_=True,
-    type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
-    constructor='ViTLayerDecayOptimizerConstructor',
-    paramwise_cfg=dict(num_layers=12, decay_rate=0.65))
 
 train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
 val_dataloader = dict(batch_size=1, dataset=dict(data_root=data_root))
