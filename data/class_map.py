@@ -78,6 +78,9 @@ def main(argv=None) -> int:
         perm = class_permutation(args.map, args.imagefolder, args.direction)
         moved = int((perm != torch.arange(len(perm))).sum())
         print(f'{len(perm)} classes, {moved} change index ({args.direction})')
+        src, dst = ('zip', 'folder') if args.direction == 'zip2folder' else ('folder', 'zip')
+        for i, j in enumerate(perm.tolist()):  # the permutation itself, one class per line
+            print(f'{src} {i} -> {dst} {j}')
         if args.checkpoint:
             if not args.out:
                 ap.error('--checkpoint needs --out')

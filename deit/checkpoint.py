@@ -132,6 +132,50 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def training_state(args, run, epoch: int, world_size: int, rng: list, log: dict, test_stats: dict) -> dict:
+    """Everything a resume needs, in one dict (read back by :func:`restore_training_state`).
+
+    ``rng``: every rank's RNG streams (rank order); ``log``: the epoch's log.txt record, so a resume can
+    restore a log line a kill lost; ``test_stats``: the last evaluation, printed when a finished run is
+    started again.
+    """
+    state = {
+        'model': run.model_without_ddp.state_dict(), 'optimizer': run.optimizer.state_dict(),
+        'lr_scheduler': run.lr_scheduler.state_dict(), 'scaler': run.loss_scaler.state_dict(),
+        'criterion': run.base_criterion.state_dict(), 'epoch': epoch, 'args': args,
+        'max_accuracy': run.max_accuracy, 'world_size': world_size, 'rng': rng, 'log': log, 'test_stats': test_stats,
+    }
+    if run.model_ema is not None:
+        state['model_ema'] = run.model_ema.module.state_dict()
+    return state
+
+
+def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, world: int = 1) -> None:
+    """Optimiser, schedule, scaler, EMA, criterion state and this rank's RNG streams from ``ckpt``
+    (written by :func:`training_state`); sets args.start_epoch to the epoch after the checkpoint's."""
+    if 'optimizer' in ckpt and 'epoch' in ckpt:
+        run.optimizer.load_state_dict(ckpt['optimizer'])
+        run.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        args.start_epoch = ckpt['epoch'] + 1
+        if ckpt.get('scaler') and run.loss_scaler.is_enabled():
+            run.loss_scaler.load_state_dict(ckpt['scaler'])
+        elif run.loss_scaler.is_enabled():  # saved without fp16 AMP (e.g. a CPU run): fresh dynamic scale
+            print(f'note: {path} has no loss-scaler state (saved without fp16 AMP); starting a fresh scale')
+        if run.model_ema is not None and 'model_ema' in ckpt:
+            run.model_ema.module.load_state_dict(ckpt['model_ema'])
+        if 'criterion' in ckpt:
+            run.base_criterion.load_state_dict(ckpt['criterion'])
+        run.max_accuracy = ckpt.get('max_accuracy', 0.0)
+        run.last_test_stats = ckpt.get('test_stats') or {}
+        done = restore_rng(ckpt.get('rng'), rank, world, reseed=args.seed + 1000 * args.start_epoch)
+        if done != 'restored':
+            print(f'note: RNG streams {done}')
+    if ckpt.get('world_size', world) != world:
+        print(f'note: checkpoint written with {ckpt["world_size"]} process(es), resuming with {world}: the '
+              f'lr schedule continues from the checkpoint; data order and RNG streams differ')
+    print(f'resumed from {path} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}')
+
+
 STRIP_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers
 NESTED_KEYS = ('model', 'state_dict', 'module')
 LIGHTNING_MODEL_PREFIX = 'model.'  # the official ResNet pipeline's LightningModule keeps the net in .model

@@ -140,6 +140,27 @@ def eval_split(data_set: str, data_path, split: str, input_size: int, cache: boo
     return build_dataset(split == 'train', args, transform=build_transform(False, args))
 
 
+def subset(ds, max_samples: int | None, seed: int = 0):
+    """A fixed-seed random subset when the split is larger than max_samples (for speed on ImageNet)."""
+    if not max_samples or len(ds) <= max_samples:
+        return ds
+    idx = np.random.default_rng(seed).choice(len(ds), max_samples, replace=False)
+    return torch.utils.data.Subset(ds, np.sort(idx).tolist())
+
+
+def eval_loader(data_set: str, data_path, split: str, input_size: int, cache: bool = False,
+                crop_ratio: float | None = None, batch_size: int = 128, num_workers: int = 2,
+                max_samples: int | None = None, seed: int = 0, wrap=None):
+    """(loader, nb_classes) of a split with evaluation transforms: the one path tools evaluate through.
+
+    ``max_samples``: a fixed-seed subset; ``wrap``: a dataset wrapper (e.g. a corruption)."""
+    ds, nb = eval_split(data_set, data_path, split, input_size, cache, crop_ratio)
+    ds = subset(ds, max_samples, seed)
+    if wrap is not None:
+        ds = wrap(ds)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False), nb
+
+
 def three_augment(args):
     """DeiT III's 3-Augment: RRC + flip + one of {grayscale, solarize, blur} + colour jitter."""
     t = [transforms.RandomResizedCrop(args.input_size, scale=(0.08, 1.0),

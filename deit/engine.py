@@ -37,9 +37,9 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = No
 
 def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, epoch: int, loss_scaler,
                     amp: bool = False, max_norm: float | None = None, model_ema=None, mixup_fn=None,
-                    bce_loss: bool = False, num_classes: int | None = None, print_freq: int = 50,
+                    print_freq: int = 50,
                     max_steps: int | None = None, set_training_mode: bool = True,
-                    batches_may_be_empty: bool = False) -> dict:
+                    batches_may_be_empty: bool = False, accum_iter: int = 1) -> dict:
     """Train one epoch. ``criterion(inputs, outputs, targets)`` is a DistillationLoss wrapper.
 
     Raises NonFiniteLossError naming the epoch and step on a NaN/inf loss (DeiT exits there too:
@@ -47,6 +47,8 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
     ``batches_may_be_empty`` (``--skip-bad-images``): a batch whose images were all unreadable is skipped on
     EVERY rank together (one tiny all-reduce per step): a rank that skipped its step alone would leave the
     others waiting in DDP's gradient all-reduce until the 30-minute timeout.
+    ``accum_iter`` N (DeiT III / MAE): the optimizer steps every N micro-batches (and at the epoch's end) on
+    the mean of their losses (each divided by N); DDP syncs gradients only on the stepping micro-batch.
     """
     model.train(set_training_mode)  # DeiT's --no-train-mode keeps dropout / drop-path off while training
     logger = MetricLogger()
@@ -54,6 +56,8 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
     header = f'Epoch: [{epoch}]'
     second_order = getattr(optimizer, 'is_second_order', False)
     skipped_steps = 0
+    last = min(len(data_loader), max_steps if max_steps is not None else len(data_loader)) - 1
+    optimizer.zero_grad(set_to_none=True)
     for step, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header,
                                                                batch_size_fn=lambda b: len(b[1]))):
         if max_steps is not None and step >= max_steps:
@@ -65,21 +69,22 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        if bce_loss:  # DeiT III: BCE on the (mixed) label set
-            if targets.dim() == 1:
-                targets = F.one_hot(targets, num_classes).float()
-            targets = targets.gt(0.0).to(targets.dtype)
-        with autocast(device, amp):
-            outputs = model(samples)
-            loss = criterion(samples, outputs, targets)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
-                                     f'(try a lower --lr, --clip-grad, or --no-amp)')
-        optimizer.zero_grad(set_to_none=True)
-        loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(), create_graph=second_order)
-        if model_ema is not None:
-            model_ema.update(model)
+        update = (step + 1) % accum_iter == 0 or step == last
+        no_sync = model.no_sync() if not update and hasattr(model, 'no_sync') else nullcontext()
+        with no_sync:  # the forward too: DDP prepares its gradient all-reduce there
+            with autocast(device, amp):
+                outputs = model(samples)
+                loss = criterion(samples, outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
+                                         f'(try a lower --lr, --clip-grad, or --no-amp)')
+            loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+                        create_graph=second_order, need_update=update)
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(model)
         logger.update(loss=loss_value, n=len(targets))
         logger.update(lr=optimizer.param_groups[0]['lr'])
     logger.synchronize_between_processes()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 __all__ = [
     'LOSSES', 'MaxSupLoss', 'MaxSupLossReference', 'LabelSmoothingLoss', 'LabelSmoothingPartLoss',
     'OnlineLabelSmoothing', 'ZipfLabelSmoothing', 'LogitPenaltyLoss', 'CrossEntropyLoss', 'AlphaSchedule',
+    'BCEOnMixedLabels', 'build_criterion',
     'DistillationLoss', 'create_criterion', 'ls_decomposition',
 ]
 
@@ -285,6 +286,17 @@ class LogitPenaltyLoss(nn.Module):
         return f'beta={self.beta}'
 
 
+class BCEOnMixedLabels(nn.Module):
+    """DeiT III's ``--bce-loss``: binary cross-entropy against the SET of labels a (Mixup/CutMix) target
+    mixes, i.e. every class with a non-zero weight is a positive."""
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        if target.dim() == 1:
+            target = F.one_hot(target, logits.shape[1])
+        target = target.gt(0.0).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
 class OnlineLabelSmoothing(nn.Module):
     """Online Label Smoothing (Zhang et al., "Delving Deep into Label Smoothing", TIP 2021).
 
@@ -502,3 +514,22 @@ def create_criterion(args: Namespace | Mapping | None = None, **kwargs) -> nn.Mo
     if name == 'logit_penalty':
         return LogitPenaltyLoss(opts.get('logit_penalty_beta', 2e-3))
     raise ValueError(f'unknown loss {name!r}; choose one of {", ".join(LOSSES)}')
+
+
+def build_criterion(args, num_classes: int, mixup: bool = False, teacher: nn.Module | None = None):
+    """The trainer's loss, decided here alone: (criterion, base_criterion, alpha schedule or None).
+
+    base: ``--loss`` (create_criterion), or DeiT III's BCE (``--bce-loss``), or DeiT's label smoothing for
+    ``--loss ce --smoothing s`` without Mixup (with Mixup, timm's Mixup smooths the targets itself);
+    schedule: alpha from ``--alpha`` to ``--alpha-end`` (or constant) for the scheduled losses;
+    criterion: the base inside DeiT's distillation wrapper (a no-op without a teacher).
+    """
+    base = create_criterion(args, nb_classes=num_classes)
+    if args.bce_loss:
+        base = BCEOnMixedLabels()
+    elif args.loss == 'ce' and args.smoothing > 0 and not mixup:
+        base = LabelSmoothingLoss(args.smoothing)
+    end = args.alpha if args.alpha_schedule == 'constant' else args.alpha_end
+    schedule = AlphaSchedule(args.alpha, end, args.epochs) if args.loss in SCHEDULED_LOSSES else None
+    criterion = DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
+    return criterion, base, schedule

@@ -4,8 +4,8 @@ Paper recipe (DeiT-S, 8 GPUs x 128 = batch 1024, 300 epochs): see scripts/train_
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import csv
 import datetime
 import functools
 import json
@@ -18,142 +18,23 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import yaml
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from deit import distributed as du
-from deit.checkpoint import (CheckpointError, read_state_dict, restore_rng, rng_state, save_atomic,
-                             torch_load)
+from deit.args import check_args, get_args_parser, parse_args  # noqa: F401  (get_args_parser: public API)
+from deit.checkpoint import (CheckpointError, read_state_dict, restore_training_state, rng_state, save_atomic,
+                             torch_load, training_state)
 from deit.datasets import build_dataset
 from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
-from deit.losses import (HARD_LABEL_LOSSES, LOSSES, SCHEDULED_LOSSES, AlphaSchedule, DistillationLoss,
-                         LabelSmoothingLoss, create_criterion)
+from deit.losses import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
 from deit.rundir import (RunDirLocked, lock_run_dir, release_run_dir, remove_stale_temp_files, repair_log,
                          set_aside_log)
 from deit.samplers import DistributedEvalSampler, RASampler
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('DeiT training and evaluation with MaxSup', add_help=True)
-    a = p.add_argument
-    a('--batch-size', default=64, type=int, help='per-process batch size')
-    a('--epochs', default=300, type=int)
-    a('--bce-loss', action='store_true', help='BCE on mixed labels (DeiT III); only with --loss ce')
-    a('--unscale-lr', action='store_true', help='use --lr as is, not lr * batch * world / 512')
-    # model
-    a('--model', default='deit_small_patch16_224', type=str, help='any timm model, or deit_demo_patch4_32')
-    a('--input-size', default=224, type=int)
-    a('--drop', type=float, default=0.0, help='dropout rate')
-    a('--drop-path', type=float, default=0.1, help='stochastic depth rate')
-    a('--model-ema', action=argparse.BooleanOptionalAction, default=False)
-    a('--model-ema-decay', type=float, default=0.99996)
-    a('--model-ema-force-cpu', action='store_true')
-    # optimizer / schedule (timm)
-    a('--opt', default='adamw', type=str)
-    a('--opt-eps', default=1e-8, type=float)
-    a('--opt-betas', default=None, type=float, nargs='+')
-    a('--clip-grad', type=float, default=None, help='max grad norm (off when unset)')
-    a('--momentum', type=float, default=0.9)
-    a('--weight-decay', type=float, default=0.05)
-    a('--sched', default='cosine', type=str)
-    a('--lr', type=float, default=5e-4)
-    a('--lr-noise', type=float, nargs='+', default=None)
-    a('--lr-noise-pct', type=float, default=0.67)
-    a('--lr-noise-std', type=float, default=1.0)
-    a('--warmup-lr', type=float, default=1e-6)
-    a('--min-lr', type=float, default=1e-5)
-    a('--decay-epochs', type=float, default=30)
-    a('--warmup-epochs', type=int, default=5)
-    a('--cooldown-epochs', type=int, default=10)
-    a('--patience-epochs', type=int, default=10)
-    a('--decay-rate', '--dr', type=float, default=0.1)
-    # augmentation
-    a('--color-jitter', type=float, default=0.3)
-    a('--aa', type=str, default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" to disable')
-    a('--smoothing', type=float, default=0.0,
-      help="DeiT's label smoothing; 0 by default because the regulariser is chosen with --loss")
-    a('--train-interpolation', type=str, default='bicubic')
-    a('--repeated-aug', action=argparse.BooleanOptionalAction, default=True)
-    a('--train-mode', action=argparse.BooleanOptionalAction, default=True)
-    a('--ThreeAugment', action='store_true')
-    a('--src', action='store_true', help='simple random crop (with --ThreeAugment)')
-    a('--reprob', type=float, default=0.25)
-    a('--remode', type=str, default='pixel')
-    a('--recount', type=int, default=1)
-    a('--resplit', action='store_true', default=False, help='accepted for DeiT commands; no effect, as in DeiT')
-    a('--mixup', type=float, default=0.8)
-    a('--cutmix', type=float, default=1.0)
-    a('--cutmix-minmax', type=float, nargs='+', default=None)
-    a('--mixup-prob', type=float, default=1.0)
-    a('--mixup-switch-prob', type=float, default=0.5)
-    a('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'))
-    # distillation
-    a('--teacher-model', default='regnety_160', type=str)
-    a('--teacher-path', type=str, default='')
-    a('--distillation-type', default='none', choices=['none', 'soft', 'hard'])
-    a('--distillation-alpha', default=0.5, type=float)
-    a('--distillation-tau', default=1.0, type=float)
-    a('--finetune', default='', help='initialise from this checkpoint (head reset / pos-embed resize as needed)')
-    # loss family (MaxSup)
-    a('--loss', default='maxsup', choices=LOSSES)
-    a('--alpha', '--maxsup-alpha', dest='alpha', type=float, default=0.1,
-      help='regulariser weight at epoch 0 (maxsup, ls, ls_reg_only, ls_err_only; ols: its initial smoothing)')
-    a('--alpha-end', '--maxsup-alpha-end', dest='alpha_end', type=float, default=0.2,
-      help='weight at the last epoch, linear in between: the paper schedules MaxSup AND label smoothing '
-           '0.1 -> 0.2 by default (Sec. 5.1, App. F)')
-    a('--alpha-schedule', choices=('linear', 'constant'), default='linear',
-      help="'constant': the weight stays --alpha all run (Table 1; Table 8's fixed column)")
-    a('--ols-a', type=float, default=0.5)
-    a('--zipf-weight', type=float, default=1.0)
-    a('--zipf-power', type=float, default=1.0)
-    a('--zipf-loss-mask', action='store_true',
-      help="Zipf LS term on correctly classified samples only (the authors' --mask; off by default, as theirs)")
-    a('--logit-penalty-beta', type=float, default=2e-3)
-    # data
-    a('--data-path', default=None, type=str)
-    a('--data-set', default='IMNET', choices=['IMNET', 'CIFAR10', 'CIFAR100', 'FOLDER', 'DEMO'])
-    a('--cache', action='store_true', help='read IMNET from the in-memory ZIP cache (data/)')
-    a('--cache-mode', default='full', choices=['full', 'part'], help="'part': each rank keeps 1/world of it")
-    a('--skip-bad-images', action='store_true',
-      help='drop unreadable images (ZIP cache or folders) from their batch, counted and logged, instead of failing')
-    a('--eval-crop-ratio', default=0.875, type=float)
-    # run
-    a('--output_dir', '--output-dir', default='', help='where to save checkpoints and logs, empty for none')
-    a('--device', default=None, help='cuda or cpu (default: cuda when available)')
-    a('--seed', default=0, type=int)
-    a('--resume', default='', help='checkpoint to resume from (default: output_dir/checkpoint.pth if present)')
-    a('--auto-resume', action=argparse.BooleanOptionalAction, default=True)
-    a('--start_epoch', '--start-epoch', default=0, type=int)
-    a('--eval', action='store_true', help='evaluate only')
-    a('--eval-every', default=1, type=int, help='evaluate every N epochs (and always after the last)')
-    a('--dist-eval', action='store_true', help='shard evaluation over ranks (exact)')
-    a('--num_workers', '--num-workers', default=10, type=int)
-    a('--pin-mem', action=argparse.BooleanOptionalAction, default=True)
-    a('--amp', action=argparse.BooleanOptionalAction, default=None, help='mixed precision (default: on for CUDA)')
-    a('--print-freq', default=50, type=int)
-    a('--max-steps-per-epoch', default=None, type=int, help='cap steps per epoch (smoke tests)')
-    return p
-
-
-def check_args(args) -> None:
-    """Reject flag combinations that would silently do something else than asked."""
-    if args.loss != 'ce' and args.smoothing > 0:
-        raise ValueError(f'--smoothing {args.smoothing} with --loss {args.loss} regularises twice; '
-                         f'use --smoothing 0 (the paper recipe) or --loss ce')
-    if args.bce_loss and args.loss != 'ce':
-        raise ValueError(f'--bce-loss replaces the loss; it only combines with --loss ce, not {args.loss}')
-    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    if args.loss in HARD_LABEL_LOSSES and mixup:
-        raise ValueError(f'--loss {args.loss} is defined for hard labels; add --mixup 0 --cutmix 0')
-    if args.distillation_type != 'none' and args.finetune and not args.eval:
-        raise ValueError('finetuning with distillation is not supported (as in DeiT)')
-    if args.epochs < 1 and not args.eval:
-        raise ValueError(f'--epochs {args.epochs}: train for at least 1 epoch (or pass --eval to only evaluate)')
-    if args.eval_every < 1:
-        raise ValueError(f'--eval-every {args.eval_every}: must be >= 1')
 
 
 def build_loaders(args, dataset_train, dataset_val):
@@ -214,6 +95,9 @@ def main(args) -> dict:
 
 def claim_output_dir(args, cleanup: contextlib.ExitStack) -> Path | None:
     """Create and lock the run folder (rank 0), clear killed saves' temp files; every rank learns the outcome."""
+    if args.output_dir is None and not args.eval:  # timm's convention: never no run folder by default
+        stamp = du.broadcast_object(time.strftime('%Y%m%d-%H%M%S'))
+        args.output_dir = f'output/train/{stamp}-{args.model}-{args.loss}'
     output_dir = Path(args.output_dir) if args.output_dir else None
     error = None
     if output_dir and du.is_main_process():
@@ -221,6 +105,7 @@ def claim_output_dir(args, cleanup: contextlib.ExitStack) -> Path | None:
             output_dir.mkdir(parents=True, exist_ok=True)
             cleanup.callback(release_run_dir, lock_run_dir(output_dir))
             remove_stale_temp_files(output_dir)
+            cleanup.enter_context(tee_stdout(output_dir / 'stdout.log'))
         except (RunDirLocked, OSError) as e:
             error = str(e)
     error = du.broadcast_object(error)  # a refusal on rank 0 must not leave the other ranks waiting
@@ -249,6 +134,7 @@ def setup_device(args) -> tuple[torch.device, bool]:
 
 
 def build_data(args):
+    resolve_batch(args)
     dataset_train, nb_classes = build_dataset(True, args)
     dataset_val, nb_val = build_dataset(False, args)
     if nb_val != nb_classes:
@@ -288,30 +174,36 @@ def build_model(args, nb_classes: int, device) -> torch.nn.Module:
     return model.to(device)
 
 
-def build_criterion(args, nb_classes: int, mixup_fn, device):
-    """(criterion, base_criterion, alpha schedule), on ``device`` (OLS keeps its soft labels in buffers)."""
-    base_criterion = create_criterion(args)
-    if args.bce_loss:
-        base_criterion = torch.nn.BCEWithLogitsLoss()
-    elif args.loss == 'ce' and args.smoothing > 0 and mixup_fn is None:
-        base_criterion = LabelSmoothingLoss(args.smoothing)
-    end = args.alpha if args.alpha_schedule == 'constant' else args.alpha_end
-    schedule = AlphaSchedule(args.alpha, end, args.epochs) if args.loss in SCHEDULED_LOSSES else None
+def setup_criterion(args, nb_classes: int, mixup_fn, device):
+    """deit.losses.build_criterion with the distillation teacher loaded; printed and moved to ``device``."""
     teacher = load_teacher(args, nb_classes, device) if args.distillation_type != 'none' else None
-    criterion = DistillationLoss(base_criterion, teacher, args.distillation_type, args.distillation_alpha,
-                                 args.distillation_tau).to(device)
-    print(f'criterion: {base_criterion}' + (f', {schedule}' if schedule else ''))
-    return criterion, base_criterion, schedule
+    criterion, base, schedule = build_criterion(args, nb_classes, mixup_fn is not None, teacher)
+    print(f'criterion: {base}' + (f', {schedule}' if schedule else ''))
+    return criterion.to(device), base, schedule
+
+
+def resolve_batch(args) -> int:
+    """Per-process batch from --total-batch-size (one recipe for any world size); returns the total."""
+    world = du.get_world_size()
+    per_step = world * args.accum_iter
+    if args.total_batch_size:
+        if args.total_batch_size % per_step:
+            raise ValueError(f'--total-batch-size {args.total_batch_size} is not divisible by {world} process(es) '
+                             f'x --accum-iter {args.accum_iter}')
+        args.batch_size = args.total_batch_size // per_step
+    return args.batch_size * per_step
 
 
 def build_optimization(args, model):
-    """(optimizer, lr scheduler); --lr is scaled by the total batch unless --unscale-lr."""
-    world = du.get_world_size()
-    base_lr = args.lr
+    """(optimizer, lr scheduler); --lr is scaled by the effective batch (per process x world x accum-iter)
+    unless --unscale-lr."""
+    world, total = du.get_world_size(), resolve_batch(args)
+    args.base_lr = args.lr
     if not args.unscale_lr:
-        args.lr = base_lr * args.batch_size * world / 512.0
-    print(f'effective batch size {args.batch_size} x {world} = {args.batch_size * world}; '
-          f'lr {args.lr:.3g} ({"as given" if args.unscale_lr else f"{base_lr:g} x batch / 512"})')
+        args.lr = args.base_lr * total / 512.0
+    print(f'effective batch size {args.batch_size} x {world}'
+          f'{f" x {args.accum_iter} accumulation steps" if args.accum_iter > 1 else ""} = {total}; '
+          f'lr {args.lr:.3g} ({"as given" if args.unscale_lr else f"{args.base_lr:g} x batch / 512"})')
     opt_kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
     if args.opt_betas:
         opt_kwargs['betas'] = tuple(args.opt_betas)
@@ -355,6 +247,29 @@ def read_resume_checkpoint(args, output_dir: Path | None):
     return path, ckpt
 
 
+RUN_ARGS = ('model', 'input_size', 'loss', 'alpha', 'alpha_end', 'alpha_schedule', 'data_set', 'epochs', 'base_lr',
+            'opt', 'weight_decay', 'sched', 'warmup_epochs', 'mixup', 'cutmix', 'aa', 'reprob', 'smoothing',
+            'drop_path', 'ols_a', 'zipf_weight', 'zipf_power', 'logit_penalty_beta', 'bce_loss',
+            'distillation_type', 'unscale_lr')
+
+
+def check_same_run(args, ckpt: dict, path: str) -> None:
+    """Auto-resume continues THE SAME run: refuse when an argument that defines it differs from the
+    checkpoint's (an LS run resumed with --loss ce would otherwise continue silently into one log)."""
+    saved = ckpt.get('args')
+    saved = vars(saved) if hasattr(saved, '__dict__') else (saved or {})
+    now = vars(args) | {'total_batch': args.batch_size * du.get_world_size() * args.accum_iter}
+    saved = dict(saved)
+    if 'batch_size' in saved:
+        saved['total_batch'] = saved['batch_size'] * ckpt.get('world_size', 1) * saved.get('accum_iter', 1)
+    diffs = [f'{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now' for k in RUN_ARGS + ('total_batch',)
+             if k in saved and k in now and saved[k] != now[k]]
+    if diffs:
+        raise ValueError(f'{path} belongs to another run; refusing to auto-resume it. Differing arguments: '
+                         f'{"; ".join(diffs)}. Start fresh with another --output_dir (or --no-auto-resume), '
+                         f'or continue that checkpoint on purpose with --resume {path}')
+
+
 def restore_weights(model, ckpt: dict, path: str, name: str) -> None:
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
         raise CheckpointError(f'{path}: no "model" entry; not a training checkpoint')
@@ -395,9 +310,9 @@ def run_training(args, run, data, output_dir: Path | None) -> dict:
         train_stats = train_one_epoch(
             run.model, run.criterion, data.loader_train, run.optimizer, run.device, epoch, run.loss_scaler,
             amp=run.amp, max_norm=args.clip_grad, model_ema=run.model_ema, mixup_fn=data.mixup_fn,
-            bce_loss=args.bce_loss, num_classes=data.nb_classes, print_freq=args.print_freq,
+            print_freq=args.print_freq,
             max_steps=args.max_steps_per_epoch, set_training_mode=args.train_mode,
-            batches_may_be_empty=getattr(data.train, 'skip_bad', False))
+            batches_may_be_empty=getattr(data.train, 'skip_bad', False), accum_iter=args.accum_iter)
         if hasattr(run.base_criterion, 'next_epoch'):
             run.base_criterion.next_epoch()
         if getattr(data.train, 'skip_bad', False):
@@ -453,48 +368,11 @@ def save_epoch(args, run, epoch: int, output_dir: Path, is_best: bool, log: dict
     rng = du.all_gather_object(rng_state())
     if not du.is_main_process():
         return
-    state = {
-        'model': run.model_without_ddp.state_dict(), 'optimizer': run.optimizer.state_dict(),
-        'lr_scheduler': run.lr_scheduler.state_dict(), 'scaler': run.loss_scaler.state_dict(),
-        'epoch': epoch, 'args': args, 'max_accuracy': run.max_accuracy, 'world_size': du.get_world_size(),
-        'alpha': {'value': getattr(run.base_criterion, 'alpha', None),
-                  'schedule': run.schedule.state_dict() if run.schedule else None},
-        'criterion': run.base_criterion.state_dict(), 'rng': rng, 'log': log, 'test_stats': test_stats,
-    }
-    if run.model_ema is not None:
-        state['model_ema'] = run.model_ema.module.state_dict()
+    state = training_state(args, run, epoch, du.get_world_size(), rng, log, test_stats)
     if is_best:
         save_atomic(state, output_dir / 'best_checkpoint.pth')
     write_log(output_dir, tb, log, epoch)
     save_atomic(state, output_dir / 'checkpoint.pth')
-
-
-def restore_training_state(args, run, ckpt: dict, path: str) -> None:
-    """Optimiser, schedule, scaler, EMA, criterion state and this rank's RNG streams from ``ckpt``."""
-    world = du.get_world_size()
-    if 'optimizer' in ckpt and 'epoch' in ckpt:
-        run.optimizer.load_state_dict(ckpt['optimizer'])
-        run.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
-        args.start_epoch = ckpt['epoch'] + 1
-        if ckpt.get('scaler') and run.loss_scaler.is_enabled():
-            run.loss_scaler.load_state_dict(ckpt['scaler'])
-        elif run.loss_scaler.is_enabled():  # saved without fp16 AMP (e.g. a CPU run): fresh dynamic scale
-            print(f'note: {path} has no loss-scaler state (saved without fp16 AMP); starting a fresh scale')
-        if run.model_ema is not None and 'model_ema' in ckpt:
-            run.model_ema.module.load_state_dict(ckpt['model_ema'])
-        if 'criterion' in ckpt:
-            run.base_criterion.load_state_dict(ckpt['criterion'])
-        run.max_accuracy = ckpt.get('max_accuracy', 0.0)
-        run.last_test_stats = ckpt.get('test_stats') or {}
-        if getattr(args, 'output_dir', None) and du.is_main_process():
-            repair_log(Path(args.output_dir), ckpt['epoch'], ckpt.get('log'))
-        done = restore_rng(ckpt.get('rng'), du.get_rank(), world, reseed=args.seed + 1000 * args.start_epoch)
-        if done != 'restored':
-            print(f'note: RNG streams {done}')
-    if ckpt.get('world_size', world) != world:
-        print(f'note: checkpoint written with {ckpt["world_size"]} process(es), resuming with {world}: the '
-              f'lr schedule continues from the checkpoint; data order and RNG streams differ')
-    print(f'resumed from {path} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}')
 
 
 def open_tensorboard(output_dir: Path | None):
@@ -509,15 +387,52 @@ def open_tensorboard(output_dir: Path | None):
 
 
 def write_log(output_dir: Path, tb, log: dict, epoch: int) -> None:
+    """log.txt (DeiT's JSON lines), summary.csv (timm's: one row per epoch), TensorBoard train/ and test/."""
     with open(output_dir / 'log.txt', 'a') as f:
         f.write(json.dumps(log) + '\n')
         f.flush()
         os.fsync(f.fileno())
+    summary = output_dir / 'summary.csv'
+    header = summary.read_text().splitlines()[0].split(',') if summary.is_file() else list(log)
+    with open(summary, 'a', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=header, extrasaction='ignore')
+        if not summary.stat().st_size:
+            w.writeheader()
+        w.writerow(log)
     if tb is not None:
         for k, v in log.items():
-            if isinstance(v, (int, float)) and v is not None and k != 'epoch':
-                tb.add_scalar(k, v, epoch)
+            group, _, name = k.partition('_')
+            if group in ('train', 'test') and isinstance(v, (int, float)) and name not in ('n', 'skipped_images'):
+                tb.add_scalar(f'{group}/{name}', v, epoch)
+        if log.get('alpha') is not None:
+            tb.add_scalar('train/alpha', log['alpha'], epoch)
         tb.flush()
+
+
+@contextlib.contextmanager
+def tee_stdout(path: Path):
+    """A copy of this process's stdout in the run folder (timm and DeiT users look for it there)."""
+    f = open(path, 'a', buffering=1)
+    real = sys.stdout
+
+    class Tee:
+        def write(self, s):
+            real.write(s)
+            f.write(s)
+
+        def flush(self):
+            real.flush()
+            f.flush()
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    sys.stdout = Tee()
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        f.close()
 
 
 def _run(args, cleanup: contextlib.ExitStack) -> dict:
@@ -525,7 +440,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> dict:
     device, amp = setup_device(args)
     data = build_data(args)
     model = build_model(args, data.nb_classes, device)
-    criterion, base_criterion, schedule = build_criterion(args, data.nb_classes, data.mixup_fn, device)
+    criterion, base_criterion, schedule = setup_criterion(args, data.nb_classes, data.mixup_fn, device)
     optimizer, lr_scheduler = build_optimization(args, model)
     run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, criterion=criterion,
                           base_criterion=base_criterion, schedule=schedule, optimizer=optimizer,
@@ -535,8 +450,13 @@ def _run(args, cleanup: contextlib.ExitStack) -> dict:
     print(f'model {args.model}: {run.n_parameters / 1e6:.2f}M parameters, {data.nb_classes} classes')
     output_dir = claim_output_dir(args, cleanup)
     resume_path, ckpt = read_resume_checkpoint(args, output_dir)
+    if ckpt is not None and not args.resume and not args.eval:
+        check_same_run(args, ckpt, resume_path)
     if ckpt is None and output_dir and not args.eval and du.is_main_process():
         set_aside_log(output_dir)
+    if output_dir and du.is_main_process():
+        (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=True))
+    print('configuration:\n' + yaml.safe_dump(vars(args), sort_keys=True), end='')
     if ckpt is not None:  # weights before DDP: its constructor then broadcasts them
         restore_weights(model, ckpt, resume_path, args.model)
     run.model, run.model_ema = wrap_model(args, model, device)
@@ -544,7 +464,9 @@ def _run(args, cleanup: contextlib.ExitStack) -> dict:
         if args.eval:
             print(f'evaluating {resume_path} (epoch {ckpt.get("epoch", "?")})')
         else:
-            restore_training_state(args, run, ckpt, resume_path)
+            restore_training_state(args, run, ckpt, resume_path, du.get_rank(), du.get_world_size())
+            if args.output_dir and du.is_main_process():  # the log ends where the checkpoint does
+                repair_log(Path(args.output_dir), ckpt['epoch'], ckpt.get('log'))
         del ckpt
     lr_scheduler.step(args.start_epoch)
     if args.eval:
@@ -568,7 +490,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> dict:
 
 
 def cli(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         main(args)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as e:

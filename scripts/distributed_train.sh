@@ -6,13 +6,17 @@
 #                         NGPUS=8 scripts/distributed_train.sh ...
 #   multi-node (elastic rendezvous):  NNODES=2 RDZV_ENDPOINT=<host:port> [RDZV_ID=job42] NGPUS=8 \
 #                         scripts/distributed_train.sh ...
-#   --dry-run (first argument) or DRY_RUN=1: print the exact command instead of running it.
+#   --dry-run (anywhere) or DRY_RUN=1: print the exact command instead of running it.
+#   Recipes: pass -c recipes/<name>.yaml (deit.main reads it; flags after it override).
 #   The static rendezvous port is MASTER_PORT, else derived from SLURM_JOB_ID inside a SLURM job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DRY_RUN=${DRY_RUN:-0}
-if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
+args=()
+for a in "$@"; do
+  if [[ "$a" == "--dry-run" ]]; then DRY_RUN=1; else args+=("$a"); fi
+done
 source scripts/_env.sh
 NGPUS=${NGPUS:-1}
 NNODES=${NNODES:-1}
@@ -27,7 +31,7 @@ elif [[ "$NNODES" -gt 1 ]]; then
 else
   cmd+=(--standalone)
 fi
-cmd+=(-m deit.main "$@")
+cmd+=(-m deit.main "${args[@]}")
 
 if [[ "$DRY_RUN" == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo

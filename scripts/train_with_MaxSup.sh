@@ -23,37 +23,27 @@ export DRY_RUN
 NGPUS=${NGPUS:-1}
 NNODES=${NNODES:-1}
 LOSS=${LOSS:-maxsup}
-nproc=$((NGPUS * NNODES))
 
+# Recipes are files (recipes/*.yaml, read by deit.main -c); the same files serve every launcher.
 if [[ -z "${DATA_PATH:-}" ]]; then
   RECIPE=demo
-  OUTPUT_DIR=${OUTPUT_DIR:-output/demo_${LOSS}}
-  recipe=(--data-set DEMO --model deit_demo_patch4_32 --input-size 32 --epochs 30 --batch-size 64
-          --lr 2e-3 --unscale-lr --min-lr 1e-5 --warmup-epochs 3 --weight-decay 0.05 --drop-path 0.1
-          --mixup 0 --cutmix 0 --num_workers 2 --print-freq 0)
+  recipe=(-c recipes/demo.yaml)
 else
   RECIPE=${RECIPE:-paper}
-  OUTPUT_DIR=${OUTPUT_DIR:-output/${RECIPE}_${LOSS}}
-  deit_s=(--data-set IMNET --data-path "$DATA_PATH" --model deit_small_patch16_224 --input-size 224
-          --epochs 300 --batch-size $((1024 / nproc)) --opt adamw --lr 5e-4 --weight-decay 0.05
-          --sched cosine --warmup-epochs 5 --aa rand-m9-mstd0.5-inc1 --reprob 0.25 --drop-path 0.1
-          --smoothing 0 --dist-eval --pin-mem)
   case "$RECIPE" in
-    paper)    recipe=("${deit_s[@]}" --mixup 0 --cutmix 0) ;;
-    official) recipe=("${deit_s[@]}" --mixup 0.8 --cutmix 1.0) ;;
-    resnet50) recipe=(--data-set IMNET --data-path "$DATA_PATH" --model resnet50_blurpool --input-size 224
-                      --epochs 200 --batch-size $((2048 / nproc)) --opt sgd --momentum 0.9 --lr 0.2
-                      --weight-decay 1e-4 --sched cosine --warmup-epochs 0 --aa none --reprob 0
-                      --color-jitter 0 --mixup 0 --cutmix 0 --drop-path 0 --smoothing 0 --no-repeated-aug
-                      --dist-eval --pin-mem) ;;
+    paper)    recipe=(-c recipes/deit_s_paper.yaml) ;;
+    official) recipe=(-c recipes/deit_s_official.yaml) ;;
+    resnet50) recipe=(-c recipes/resnet50_paper.yaml) ;;
     *) echo "unknown RECIPE=$RECIPE (paper, official, resnet50)" >&2; exit 2 ;;
   esac
+  recipe+=(--data-path "$DATA_PATH" --pin-mem)
 fi
-# the loss and its weight: alpha 0.1 -> 0.2 (paper App. F) for MaxSup and the LS family alike
+OUTPUT_DIR=${OUTPUT_DIR:-output/${RECIPE}_${LOSS}}
+# the loss; its weight follows the recipe's alpha 0.1 -> 0.2 (paper App. F) for MaxSup and the LS family alike
 recipe+=(--loss "$LOSS")
 
 args=("${recipe[@]}" --output_dir "$OUTPUT_DIR" "${extra[@]}")
-if [[ $nproc -gt 1 ]]; then
+if [[ $((NGPUS * NNODES)) -gt 1 ]]; then
   exec scripts/distributed_train.sh "${args[@]}"
 fi
 if [[ "$DRY_RUN" == 1 ]]; then

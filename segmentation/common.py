@@ -11,6 +11,15 @@ if str(ROOT) not in sys.path:  # configs import segmentation.mmseg_ext; the conv
     sys.path.insert(0, str(ROOT))
 
 
+def require_segmentation_stack() -> None:
+    """A one-line answer instead of a ModuleNotFoundError when mmcv / mmengine / mmseg are missing."""
+    try:
+        import mmengine  # noqa: F401
+        import mmseg  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f'error: the segmentation stack is not installed ({e.name} missing): run `make setup-seg`')
+
+
 def add_runner_args(ap) -> None:
     """Arguments train.py and test.py share (mmseg's tools use the same names)."""
     from mmengine.config import DictAction

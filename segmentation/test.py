@@ -12,10 +12,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segmentation.common import (  # noqa: E402
+    require_segmentation_stack,
     add_runner_args, check_data_root, load_config, trust_runner_checkpoints)
 
 
 def main(argv=None) -> dict | int:
+    require_segmentation_stack()
     from mmengine.runner import Runner
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('config')

@@ -15,11 +15,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segmentation.common import (  # noqa: E402
+    require_segmentation_stack,
     add_runner_args, check_backbone_weights, check_data_root, init_distributed, load_config,
     set_backbone_checkpoint, trust_runner_checkpoints)
 
 
 def main(argv=None) -> int:
+    require_segmentation_stack()
     from mmengine.runner import Runner
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('config')

@@ -319,11 +319,11 @@ def test_atomic_saves_with_equal_pids_do_not_collide(tmp_path, monkeypatch):
 
 def test_criterion_follows_the_model_device():
     """Issue 19.1: OLS keeps its soft labels in buffers; they must live where the logits are."""
-    from deit.main import build_criterion, check_args, get_args_parser
+    from deit.main import check_args, get_args_parser, setup_criterion
     args = get_args_parser().parse_args(['--loss', 'ols', '--mixup', '0', '--cutmix', '0'])
     check_args(args)
     args.nb_classes = 5
-    criterion, base, _ = build_criterion(args, 5, None, torch.device('meta'))
+    criterion, base, _ = setup_criterion(args, 5, None, torch.device('meta'))
     assert {b.device.type for b in base.buffers()} == {'meta'}
 
 
@@ -332,7 +332,7 @@ def test_amp_resume_from_a_checkpoint_saved_without_amp(capsys):
     from types import SimpleNamespace
 
     from deit.engine import LossScaler
-    from deit.main import restore_training_state
+    from deit.checkpoint import restore_training_state
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)

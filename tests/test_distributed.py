@@ -159,7 +159,7 @@ def test_launch_scripts_syntax_and_dry_run():
         assert subprocess.run(['bash', '-n', str(ROOT / 'scripts' / s)]).returncode == 0, s
     env = {'NNODES': '2', 'NGPUS': '8', 'NODE_RANK': '1', 'MASTER_ADDR': 'node0', 'MASTER_PORT': '12345',
            'PYTHON': 'python3', 'PATH': '/usr/bin:/bin'}
-    r = subprocess.run(['bash', 'scripts/distributed_train.sh', '--dry-run', '--model', 'deit_small_patch16_224'],
+    r = subprocess.run(['bash', 'scripts/distributed_train.sh', '--model', 'deit_small_patch16_224', '--dry-run'],
                        cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ('python3 -m torch.distributed.run --nnodes=2 --nproc_per_node=8 --node_rank=1 '
@@ -174,7 +174,8 @@ def test_launch_scripts_syntax_and_dry_run():
     r = subprocess.run(['bash', 'scripts/train_with_MaxSup.sh'], cwd=ROOT, capture_output=True, text=True,
                        env={**env, 'DRY_RUN': '1', 'DATA_PATH': '/data/imagenet'})
     assert r.returncode == 0, r.stderr
-    assert '--nproc_per_node=8' in r.stdout and '--batch-size 64' in r.stdout and '--loss maxsup' in r.stdout
+    assert '--nproc_per_node=8' in r.stdout and '-c recipes/deit_s_paper.yaml' in r.stdout
+    assert '--loss maxsup' in r.stdout
 
 
 def test_submitit_debug_executor_runs_the_trainer(tmp_path):

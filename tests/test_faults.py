@@ -169,7 +169,7 @@ def test_bad_flags_are_one_line(extra, msg, capsys):
 
 def test_patch16_model_input_size_is_checked(capsys):
     assert cli(['--model', 'deit_tiny_patch16_224', '--input-size', '100', '--data-set', 'DEMO', '--epochs', '1',
-                '--num_workers', '0']) == 2
+                '--warmup-epochs', '0', '--num_workers', '0']) == 2
     assert 'use e.g. --input-size 96' in _err(capsys)
 
 

@@ -11,14 +11,14 @@ import torch
 
 from deit import localization
 from deit.analysis import logit_statistics
-from deit.main import build_criterion, check_args, get_args_parser
+from deit.main import check_args, get_args_parser, parse_args, setup_criterion
 from tests.conftest import ROOT, TINY, make_imagefolder
 
 
 def _criterion(*flags):
     args = get_args_parser().parse_args(['--mixup', '0', '--cutmix', '0', '--epochs', '300', *flags])
     check_args(args)
-    return build_criterion(args, 10, None, torch.device('cpu'))
+    return setup_criterion(args, 10, None, torch.device('cpu'))
 
 
 @pytest.mark.parametrize('loss', ['maxsup', 'ls', 'ls_reg_only', 'ls_err_only'])
@@ -40,8 +40,8 @@ def _recipe(recipe: str, ngpus: int = 8) -> dict:
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout.strip().splitlines()[-1])
-    args = get_args_parser().parse_args(argv[argv.index('deit.main') + 1:])
-    return vars(args) | {'total_batch': args.batch_size * ngpus}
+    args = parse_args(argv[argv.index('deit.main') + 1:])  # the recipe file, then the flags
+    return vars(args) | {'total_batch': args.total_batch_size}
 
 
 def test_recipe_table_as_parsed():

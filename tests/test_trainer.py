@@ -32,7 +32,7 @@ def test_end_to_end_mixup_cutmix_maxsup(tiny_imagefolder, tmp_path, capsys):
     # alpha 0.1 -> 0.2 linearly over 4 epochs, logged and checkpointed
     assert [r['alpha'] for r in log] == pytest.approx([0.1, 0.1 + 0.1 / 3, 0.1 + 0.2 / 3, 0.2])
     ck = torch_load(out / 'checkpoint.pth')
-    assert ck['epoch'] == 3 and ck['alpha']['value'] == pytest.approx(0.2)
+    assert ck['epoch'] == 3 and ck['log']['alpha'] == pytest.approx(0.2)
     assert {'model', 'optimizer', 'lr_scheduler', 'scaler', 'args', 'rng', 'criterion'} <= set(ck)
     assert (out / 'best_checkpoint.pth').is_file()
     assert any(p.name.startswith('events.out.tfevents') for p in (out / 'tb').iterdir())
@@ -95,7 +95,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
         assert x['lr'] == pytest.approx(y['lr'], rel=1e-9) and x['alpha'] == pytest.approx(y['alpha'])
     ca, cb = torch_load(full / 'checkpoint.pth'), torch_load(killed / 'checkpoint.pth')
     assert ca['epoch'] == cb['epoch'] == 3
-    assert ca['alpha'] == cb['alpha']
+    assert ca['log']['alpha'] == cb['log']['alpha']
     assert ca['optimizer']['param_groups'][0]['lr'] == pytest.approx(cb['optimizer']['param_groups'][0]['lr'])
     # same seed, RNG restored, single-threaded loading: the resumed run reproduces the weights
     for k in ca['model']:

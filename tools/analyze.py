@@ -21,7 +21,7 @@ import torch
 from deit import analysis, localization
 from deit.checkpoint import CheckpointError, load_model
 from deit.datasets import (DATA_SETS, DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
-                           eval_data_set, eval_split)
+                           eval_data_set, eval_loader, eval_split)
 from deit.metrics import feature_variation
 from tools import plots
 
@@ -38,19 +38,11 @@ def parse_ckpts(items: list[str]) -> dict[str, str]:
     return out
 
 
-def subset(ds, max_samples: int | None, seed: int = 0):
-    """A fixed-seed random subset when the split is larger than max_samples (for speed on ImageNet)."""
-    if not max_samples or len(ds) <= max_samples:
-        return ds
-    idx = np.random.default_rng(seed).choice(len(ds), max_samples, replace=False)
-    return torch.utils.data.Subset(ds, np.sort(idx).tolist())
-
-
 def outputs(model, args, split: str, features=True, data_set=None, data_path=None, name=''):
     cache = args.cache and data_set is None  # --cache is for the main data set, not the transfer folder
-    ds, _ = eval_split(data_set or args.data_set, data_path or args.data_path, split, args.input_size, cache)
-    ds = subset(ds, args.max_samples, args.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.num_workers)
+    loader, _ = eval_loader(data_set or args.data_set, data_path or args.data_path, split, args.input_size, cache,
+                            batch_size=args.batch_size, num_workers=args.num_workers,
+                            max_samples=args.max_samples, seed=args.seed)
     return analysis.collect_outputs(model, loader, features=features, progress=f'{name} {split}')
 
 

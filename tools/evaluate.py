@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from deit.checkpoint import CheckpointError, load_model
-from deit.datasets import DATA_SETS, eval_data_set, eval_split
+from deit.datasets import DATA_SETS, eval_data_set, eval_loader
 from deit.engine import evaluate
 
 
@@ -24,10 +24,10 @@ def run(checkpoint, data_set=None, data_path=None, split='val', cache=False, out
     model, info = load_model(checkpoint, model_name, num_classes, use_ema=use_ema, input_size=input_size)
     size = input_size or info['input_size']
     data_set = eval_data_set(data_set, cache, info['recorded'])
-    ds, nb = eval_split(data_set, data_path, split, size, cache, info['recorded'].get('eval_crop_ratio'))
+    loader, nb = eval_loader(data_set, data_path, split, size, cache, info['recorded'].get('eval_crop_ratio'),
+                             batch_size, num_workers)
     if nb != info['num_classes']:
         raise ValueError(f'{data_path or data_set} has {nb} classes, the checkpoint {info["num_classes"]}')
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     stats = evaluate(loader, model, torch.device('cpu'), n_bins=15, print_freq=0, reliability=True)
     stats['nll'] = stats.pop('loss')
     out = Path(out)

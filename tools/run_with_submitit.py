@@ -3,9 +3,10 @@
     python -m tools.run_with_submitit --nodes 1 --ngpus 8 --partition gpu --timeout 4320 -- \
         --data-path /data/imagenet --output_dir output/deit_s_maxsup [deit.main flags ...]
 
-Everything after ``--`` goes to deit.main. submitit sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, which
-deit.distributed reads; the master is the first host of SLURM_JOB_NODELIST. ``--cluster debug`` runs the
-job in this process (for testing).
+Everything after ``--`` goes to deit.main (a recipe: ``-- -c recipes/deit_s_paper.yaml --data-path ...``).
+submitit sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, which deit.distributed reads; the master is the
+first host of SLURM_JOB_NODELIST. ``--cluster debug`` (or ``local``) runs the job here and waits for it;
+``--dry-run`` prints the resolved deit.main configuration and submits nothing.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ class Trainer:
         self.argv = list(argv)
 
     def __call__(self):
-        from deit.main import get_args_parser, main
-        return main(get_args_parser().parse_args(self.argv))
+        from deit.main import main, parse_args
+        return main(parse_args(self.argv))
 
     def checkpoint(self):  # called by submitit on preemption/timeout: requeue; deit.main auto-resumes
         import submitit
@@ -63,10 +64,21 @@ def main(argv=None):
     ap.add_argument('--job-name', default='maxsup')
     ap.add_argument('--job-dir', default=os.environ.get('SUBMITIT_DIR', 'output/submitit'))
     ap.add_argument('--cluster', default=None, help='None: auto (slurm if present), or "debug"/"local"')
+    ap.add_argument('--dry-run', action='store_true', help='print the configuration deit.main would run; submit nothing')
     args = ap.parse_args(ours)
+    if args.dry_run:
+        import yaml
+
+        from deit.main import parse_args
+        print('deit.main ' + ' '.join(train))
+        print(yaml.safe_dump(vars(parse_args(train)), sort_keys=True), end='')
+        return None
     executor = build_executor(args)
     job = executor.submit(Trainer(train))
     print(f'submitted job {job.job_id}; logs in {args.job_dir}')
+    if args.cluster in ('debug', 'local'):  # run it now (submitit's debug jobs run only when waited for)
+        result = job.result()
+        print(f'job {job.job_id} finished: {result.get("test") if isinstance(result, dict) else result}')
     return job
 
 

@@ -29,10 +29,9 @@ import torch
 
 from deit import analysis
 from deit.checkpoint import load_model, torch_load
-from deit.datasets import eval_split
+from deit.datasets import eval_loader
 from deit.main import get_args_parser, main as train_main
 from deit.metrics import classification_summary, feature_variation
-from tools.analyze import subset
 
 # Grid cells: a loss, or a loss with its alpha held constant. LS and MaxSup share the paper's default
 # schedule 0.1 -> 0.2 (Sec. 5.1, App. F); '*_fixed' is Table 8's fixed column; the Table 1 ablations
@@ -87,17 +86,16 @@ def analyse(a, ckpt: Path) -> dict:
     model, info = load_model(ckpt)
     res = {}
     for split in ('train', 'val'):
-        ds, _ = eval_split(a.data_set, a.data_path, split, info['input_size'], a.cache)
-        ds = subset(ds, a.max_samples)
-        loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=a.num_workers)
-        o = analysis.collect_outputs(model, loader)
+        split_at = dict(data_set=a.data_set, data_path=a.data_path, split=split, input_size=info['input_size'],
+                        cache=a.cache, batch_size=256, num_workers=a.num_workers, max_samples=a.max_samples)
+        o = analysis.collect_outputs(model, eval_loader(**split_at)[0])
         fv = feature_variation(o['features'], o['labels'])
         res[f'{split}_d_within'], res[f'{split}_r2'] = fv['d_within'], fv['r2']
         if split == 'val':
             res.update(classification_summary(o['logits'], o['labels']))
             lg = analysis.logit_statistics(o['logits'], o['labels'], a.threshold)
             res.update({'near_zero_mean': lg['near_zero_fraction_mean'], 'logit_range_mean': lg['logit_range_mean']})
-            noisy = torch.utils.data.DataLoader(GaussianNoise(ds, a.noise), batch_size=256, num_workers=a.num_workers)
+            noisy = eval_loader(**split_at, wrap=lambda ds: GaussianNoise(ds, a.noise))[0]
             oc = analysis.collect_outputs(model, noisy, features=False)
             c = classification_summary(oc['logits'], oc['labels'])
             res.update({'corrupt_acc1': c['acc1'], 'corrupt_nll': c['nll'], 'corrupt_ece': c['ece']})

@@ -1,0 +1,198 @@
+"""Command line of ``deit.main``: DeiT's flags on timm 1.0, grouped as timm's train.py, plus recipes as files.
+
+``-c/--config recipes/<name>.yaml`` sets defaults (timm's convention: keys are the flags' dest names);
+flags on the command line override them. ``parse_args`` resolves both; ``check_args`` refuses combinations
+that would silently do something else than asked.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from deit.datasets import DATA_SETS
+from deit.losses import HARD_LABEL_LOSSES, LOSSES
+
+Formatter = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _model(p) -> None:
+    g = p.add_argument_group('model').add_argument
+    g('--model', default='deit_small_patch16_224', help='any timm model, deit_demo_patch4_32, resnet*_blurpool, '
+                                                        'or an official MaxSup name (our_patch16_224)')
+    g('--input-size', default=224, type=int, help='image side in pixels')
+    g('--drop', type=float, default=0.0, help='dropout rate')
+    g('--drop-path', type=float, default=0.1, help='stochastic depth rate')
+    g('--model-ema', action=argparse.BooleanOptionalAction, default=False, help='keep an EMA of the weights')
+    g('--model-ema-decay', type=float, default=0.99996, help='EMA decay per step')
+    g('--model-ema-force-cpu', action='store_true', help='keep (and evaluate) the EMA on the CPU')
+    g('--finetune', default='', help='initialise from this checkpoint (head reset / pos-embed resize as needed)')
+
+
+def _optimizer(p) -> None:
+    g = p.add_argument_group('optimizer').add_argument
+    g('--opt', default='adamw', help='timm optimizer name')
+    g('--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
+    g('--opt-betas', default=None, type=float, nargs='+', help='optimizer betas (default: the optimizer\'s)')
+    g('--clip-grad', type=float, default=None, help='max grad norm (off when unset)')
+    g('--momentum', type=float, default=0.9, help='SGD momentum')
+    g('--weight-decay', type=float, default=0.05, help='weight decay')
+    g('--lr', type=float, default=5e-4, help='base learning rate, for a total batch of 512 (see --unscale-lr)')
+    g('--unscale-lr', action='store_true', help='use --lr as is, not lr * batch * world * accum / 512')
+    g('--batch-size', default=64, type=int, help='per-process batch size')
+    g('--total-batch-size', default=None, type=int,
+      help='images per optimizer step over all processes; sets --batch-size = total / (world * accum)')
+    g('--accum-iter', default=1, type=int, help='micro-batches per optimizer step (gradient accumulation)')
+
+
+def _schedule(p) -> None:
+    g = p.add_argument_group('schedule').add_argument
+    g('--epochs', default=300, type=int, help='epochs to train')
+    g('--sched', default='cosine', help='timm lr scheduler')
+    g('--lr-noise', type=float, nargs='+', default=None, help='lr noise on/off epoch fractions')
+    g('--lr-noise-pct', type=float, default=0.67, help='lr noise limit')
+    g('--lr-noise-std', type=float, default=1.0, help='lr noise std')
+    g('--warmup-lr', type=float, default=1e-6, help='lr at the start of warm-up')
+    g('--min-lr', type=float, default=1e-5, help='lower lr bound of the schedule')
+    g('--decay-epochs', type=float, default=30, help='epoch interval of step schedules')
+    g('--warmup-epochs', type=int, default=5, help='linear warm-up epochs (must be < --epochs)')
+    g('--cooldown-epochs', type=int, default=10, help='timm cooldown (not appended: DeiT trains exactly --epochs)')
+    g('--patience-epochs', type=int, default=10, help='plateau scheduler patience')
+    g('--decay-rate', '--dr', type=float, default=0.1, help='lr decay rate of step schedules')
+
+
+def _augmentation(p) -> None:
+    g = p.add_argument_group('augmentation').add_argument
+    g('--color-jitter', type=float, default=0.3, help='colour jitter factor')
+    g('--aa', default='rand-m9-mstd0.5-inc1', help='timm auto-augment policy, "none" to disable')
+    g('--train-interpolation', default='bicubic', help='resize interpolation for training')
+    g('--repeated-aug', action=argparse.BooleanOptionalAction, default=True, help='repeated augmentation (DDP)')
+    g('--train-mode', action=argparse.BooleanOptionalAction, default=True, help='dropout/drop-path on in training')
+    g('--ThreeAugment', action='store_true', help="DeiT III's 3-Augment instead of RandAugment")
+    g('--src', action='store_true', help='simple random crop (with --ThreeAugment)')
+    g('--reprob', type=float, default=0.25, help='random erasing probability')
+    g('--remode', default='pixel', help='random erasing mode')
+    g('--recount', type=int, default=1, help='random erasing count')
+    g('--resplit', action='store_true', default=False, help='accepted for DeiT commands; no effect, as in DeiT')
+    g('--mixup', type=float, default=0.8, help='Mixup alpha (0: off)')
+    g('--cutmix', type=float, default=1.0, help='CutMix alpha (0: off)')
+    g('--cutmix-minmax', type=float, nargs='+', default=None, help='CutMix min/max ratio')
+    g('--mixup-prob', type=float, default=1.0, help='probability of Mixup or CutMix per batch')
+    g('--mixup-switch-prob', type=float, default=0.5, help='probability of CutMix when both are on')
+    g('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'), help='how Mixup params are drawn')
+
+
+def _loss(p) -> None:
+    g = p.add_argument_group('loss').add_argument
+    g('--loss', default='maxsup', choices=LOSSES, help='the regulariser compared in the paper')
+    g('--alpha', '--maxsup-alpha', dest='alpha', type=float, default=0.1,
+      help='regulariser weight at epoch 0 (maxsup, ls, ls_reg_only, ls_err_only; ols: its initial smoothing)')
+    g('--alpha-end', '--maxsup-alpha-end', dest='alpha_end', type=float, default=0.2,
+      help='weight at the last epoch, linear in between: the paper schedules MaxSup AND label smoothing '
+           '0.1 -> 0.2 by default (Sec. 5.1, App. F)')
+    g('--alpha-schedule', choices=('linear', 'constant'), default='linear',
+      help="'constant': the weight stays --alpha all run (Table 1; Table 8's fixed column)")
+    g('--smoothing', type=float, default=0.0,
+      help="DeiT's label smoothing; 0 because the regulariser is chosen with --loss")
+    g('--bce-loss', action='store_true', help='BCE on mixed labels (DeiT III); only with --loss ce')
+    g('--ols-a', type=float, default=0.5, help='OLS: weight of the hard-label CE')
+    g('--zipf-weight', type=float, default=1.0, help="Zipf LS: weight of the KL term (the authors' loss_lambda)")
+    g('--zipf-power', type=float, default=1.0, help='Zipf LS: exponent of the rank law')
+    g('--zipf-loss-mask', action='store_true',
+      help="Zipf LS term on correctly classified samples only (the authors' --mask; off, as theirs)")
+    g('--logit-penalty-beta', type=float, default=2e-3, help='logit penalty: beta / 2 * sum z^2')
+    g('--teacher-model', default='regnety_160', help='distillation teacher (timm name)')
+    g('--teacher-path', default='', help='distillation teacher checkpoint')
+    g('--distillation-type', default='none', choices=['none', 'soft', 'hard'], help='DeiT distillation')
+    g('--distillation-alpha', default=0.5, type=float, help='weight of the distillation loss')
+    g('--distillation-tau', default=1.0, type=float, help='soft distillation temperature')
+
+
+def _data(p) -> None:
+    g = p.add_argument_group('data').add_argument
+    g('--data-path', default=None, help='data set root (ImageNet folders, or the ZIP cache with --cache)')
+    g('--data-set', default='IMNET', choices=DATA_SETS, help='DEMO: the built-in digits set')
+    g('--cache', action='store_true', help='read IMNET from the in-memory ZIP cache (data/)')
+    g('--cache-mode', default='full', choices=['full', 'part'],
+      help="'part': each rank keeps a fixed 1/world shard (the official --cache sampling, no repetition)")
+    g('--skip-bad-images', action='store_true',
+      help='drop unreadable images (ZIP cache or folders) from their batch, counted and logged, instead of failing')
+    g('--eval-crop-ratio', default=0.875, type=float, help='centre-crop ratio of evaluation')
+    g('--num_workers', '--num-workers', default=10, type=int, help='DataLoader workers per process')
+    g('--pin-mem', action=argparse.BooleanOptionalAction, default=True, help='pinned host memory (CUDA)')
+
+
+def _run(p) -> None:
+    g = p.add_argument_group('run').add_argument
+    g('-c', '--config', default='', help='recipe YAML (recipes/); its keys set defaults, flags override')
+    g('--output_dir', '--output-dir', default=None,
+      help="run folder (default: output/train/<time>-<model>-<loss>); '' for none")
+    g('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    g('--seed', default=0, type=int, help='random seed (+ rank)')
+    g('--resume', default='', help='checkpoint to resume from on purpose (other run arguments are allowed)')
+    g('--auto-resume', action=argparse.BooleanOptionalAction, default=True,
+      help='continue from output_dir/checkpoint.pth when its run arguments match')
+    g('--start_epoch', '--start-epoch', default=0, type=int, help='first epoch (set by resume)')
+    g('--eval', action='store_true', help='evaluate only')
+    g('--eval-every', default=1, type=int, help='evaluate every N epochs (and always after the last)')
+    g('--dist-eval', action='store_true', help='shard evaluation over ranks (exact)')
+    g('--amp', action=argparse.BooleanOptionalAction, default=None, help='mixed precision (default: on for CUDA)')
+    g('--print-freq', default=50, type=int, help='log every N steps (0: epoch summaries only)')
+    g('--max-steps-per-epoch', default=None, type=int, help='cap steps per epoch (smoke tests)')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser('DeiT training and evaluation with MaxSup', formatter_class=Formatter)
+    for group in (_model, _optimizer, _schedule, _augmentation, _loss, _data, _run):
+        group(p)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags over the recipe file's values over the parser's defaults."""
+    parser = get_args_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('-c', '--config', default='')
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_recipe(known.config, parser))
+    return parser.parse_args(argv)
+
+
+def read_recipe(path, parser) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f'error: recipe not found: {path}')
+    values = yaml.safe_load(path.read_text()) or {}
+    dests = {a.dest for a in parser._actions}
+    unknown = sorted(set(values) - dests)
+    if not isinstance(values, dict) or unknown:
+        raise SystemExit(f'error: {path}: unknown keys {unknown} (keys are deit.main flag names with _ for -)')
+    return values
+
+
+def check_args(args) -> None:
+    """Reject flag combinations that would silently do something else than asked."""
+    if args.loss != 'ce' and args.smoothing > 0:
+        raise ValueError(f'--smoothing {args.smoothing} with --loss {args.loss} regularises twice; '
+                         f'use --smoothing 0 (the paper recipe) or --loss ce')
+    if args.bce_loss and args.loss != 'ce':
+        raise ValueError(f'--bce-loss replaces the loss; it only combines with --loss ce, not {args.loss}')
+    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    if args.loss in HARD_LABEL_LOSSES and mixup:
+        raise ValueError(f'--loss {args.loss} is defined for hard labels; add --mixup 0 --cutmix 0')
+    if args.distillation_type != 'none' and args.finetune and not args.eval:
+        raise ValueError('finetuning with distillation is not supported (as in DeiT)')
+    if args.eval:
+        return
+    if args.epochs < 1:
+        raise ValueError(f'--epochs {args.epochs}: train for at least 1 epoch (or pass --eval to only evaluate)')
+    if args.eval_every < 1:
+        raise ValueError(f'--eval-every {args.eval_every}: must be >= 1')
+    if args.accum_iter < 1:
+        raise ValueError(f'--accum-iter {args.accum_iter}: must be >= 1')
+    if args.warmup_epochs >= args.epochs:
+        raise ValueError(f'--warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the whole run would be '
+                         f'warm-up (the model would end near chance); use e.g. --warmup-epochs '
+                         f'{max(0, args.epochs // 10)}')
