@@ -17,8 +17,8 @@ $(BASE_STAMP): requirements.txt
 	$(PIP) install -r requirements.txt
 	touch $@
 
-# mmcv 2.1.0 has no wheel for this torch: build it from source WITH ops (~10 min on 2 cores, once;
-# pip caches the wheel). mmcv-lite does not work: mmsegmentation imports mmcv.ops.
+# mmcv 2.1.0 has no wheel for this torch: build it from source WITH ops (~34 CPU-minutes: ~17 min on 2 free
+# cores, once; pip caches the wheel). mmcv-lite does not work: mmsegmentation imports mmcv.ops.
 setup-seg: $(SEG_STAMP)
 
 $(SEG_STAMP): $(BASE_STAMP) requirements/segmentation.txt

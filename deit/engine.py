@@ -40,10 +40,8 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
                     print_freq: int = 50,
                     max_steps: int | None = None, set_training_mode: bool = True,
                     batches_may_be_empty: bool = False, accum_iter: int = 1) -> dict:
-    """Train one epoch. ``criterion(inputs, outputs, targets)`` is a DistillationLoss wrapper.
-
-    Raises NonFiniteLossError naming the epoch and step on a NaN/inf loss (DeiT exits there too:
-    continuing would only spread NaNs through the weights and the EMA).
+    """Train one epoch. ``criterion(inputs, outputs, targets)`` is a DistillationLoss wrapper. A NaN/inf loss
+    raises NonFiniteLossError naming epoch and step (as DeiT: it would spread through weights and EMA).
     ``batches_may_be_empty`` (``--skip-bad-images``): a batch whose images were all unreadable is skipped on
     EVERY rank together (one tiny all-reduce per step): a rank that skipped its step alone would leave the
     others waiting in DDP's gradient all-reduce until the 30-minute timeout.

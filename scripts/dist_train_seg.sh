@@ -2,13 +2,15 @@
 # Multi-GPU segmentation fine-tuning: scripts/dist_train_seg.sh CONFIG NGPUS [train.py args ...]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and optionally MASTER_PORT) as for
 # scripts/distributed_train.sh. One node without MASTER_PORT / SLURM job: torchrun --standalone picks a
-# free port, so two fine-tunings on one machine do not collide. DRY_RUN=1 prints the command.
+# free port, so two fine-tunings on one machine do not collide. --dry-run (anywhere) or DRY_RUN=1 prints
+# the command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: dist_train_seg.sh CONFIG NGPUS [args]}
 NGPUS=${2:?usage: dist_train_seg.sh CONFIG NGPUS [args]}
 shift 2
 source scripts/_env.sh
+split_dry_run "$@"
 NNODES=${NNODES:-1}
 cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NGPUS")
 if [[ "$NNODES" -eq 1 && -z "${MASTER_PORT:-}" && -z "${SLURM_JOB_ID:-}" ]]; then
@@ -16,8 +18,8 @@ if [[ "$NNODES" -eq 1 && -z "${MASTER_PORT:-}" && -z "${SLURM_JOB_ID:-}" ]]; the
 else
   cmd+=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="$(job_port)")
 fi
-cmd+=(segmentation/train.py "$CONFIG" --launcher pytorch "$@")
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
+cmd+=(segmentation/train.py "$CONFIG" --launcher pytorch "${ARGS[@]}")
+if [[ "$DRY_RUN" == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
 else
   exec "${cmd[@]}"

@@ -12,12 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DRY_RUN=${DRY_RUN:-0}
-args=()
-for a in "$@"; do
-  if [[ "$a" == "--dry-run" ]]; then DRY_RUN=1; else args+=("$a"); fi
-done
 source scripts/_env.sh
+split_dry_run "$@"
 NGPUS=${NGPUS:-1}
 NNODES=${NNODES:-1}
 
@@ -31,7 +27,7 @@ elif [[ "$NNODES" -gt 1 ]]; then
 else
   cmd+=(--standalone)
 fi
-cmd+=(-m deit.main "${args[@]}")
+cmd+=(-m deit.main "${ARGS[@]}")
 
 if [[ "$DRY_RUN" == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo

@@ -14,12 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/_env.sh
 
-DRY_RUN=${DRY_RUN:-0}
-extra=()
-for a in "$@"; do
-  if [[ "$a" == "--dry-run" ]]; then DRY_RUN=1; else extra+=("$a"); fi
-done
-export DRY_RUN
+split_dry_run "$@"
 NGPUS=${NGPUS:-1}
 NNODES=${NNODES:-1}
 LOSS=${LOSS:-maxsup}
@@ -42,7 +37,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-output/${RECIPE}_${LOSS}}
 # the loss; its weight follows the recipe's alpha 0.1 -> 0.2 (paper App. F) for MaxSup and the LS family alike
 recipe+=(--loss "$LOSS")
 
-args=("${recipe[@]}" --output_dir "$OUTPUT_DIR" "${extra[@]}")
+args=("${recipe[@]}" --output_dir "$OUTPUT_DIR" "${ARGS[@]}")
 if [[ $((NGPUS * NNODES)) -gt 1 ]]; then
   exec scripts/distributed_train.sh "${args[@]}"
 fi

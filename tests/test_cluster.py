@@ -378,12 +378,16 @@ def test_value_checks_do_not_sync_every_step():
     assert all(losses.value_check_due(crit, torch.zeros(2, 2)) for _ in range(3))  # CPU: always
 
 
-def _fake_slurm_bin(tmp_path: Path) -> Path:
-    """scontrol / srun stand-ins: scontrol expands one fixed list, srun prints its arguments."""
+SRUN_ECHO = '#!/bin/sh\necho "srun $*"\necho "RDZV=$RDZV_ENDPOINT"\n'
+SRUN_EXEC = '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n'  # runs its command
+
+
+def _fake_slurm_bin(tmp_path: Path, srun: str = SRUN_ECHO) -> Path:
+    """scontrol / srun stand-ins: scontrol expands one fixed list; srun prints (or runs) its command."""
     bin_ = tmp_path / 'bin'
     bin_.mkdir()
     (bin_ / 'scontrol').write_text('#!/bin/sh\necho node-a\necho node-b\n')
-    (bin_ / 'srun').write_text('#!/bin/sh\necho "srun $*"\necho "RDZV=$RDZV_ENDPOINT"\n')
+    (bin_ / 'srun').write_text(srun)
     for f in bin_.iterdir():
         f.chmod(0o755)
     return bin_

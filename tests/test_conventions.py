@@ -43,12 +43,8 @@ def test_every_launcher_applies_the_recipe_file(tmp_path):
                '--dry-run'], NGPUS='8')
     _check_paper_recipe(_deit_argv(out))
     # SLURM: srun runs the main command on each node (a stand-in srun that runs its command)
-    bin_ = tmp_path / 'bin'
-    bin_.mkdir()
-    (bin_ / 'scontrol').write_text('#!/bin/sh\necho node-a\n')
-    (bin_ / 'srun').write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    for f in bin_.iterdir():
-        f.chmod(0o755)
+    from tests.test_cluster import SRUN_EXEC, _fake_slurm_bin
+    bin_ = _fake_slurm_bin(tmp_path, SRUN_EXEC)
     out = run(['bash', 'scripts/slurm_train.sbatch'], PATH=f'{bin_}:{env["PATH"]}', SLURM_JOB_NODELIST='node-a',
               SLURM_JOB_ID='5', SLURM_SUBMIT_DIR=str(ROOT), NGPUS='8')
     _check_paper_recipe(_deit_argv(out))
