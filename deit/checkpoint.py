@@ -176,6 +176,38 @@ def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, worl
     print(f'resumed from {path} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}')
 
 
+RUN_ARGS = ('model', 'input_size', 'loss', 'alpha', 'alpha_end', 'alpha_schedule', 'data_set', 'epochs', 'base_lr',
+            'opt', 'weight_decay', 'sched', 'warmup_epochs', 'mixup', 'cutmix', 'aa', 'reprob', 'smoothing',
+            'drop_path', 'ols_a', 'zipf_weight', 'zipf_power', 'logit_penalty_beta', 'bce_loss',
+            'distillation_type', 'unscale_lr')
+
+
+def check_same_run(args, ckpt: dict, path: str, world: int = 1) -> None:
+    """Auto-resume continues THE SAME run: refuse when an argument that defines it differs from the
+    checkpoint's (an LS run resumed with --loss ce would otherwise continue silently into one log)."""
+    saved = ckpt.get('args')
+    saved = vars(saved) if hasattr(saved, '__dict__') else (saved or {})
+    now = vars(args) | {'total_batch': args.batch_size * world * args.accum_iter}
+    saved = dict(saved)
+    if 'batch_size' in saved:
+        saved['total_batch'] = saved['batch_size'] * ckpt.get('world_size', 1) * saved.get('accum_iter', 1)
+    diffs = [f'{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now' for k in RUN_ARGS + ('total_batch',)
+             if k in saved and k in now and saved[k] != now[k]]
+    if diffs:
+        raise ValueError(f'{path} belongs to another run; refusing to auto-resume it. Differing arguments: '
+                         f'{"; ".join(diffs)}. Start fresh with another --output_dir (or --no-auto-resume), '
+                         f'or continue that checkpoint on purpose with --resume {path}')
+
+
+def restore_weights(model, ckpt: dict, path: str, name: str) -> None:
+    if not isinstance(ckpt, dict) or 'model' not in ckpt:
+        raise CheckpointError(f'{path}: no "model" entry; not a training checkpoint')
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError as e:
+        raise CheckpointError(f'{path} does not fit {name}: {str(e).splitlines()[0]} ...') from e
+
+
 STRIP_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers
 NESTED_KEYS = ('model', 'state_dict', 'module')
 LIGHTNING_MODEL_PREFIX = 'model.'  # the official ResNet pipeline's LightningModule keeps the net in .model

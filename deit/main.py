@@ -26,8 +26,8 @@ from timm.utils import ModelEmaV3
 
 from deit import distributed as du
 from deit.args import check_args, get_args_parser, parse_args  # noqa: F401  (get_args_parser: public API)
-from deit.checkpoint import (CheckpointError, read_state_dict, restore_training_state, rng_state, save_atomic,
-                             torch_load, training_state)
+from deit.checkpoint import (CheckpointError, check_same_run, read_state_dict, restore_training_state, restore_weights,
+                             rng_state, save_atomic, torch_load, training_state)
 from deit.datasets import build_dataset
 from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
 from deit.losses import build_criterion
@@ -247,38 +247,6 @@ def read_resume_checkpoint(args, output_dir: Path | None):
     return path, ckpt
 
 
-RUN_ARGS = ('model', 'input_size', 'loss', 'alpha', 'alpha_end', 'alpha_schedule', 'data_set', 'epochs', 'base_lr',
-            'opt', 'weight_decay', 'sched', 'warmup_epochs', 'mixup', 'cutmix', 'aa', 'reprob', 'smoothing',
-            'drop_path', 'ols_a', 'zipf_weight', 'zipf_power', 'logit_penalty_beta', 'bce_loss',
-            'distillation_type', 'unscale_lr')
-
-
-def check_same_run(args, ckpt: dict, path: str) -> None:
-    """Auto-resume continues THE SAME run: refuse when an argument that defines it differs from the
-    checkpoint's (an LS run resumed with --loss ce would otherwise continue silently into one log)."""
-    saved = ckpt.get('args')
-    saved = vars(saved) if hasattr(saved, '__dict__') else (saved or {})
-    now = vars(args) | {'total_batch': args.batch_size * du.get_world_size() * args.accum_iter}
-    saved = dict(saved)
-    if 'batch_size' in saved:
-        saved['total_batch'] = saved['batch_size'] * ckpt.get('world_size', 1) * saved.get('accum_iter', 1)
-    diffs = [f'{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now' for k in RUN_ARGS + ('total_batch',)
-             if k in saved and k in now and saved[k] != now[k]]
-    if diffs:
-        raise ValueError(f'{path} belongs to another run; refusing to auto-resume it. Differing arguments: '
-                         f'{"; ".join(diffs)}. Start fresh with another --output_dir (or --no-auto-resume), '
-                         f'or continue that checkpoint on purpose with --resume {path}')
-
-
-def restore_weights(model, ckpt: dict, path: str, name: str) -> None:
-    if not isinstance(ckpt, dict) or 'model' not in ckpt:
-        raise CheckpointError(f'{path}: no "model" entry; not a training checkpoint')
-    try:
-        model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        raise CheckpointError(f'{path} does not fit {name}: {str(e).splitlines()[0]} ...') from e
-
-
 def wrap_model(args, model, device):
     """DDP (its constructor broadcasts rank 0's weights), then the EMA from those synced weights.
 
@@ -451,7 +419,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> dict:
     output_dir = claim_output_dir(args, cleanup)
     resume_path, ckpt = read_resume_checkpoint(args, output_dir)
     if ckpt is not None and not args.resume and not args.eval:
-        check_same_run(args, ckpt, resume_path)
+        check_same_run(args, ckpt, resume_path, du.get_world_size())
     if ckpt is None and output_dir and not args.eval and du.is_main_process():
         set_aside_log(output_dir)
     if output_dir and du.is_main_process():
