@@ -41,7 +41,8 @@ def test_torchrun_two_ranks_identical_weights_rank0_files_exact_dist_eval(odd_fo
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
     assert 'effective batch size 8 x 2 = 16' in text
     # rank 0 alone wrote: one log line per epoch, no stray files
-    assert sorted(p.name for p in out.iterdir()) == ['.lock', 'best_checkpoint.pth', 'checkpoint.pth', 'log.txt', 'tb']
+    assert sorted(p.name for p in out.iterdir()) == ['.lock', 'args.yaml', 'best_checkpoint.pth', 'checkpoint.pth',
+                                                     'log.txt', 'stdout.log', 'summary.csv', 'tb']
     assert [json.loads(x)['epoch'] for x in (out / 'log.txt').read_text().splitlines()] == [0, 1]
     # dist-eval over 2 ranks == single-process eval of the same checkpoint, on 15 (odd) images
     ck = ['--eval', '--resume', str(out / 'checkpoint.pth')]
@@ -54,12 +55,15 @@ def test_torchrun_two_ranks_identical_weights_rank0_files_exact_dist_eval(odd_fo
 
 @pytest.mark.slow
 def test_resume_across_world_sizes(odd_folder, tmp_path):
-    common = TINY + ['--data-set', 'FOLDER', '--data-path', str(odd_folder), '--batch-size', '8', '--epochs', '2']
-    for first, second, name in ((['-m', 'deit.main'], TORCHRUN, 'one_to_two'),
-                                (TORCHRUN, ['-m', 'deit.main'], 'two_to_one')):
+    """The same run (16 images per step in total) requeued on another number of processes."""
+    common = TINY + ['--data-set', 'FOLDER', '--data-path', str(odd_folder), '--total-batch-size', '16',
+                     '--epochs', '2']
+    harness = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node={}', 'tests/dist_harness.py']
+    one, two = ([a.format(n) for a in harness] for n in (1, 2))
+    for first, second, name in ((one, two, 'one_to_two'), (two, one, 'two_to_one')):
         out = tmp_path / name
-        _ok(run_module(first + common + ['--epochs', '1', '--output_dir', str(out)]))
-        text = _ok(run_module(second + common + ['--output_dir', str(out)]))
+        _ok(run_module(first + ['--stop-at-epoch', '1', '--'] + common + ['--output_dir', str(out)]))
+        text = _ok(run_module(second + ['--'] + common + ['--output_dir', str(out)]))
         assert 'auto-resuming' in text and 'starting at epoch 1' in text
         log = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
         assert [r['epoch'] for r in log] == [0, 1]

@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     a.argv = argv
     if a.quick:
         a.losses, a.seeds, a.epochs = a.losses[:2], a.seeds[:1], 1
+        a.train_args += ' --warmup-epochs 0'  # one epoch: no room for warm-up
     report = a.report or a.out / 'results.md'
     t0 = time.time()
     results, trained, reused = [], 0, 0
