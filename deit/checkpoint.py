@@ -11,7 +11,6 @@ import pickle
 import random
 import secrets
 import socket
-import zipfile
 from pathlib import Path
 
 import numpy as np

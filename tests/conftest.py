@@ -49,6 +49,22 @@ TINY = ['--model', 'deit_demo_patch4_32', '--input-size', '32', '--batch-size', 
         '--aa', 'none', '--reprob', '0', '--color-jitter', '0', '--no-pin-mem']
 
 
+def run_ranks(target, world: int, out_dir: Path, *args, timeout: float = 120) -> list:
+    """Run ``target(rank, *args, out_dir)`` in ``world`` spawned processes; each writes ``rank<r>.json`` into
+    out_dir (a file, not an mp.Queue: a queue's feeder thread may not flush before process teardown)."""
+    import json
+    import multiprocessing as mp
+    ctx = mp.get_context('spawn')
+    procs = [ctx.Process(target=target, args=(r, *args, str(out_dir))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():  # a rank stuck in teardown must not outlive the test
+            p.terminate()
+    return [json.loads((Path(out_dir) / f'rank{r}.json').read_text()) for r in range(world)]
+
+
 def run_module(args, env_extra=None, timeout=600, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -22,7 +22,7 @@ import torch
 from data.build_zip_cache import main as build_zip
 from deit import distributed as du
 from deit.checkpoint import restore_rng, rng_state, save_atomic, temp_path
-from tests.conftest import ROOT, TINY, make_imagefolder, run_module
+from tests.conftest import ROOT, TINY, make_imagefolder, run_module, run_ranks
 from tests.dist_harness import COLLECTIVES, HELPERS, simulated_spec
 
 HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'tests/dist_harness.py']
@@ -264,16 +264,7 @@ def _empty_batch_rank(rank, world, init_file, results):
 
 def test_an_empty_batch_on_one_rank_is_skipped_on_all_ranks(tmp_path):
     """Issue 19.3: the old `continue` on one rank left the other waiting in DDP's all-reduce."""
-    import multiprocessing as mp
-    ctx = mp.get_context('spawn')
-    procs = [ctx.Process(target=_empty_batch_rank, args=(r, 2, tmp_path / 'init', str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():  # a rank stuck in teardown must not outlive the test
-            p.terminate()
-    out = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
+    out = run_ranks(_empty_batch_rank, 2, tmp_path, 2, tmp_path / 'init')
     assert out[0].get('skipped') == out[1].get('skipped') == 1, out
     assert out[0]['weights'] == out[1]['weights']
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, TINY, make_image
+from tests.conftest import ROOT, TINY, make_image, run_ranks
 
 pytest.importorskip('mmseg', reason='segmentation stack not installed (make setup-seg)')
 pytestmark = pytest.mark.segmentation
@@ -262,18 +262,8 @@ def _convert_rank(rank, init_file, work_dir, demo_ckpt, calls_file, result):
 
 def test_backbone_is_converted_once_per_node_and_ranks_wait(demo_ckpt, tmp_path):
     """Issue 19.9: every rank converted to the same file with PID-keyed temp names."""
-    import multiprocessing as mp
-    ctx = mp.get_context('spawn')
     calls = tmp_path / 'calls.txt'
-    procs = [ctx.Process(target=_convert_rank, args=(r, tmp_path / 'init', tmp_path / 'work', demo_ckpt, calls,
-                                                     str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():  # a rank stuck in teardown must not outlive the test
-            p.terminate()
-    out = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in range(2)]
+    out = run_ranks(_convert_rank, 2, tmp_path, tmp_path / 'init', tmp_path / 'work', demo_ckpt, calls)
     assert calls.read_text().split() == ['0']
     assert [o[0] for o in out] == [True, True] and out[0][1] == out[1][1]
     assert not list((tmp_path / 'work').glob('.*tmp*'))
