@@ -1,6 +1,8 @@
 """DeiT training and evaluation with MaxSup (``python -m deit.main``), DeiT's flags on timm 1.0.
 
-Paper recipe (DeiT-S, 8 GPUs x 128 = batch 1024, 300 epochs): see scripts/train_with_MaxSup.sh.
+A run in phases: device -> data -> model -> criterion -> optimisation -> run folder and resume -> DDP + EMA
+-> epoch loop (train, evaluate, checkpoint, log). Flags: deit/args.py; recipes: recipes/*.yaml (``-c``);
+the main command: scripts/train_with_MaxSup.sh.
 """
 from __future__ import annotations
 
