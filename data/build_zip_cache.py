@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data.zip_cache import (CacheError, ZipImageDataset, check_labels, check_split_labels, open_index,
                             parse_map_file, write_map_file)
+from deit.checkpoint import atomic_open
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps fixed so two builds are byte-identical
 
@@ -90,18 +91,12 @@ def scan_flat_val(val_dir: Path, labels_file: Path, classes: list[str]) -> list[
 
 
 def write_zip(src_dir: Path, entries, zip_path: Path, desc: str) -> None:
-    tmp = zip_path.with_name(zip_path.name + '.tmp')
-    try:
-        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, _ in tqdm(entries, desc=desc, unit='img', mininterval=1.0):
-                info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
-                info.compress_type = zipfile.ZIP_STORED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, (src_dir / name).read_bytes())
-        os.replace(tmp, zip_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(zip_path) as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, _ in tqdm(entries, desc=desc, unit='img', mininterval=1.0):
+            info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
+            info.compress_type = zipfile.ZIP_STORED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, (src_dir / name).read_bytes())
 
 
 def build(src: Path, dst: Path, val_labels: Path | None = None, train_map: Path | None = None,
@@ -139,9 +134,7 @@ def build(src: Path, dst: Path, val_labels: Path | None = None, train_map: Path 
     dst.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
     for split, entries in (('train', train), ('val', val)):
         write_zip(src / split, entries, dst / f'{split}.zip', f'{split}.zip')
-        tmp = dst / f'.{split}_map.txt.tmp'
-        write_map_file(tmp, entries)
-        os.replace(tmp, dst / f'{split}_map.txt')
+        write_map_file(dst / f'{split}_map.txt', entries)
     for split in ('train', 'val'):  # <split>.zip.idx: ranks and workers open the cache from it in ~1 s
         open_index(dst / f'{split}.zip', dst / f'{split}_map.txt', folder_labels=(split == 'train'),
                    train_map=dst / 'train_map.txt' if split == 'val' else None)

@@ -34,6 +34,7 @@ from PIL import Image
 
 from data.zip_index import (CacheError, input_signature, join_names, read_central_directory, read_index,
                             write_index, zip_tail)
+from deit.checkpoint import atomic_open
 
 
 class CorruptImageError(CacheError):
@@ -66,7 +67,8 @@ def parse_map_file(path: str | os.PathLike) -> list[tuple[str, int]]:
 
 
 def write_map_file(path: str | os.PathLike, entries) -> None:
-    with open(path, 'w', encoding='utf-8', newline='\n') as f:
+    """``<member>\\t<label>`` lines, written atomically."""
+    with atomic_open(path, 'w', encoding='utf-8', newline='\n') as f:
         for name, label in entries:
             if '\t' in name or '\n' in name:
                 raise CacheError(f'member name {name!r} contains a tab or newline; cannot be written to a map file')

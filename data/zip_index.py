@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import secrets
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from deit.checkpoint import atomic_open
 
 INDEX_MAGIC = b'MAXSUP-ZIPIDX\n'
 INDEX_VERSION = 1
@@ -227,21 +228,12 @@ def write_index(path: Path, inputs: dict, arrays: dict[str, np.ndarray]) -> None
         offset += -(-a.nbytes // 64) * 64
     header = json.dumps({'version': INDEX_VERSION, 'inputs': inputs, 'arrays': layout}).encode()
     start = -(-(len(INDEX_MAGIC) + 8 + len(header)) // 64) * 64
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}')
-    try:
-        with open(tmp, 'wb') as f:
-            f.write(INDEX_MAGIC + struct.pack('<Q', len(header)) + header)
-            for name, a in arrays.items():
-                f.seek(start + layout[name][2])
-                f.write(np.ascontiguousarray(a).tobytes())
-            f.truncate(start + offset)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_open(path, 'wb', file_mode=0o644) as f:
+        f.write(INDEX_MAGIC + struct.pack('<Q', len(header)) + header)
+        for name, a in arrays.items():
+            f.seek(start + layout[name][2])
+            f.write(np.ascontiguousarray(a).tobytes())
+        f.truncate(start + offset)
 
 
 def read_index(path: Path, inputs: dict | None, check_inputs: bool = True) -> dict[str, np.ndarray] | str:

@@ -6,6 +6,7 @@ store ``args`` as a Namespace) instead of turning the safety off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import random
@@ -21,20 +22,31 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what is wrong."""
 
 
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: a kill never leaves a torn file."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = 'wb', file_mode: int | None = None, **open_kw):
+    """A file that replaces ``path`` only once complete: written under a temp name in the same folder,
+    fsync-ed, then renamed, so a kill never leaves a torn file; on an error the temp file is removed.
+    ``file_mode``: permissions of the result (e.g. 0o644 for a file others read, whatever the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+        with open(tmp, mode, **open_kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        if file_mode is not None:
+            os.chmod(tmp, file_mode)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save through :func:`atomic_open`."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def temp_path(path: Path) -> Path:

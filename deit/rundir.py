@@ -12,6 +12,8 @@ import os
 import socket
 from pathlib import Path
 
+from deit.checkpoint import atomic_open
+
 LOCK_NAME = '.lock'
 
 
@@ -71,9 +73,8 @@ def repair_log(output_dir: Path, epoch: int, record: dict | None) -> None:
     if record is not None and not any(json.loads(ln).get('epoch') == epoch for ln in kept):
         kept.append(json.dumps(record))
     if kept != lines:
-        tmp = path.with_name('.log.txt.tmp-repair')
-        tmp.write_text(''.join(ln + '\n' for ln in kept))
-        os.replace(tmp, path)
+        with atomic_open(path, 'w') as f:
+            f.write(''.join(ln + '\n' for ln in kept))
         print(f'repaired {path}: now ends at epoch {epoch} ({len(lines)} -> {len(kept)} lines)')
 
 
