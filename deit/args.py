@@ -160,6 +160,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def as_recipe(args) -> dict:
+    """The parsed flags only (no run-time values such as the scaled lr or the rank), as ``-c`` reads them."""
+    dests = {a.dest for a in get_args_parser()._actions} - {'help', 'config'}
+    return {k: v for k, v in vars(args).items() if k in dests}
+
+
 def read_recipe(path, parser) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -193,13 +193,13 @@ RUN_ARGS = ('model', 'input_size', 'loss', 'alpha', 'alpha_end', 'alpha_schedule
             'distillation_type', 'unscale_lr')
 
 
-def check_same_run(args, ckpt: dict, path: str, world: int = 1) -> None:
+def check_same_run(args, ckpt: dict, path: str, total_batch: int) -> None:
     """Auto-resume continues THE SAME run: refuse when an argument that defines it differs from the
-    checkpoint's (an LS run resumed with --loss ce would otherwise continue silently into one log)."""
+    checkpoint's (an LS run resumed with --loss ce would otherwise continue silently into one log).
+    ``total_batch``: this run's images per optimizer step, compared with the checkpoint's."""
     saved = ckpt.get('args')
-    saved = vars(saved) if hasattr(saved, '__dict__') else (saved or {})
-    now = vars(args) | {'total_batch': args.batch_size * world * args.accum_iter}
-    saved = dict(saved)
+    saved = dict(vars(saved) if hasattr(saved, '__dict__') else (saved or {}))
+    now = vars(args) | {'total_batch': total_batch}
     if 'batch_size' in saved:
         saved['total_batch'] = saved['batch_size'] * ckpt.get('world_size', 1) * saved.get('accum_iter', 1)
     diffs = [f'{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now' for k in RUN_ARGS + ('total_batch',)

@@ -136,7 +136,7 @@ def eval_split(data_set: str, data_path, split: str, input_size: int, cache: boo
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     args = Namespace(data_set=data_set, data_path=data_path, input_size=input_size, cache=cache,
-                     cache_mode='no', skip_bad_images=False, eval_crop_ratio=crop_ratio or 0.875)
+                     cache_mode='no', skip_bad_images=False, eval_crop_ratio=crop_ratio or DEFAULT_CROP_RATIO)
     return build_dataset(split == 'train', args, transform=build_transform(False, args))
 
 
@@ -178,6 +178,14 @@ def three_augment(args):
     return transforms.Compose(t)
 
 
+DEFAULT_CROP_RATIO = 0.875
+
+
+def eval_resize(size: int, crop_ratio: float) -> int:
+    """Shorter side before the evaluation centre crop of ``size`` (small inputs are not cropped)."""
+    return int(size / crop_ratio) if size > 32 else size
+
+
 def build_transform(is_train: bool, args):
     size = args.input_size
     if args.data_set == 'DEMO':
@@ -196,13 +204,9 @@ def build_transform(is_train: bool, args):
         if size <= 32:  # small images: replace RandomResizedCrop by pad + random crop (as DeiT)
             tf.transforms[0] = transforms.RandomCrop(size, padding=4)
         return tf
-    t = []
-    if size > 32:
-        resize = int(size / getattr(args, 'eval_crop_ratio', 0.875))
-        t += [transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-              transforms.CenterCrop(size)]
-    else:
-        t += [transforms.Resize(size), transforms.CenterCrop(size)]
+    resize = eval_resize(size, getattr(args, 'eval_crop_ratio', DEFAULT_CROP_RATIO))
+    interpolation = transforms.InterpolationMode.BICUBIC if size > 32 else transforms.InterpolationMode.BILINEAR
+    t = [transforms.Resize(resize, interpolation=interpolation), transforms.CenterCrop(size)]
     t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     return transforms.Compose(t)
 

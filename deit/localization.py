@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deit.datasets import eval_resize
+
 CAM_THRESHOLD = 0.5  # the paper's value could not be found in its text or code; a flag changes it
 
 Box = tuple[float, float, float, float]
@@ -57,8 +59,7 @@ def _xml_boxes(path: Path) -> list[Box]:
 
 def boxes_in_crop(boxes: list[Box], width: int, height: int, size: int, crop_ratio: float) -> list[Box]:
     """Boxes through the evaluation transform: shorter side resized to size / crop_ratio, centre crop size."""
-    resize = int(size / crop_ratio) if size > 32 else size  # deit.datasets.build_transform
-    scale = resize / min(width, height)
+    scale = eval_resize(size, crop_ratio) / min(width, height)
     off_x, off_y = (width * scale - size) / 2, (height * scale - size) / 2
     out = []
     for x0, y0, x1, y1 in boxes:

@@ -27,7 +27,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from deit import distributed as du
-from deit.args import check_args, get_args_parser, parse_args  # noqa: F401  (get_args_parser: public API)
+from deit.args import as_recipe, check_args, get_args_parser, parse_args  # noqa: F401  (get_args_parser: API)
 from deit.checkpoint import (CheckpointError, check_same_run, read_state_dict, restore_training_state, restore_weights,
                              rng_state, save_atomic, torch_load, training_state)
 from deit.datasets import build_dataset
@@ -136,7 +136,6 @@ def setup_device(args) -> tuple[torch.device, bool]:
 
 
 def build_data(args):
-    resolve_batch(args)
     dataset_train, nb_classes = build_dataset(True, args)
     dataset_val, nb_val = build_dataset(False, args)
     if nb_val != nb_classes:
@@ -196,10 +195,10 @@ def resolve_batch(args) -> int:
     return args.batch_size * per_step
 
 
-def build_optimization(args, model):
-    """(optimizer, lr scheduler); --lr is scaled by the effective batch (per process x world x accum-iter)
-    unless --unscale-lr."""
-    world, total = du.get_world_size(), resolve_batch(args)
+def build_optimization(args, model, total: int):
+    """(optimizer, lr scheduler); --lr is scaled by the effective batch ``total`` (per process x world x
+    accum-iter, from resolve_batch) unless --unscale-lr."""
+    world = du.get_world_size()
     args.base_lr = args.lr
     if not args.unscale_lr:
         args.lr = args.base_lr * total / 512.0
@@ -363,7 +362,11 @@ def write_log(output_dir: Path, tb, log: dict, epoch: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     summary = output_dir / 'summary.csv'
-    header = summary.read_text().splitlines()[0].split(',') if summary.is_file() else list(log)
+    if summary.is_file():
+        with open(summary) as f:
+            header = f.readline().rstrip('\n').split(',')
+    else:
+        header = list(log)
     with open(summary, 'a', newline='') as f:
         w = csv.DictWriter(f, fieldnames=header, extrasaction='ignore')
         if not summary.stat().st_size:
@@ -407,11 +410,13 @@ def tee_stdout(path: Path):
 
 def _run(args, cleanup: contextlib.ExitStack) -> dict:
     check_args(args)
+    config = yaml.safe_dump(as_recipe(args), sort_keys=True)  # before any run-time value changes args
+    total_batch = resolve_batch(args)
     device, amp = setup_device(args)
     data = build_data(args)
     model = build_model(args, data.nb_classes, device)
     criterion, base_criterion, schedule = setup_criterion(args, data.nb_classes, data.mixup_fn, device)
-    optimizer, lr_scheduler = build_optimization(args, model)
+    optimizer, lr_scheduler = build_optimization(args, model, total_batch)
     run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, criterion=criterion,
                           base_criterion=base_criterion, schedule=schedule, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, max_accuracy=0.0, last_test_stats={},
@@ -421,12 +426,12 @@ def _run(args, cleanup: contextlib.ExitStack) -> dict:
     output_dir = claim_output_dir(args, cleanup)
     resume_path, ckpt = read_resume_checkpoint(args, output_dir)
     if ckpt is not None and not args.resume and not args.eval:
-        check_same_run(args, ckpt, resume_path, du.get_world_size())
+        check_same_run(args, ckpt, resume_path, total_batch)
     if ckpt is None and output_dir and not args.eval and du.is_main_process():
         set_aside_log(output_dir)
     if output_dir and du.is_main_process():
-        (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=True))
-    print('configuration:\n' + yaml.safe_dump(vars(args), sort_keys=True), end='')
+        (output_dir / 'args.yaml').write_text(config)  # a recipe: `-c args.yaml` runs the same configuration
+    print('configuration:\n' + config, end='')
     if ckpt is not None:  # weights before DDP: its constructor then broadcasts them
         restore_weights(model, ckpt, resume_path, args.model)
     run.model, run.model_ema = wrap_model(args, model, device)

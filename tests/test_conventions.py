@@ -69,6 +69,8 @@ def test_run_folder_and_refused_resume_of_another_run(tmp_path, capsys):
     assert 'configuration:' in (out / 'stdout.log').read_text()
     import yaml
     assert yaml.safe_load((out / 'args.yaml').read_text())['loss'] == 'ls'
+    again = parse_args(['-c', str(out / 'args.yaml')])  # the resolved configuration is itself a recipe
+    assert (again.loss, again.lr, again.epochs, again.data_set) == ('ls', 2e-3, 1, 'DEMO')
     assert (out / 'summary.csv').read_text().splitlines()[0].startswith('epoch,')
     capsys.readouterr()
     # auto-resume with another loss and epoch count: refused, naming each argument, nothing appended

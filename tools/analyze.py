@@ -20,8 +20,8 @@ import torch
 
 from deit import analysis, localization
 from deit.checkpoint import CheckpointError, load_model
-from deit.datasets import (DATA_SETS, DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
-                           eval_data_set, eval_loader, eval_split)
+from deit.datasets import (DATA_SETS, DEFAULT_CROP_RATIO, DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN,
+                           IMAGENET_DEFAULT_STD, eval_data_set, eval_loader, eval_split)
 from deit.metrics import feature_variation
 from tools import plots
 
@@ -88,8 +88,7 @@ def cmd_transfer(models, args, out: Path) -> dict:
     return res
 
 
-def _images(args, idx):
-    ds, _ = eval_split(args.data_set, args.data_path, args.split, args.input_size, args.cache)
+def _images(args, ds, idx):
     x = torch.stack([ds[i][0] for i in idx])
     labels = [int(ds[i][1]) for i in idx]
     mean, std = (DEMO_MEAN, DEMO_STD) if args.data_set == 'DEMO' else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
@@ -107,7 +106,7 @@ def _predictions(model, x) -> list[tuple[int, float]]:
 def cmd_gradcam(models, args, out: Path) -> dict:
     ds, _ = eval_split(args.data_set, args.data_path, args.split, args.input_size, args.cache)
     idx = list(range(min(args.num_images, len(ds))))
-    x, labels, imgs = _images(args, idx)
+    x, labels, imgs = _images(args, ds, idx)
     maps = {name: analysis.gradcam_maps(m, x.clone(), labels) for name, m in models.items()}
     preds = {name: _predictions(m, x) for name, m in models.items()}
     plots.gradcam_grid(imgs, maps, out / 'gradcam.png', labels, preds)
@@ -139,12 +138,12 @@ def cmd_cam_boxes(models, args, out: Path) -> dict:
     for i in range(len(ds)):
         key, (w, h) = _image_id_and_size(ds, i)
         if key in boxes:
-            picked.append((i, localization.boxes_in_crop(boxes[key], w, h, args.input_size, 0.875)))
+            picked.append((i, localization.boxes_in_crop(boxes[key], w, h, args.input_size, DEFAULT_CROP_RATIO)))
         if len(picked) == args.num_images:
             break
     if not picked:
         raise ValueError(f'no image of {args.data_path} ({args.split}) has a box in {args.boxes}')
-    x, labels, _ = _images(args, [i for i, _ in picked])
+    x, labels, _ = _images(args, ds, [i for i, _ in picked])
     res = {}
     for name, model in models.items():
         maps = analysis.gradcam_maps(model, x.clone(), labels)
