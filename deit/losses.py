@@ -55,6 +55,12 @@ def value_check_due(module: nn.Module, logits: Tensor) -> bool:
     return calls % VALUE_CHECK_EVERY == 0
 
 
+def validate_inputs(module: nn.Module, logits: Tensor, target: Tensor, who: str, hard_only: bool = False) -> None:
+    """The losses' input check: nothing when ``module.validate`` is off; the value checks when due."""
+    if module.validate:
+        check_inputs(logits, target, hard_only, who, values=value_check_due(module, logits))
+
+
 def check_inputs(logits: Tensor, target: Tensor, hard_only: bool = False, who: str = 'loss',
                  values: bool = True) -> None:
     """Raise ValueError naming what is wrong with (logits, target).
@@ -173,9 +179,7 @@ class MaxSupLoss(_AlphaLoss):
     """
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(logits, target, who='MaxSupLoss',
-                         values=value_check_due(self, logits))
+        validate_inputs(self, logits, target, 'MaxSupLoss')
         return _MaxSupFunction.apply(logits, target, self.alpha)
 
 
@@ -183,9 +187,7 @@ class MaxSupLossReference(MaxSupLoss):
     """Autograd-through-torch MaxSup, the definition the fused version must equal."""
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(logits, target, who='MaxSupLoss',
-                         values=value_check_due(self, logits))
+        validate_inputs(self, logits, target, 'MaxSupLoss')
         z = logits.float()
         penalty = z.max(dim=1).values - z.mean(dim=1)
         return (_cross_entropy(z, target) + self.alpha * penalty).mean()
@@ -202,9 +204,7 @@ class LabelSmoothingLoss(_AlphaLoss):
     """
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(logits, target, who='LabelSmoothingLoss',
-                         values=value_check_due(self, logits))
+        validate_inputs(self, logits, target, 'LabelSmoothingLoss')
         z = logits.float()
         return (_cross_entropy(z, target) + self.alpha * (_target_logit(z, target) - z.mean(1))).mean()
 
@@ -237,9 +237,7 @@ class LabelSmoothingPartLoss(_AlphaLoss):
         self.part = part
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(logits, target, hard_only=True, who=f'LabelSmoothingPartLoss({self.part})',
-                         values=value_check_due(self, logits))
+        validate_inputs(self, logits, target, f'LabelSmoothingPartLoss({self.part})', hard_only=True)
         z = logits.float()
         reg, err = ls_decomposition(z, target)
         term = reg if self.part == 'regularization' else err
@@ -260,9 +258,7 @@ class CrossEntropyLoss(nn.Module):
         self.validate = validate
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(logits, target, who='CrossEntropyLoss',
-                         values=value_check_due(self, logits))
+        validate_inputs(self, logits, target, 'CrossEntropyLoss')
         return _cross_entropy(logits.float(), target).mean()
 
 
@@ -276,9 +272,7 @@ class LogitPenaltyLoss(nn.Module):
         self.beta, self.validate = float(beta), validate
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(logits, target, who='LogitPenaltyLoss',
-                         values=value_check_due(self, logits))
+        validate_inputs(self, logits, target, 'LogitPenaltyLoss')
         z = logits.float()
         return (_cross_entropy(z, target) + self.beta / 2 * z.pow(2).sum(1)).mean()
 
@@ -324,12 +318,10 @@ class OnlineLabelSmoothing(nn.Module):
         self.register_buffer('count', torch.zeros(num_classes))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(logits, target, who='OnlineLabelSmoothing',
-                         values=value_check_due(self, logits))
-            if logits.shape[1] != self.num_classes:
-                raise ValueError(f'OnlineLabelSmoothing built for {self.num_classes} classes, '
-                                 f'got logits with {logits.shape[1]}')
+        validate_inputs(self, logits, target, 'OnlineLabelSmoothing')
+        if self.validate and logits.shape[1] != self.num_classes:
+            raise ValueError(f'OnlineLabelSmoothing built for {self.num_classes} classes, '
+                             f'got logits with {logits.shape[1]}')
         z = logits.float()
         logp = F.log_softmax(z, dim=1)
         if target.dim() == 1:
@@ -386,9 +378,7 @@ class ZipfLabelSmoothing(nn.Module):
         self.weight, self.power, self.loss_mask, self.validate = float(weight), float(power), loss_mask, validate
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.validate:
-            check_inputs(logits, target, who='ZipfLabelSmoothing',
-                         values=value_check_due(self, logits))
+        validate_inputs(self, logits, target, 'ZipfLabelSmoothing')
         z = logits.float()
         labels = target if target.dim() == 1 else target.argmax(1)
         is_gt = F.one_hot(labels, z.shape[1]).bool()
