@@ -6,15 +6,25 @@ PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip --disable-pip-version-check
 BASE_STAMP := $(VENV)/.base-installed
 SEG_STAMP  := $(VENV)/.seg-installed
+FAST_STAMP := $(VENV)/.fast-installed
+PILLOW_SIMD ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-seg demo test test-fast bench clean
 
-setup: $(BASE_STAMP)
+setup: $(BASE_STAMP) $(FAST_STAMP)
 
 $(BASE_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PIP) install -r requirements.txt
+	touch $@
+
+# Optional input-pipeline speed-ups (README "Data loading speed"): simplejpeg (wheel) and pillow-simd (built from
+# source, ~25 s). Without them everything works, slower. `make setup PILLOW_SIMD=0` keeps stock Pillow.
+$(FAST_STAMP): $(BASE_STAMP) requirements/fast.txt requirements/pillow-simd.txt
+	$(PIP) install -r requirements/fast.txt || echo "optional simplejpeg not installed: PIL decodes JPEGs"
+	if [ "$(PILLOW_SIMD)" = 1 ]; then bash scripts/install_pillow_simd.sh $(PY) || \
+	    echo "optional pillow-simd did not build: stock Pillow stays (same augmentations, slower)"; fi
 	touch $@
 
 # mmcv 2.1.0 has no wheel for this torch: build it from source WITH ops (~34 CPU-minutes: ~17 min on 2 free
@@ -39,6 +49,7 @@ test-fast: setup
 bench: setup
 	$(PY) -m benchmarks.bench_loss
 	$(PY) -m benchmarks.bench_train_step
+	$(PY) -m benchmarks.bench_input_pipeline
 
 clean:
 	rm -rf $(VENV) output .pytest_cache

@@ -19,15 +19,22 @@ from deit.losses import MaxSupLoss
 from deit.models import create_model
 
 
-def steps(model, opt, crit, x, t, n, device):
+def steps(model, opt, crit, x, t, n, device, scaler=None):
+    """n optimizer steps; ``scaler``: fp16 autocast + GradScaler (the trainer's CUDA AMP path)."""
     if device.type == 'cuda':
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
-        loss = crit(model(x), t)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=scaler is not None):
+            loss = crit(model(x), t)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
     if device.type == 'cuda':
         torch.cuda.synchronize()
     return time.perf_counter() - t0
@@ -42,6 +49,7 @@ def main():
     ap.add_argument('--steps', type=int, default=5)
     ap.add_argument('--rounds', type=int, default=10)
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    ap.add_argument('--amp', action='store_true', help='fp16 autocast + GradScaler (CUDA)')
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -51,14 +59,15 @@ def main():
     y = torch.randint(0, args.classes, (args.batch,), device=device)
     t = torch.nn.functional.one_hot(y, args.classes).float() * 0.9 + 0.1 / args.classes  # Mixup-like soft targets
     crits = {'ce (SoftTargetCrossEntropy)': SoftTargetCrossEntropy(), 'maxsup': MaxSupLoss(0.1)}
+    scaler = torch.amp.GradScaler(device.type) if args.amp else None
     for c in crits.values():  # warm-up
-        steps(model, opt, c, x, t, 2, device)
+        steps(model, opt, c, x, t, 2, device, scaler)
     times = {k: [] for k in crits}
     for _ in range(args.rounds):
         for k, c in crits.items():
-            times[k].append(steps(model, opt, c, x, t, args.steps, device))
-    print(f'{args.model} @ {args.input_size}px, batch {args.batch}, {args.classes} classes, {device}, '
-          f'{args.rounds} rounds x {args.steps} steps (interleaved)')
+            times[k].append(steps(model, opt, c, x, t, args.steps, device, scaler))
+    print(f'{args.model} @ {args.input_size}px, batch {args.batch}, {args.classes} classes, {device}'
+          f'{" AMP fp16" if args.amp else ""}, {args.rounds} rounds x {args.steps} steps (interleaved)')
     for k, ts in times.items():
         print(f'  {k:28s} {args.batch * args.steps / statistics.median(ts):9.1f} img/s')
     ratio = statistics.median(m / c for m, c in zip(times['maxsup'], times['ce (SoftTargetCrossEntropy)']))

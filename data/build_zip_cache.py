@@ -9,17 +9,19 @@
 (sorted class folders), so a model trained on the cache and on the folders agree. With the official
 release's ``--train-map`` / ``--val-map`` the members, their order and their labels come from the maps
 instead (every listed image must exist under ``--src``), so the cache matches the released checkpoints'
-class numbering. Output is deterministic (fixed timestamps, ZIP_STORED) and atomic (temp files renamed at
-the end).
+class numbering. ``--max-size 500 --quality 90`` (opt-in, FFCV's setting) stores large images downscaled.
+Output is deterministic (fixed timestamps, ZIP_STORED) and atomic (temp files renamed at the end).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import zipfile
 from pathlib import Path
 
+from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
@@ -90,17 +92,37 @@ def scan_flat_val(val_dir: Path, labels_file: Path, classes: list[str]) -> list[
     return sorted(entries)
 
 
-def write_zip(src_dir: Path, entries, zip_path: Path, desc: str) -> None:
+def shrink(data: bytes, path: Path, max_size: int, quality: int) -> bytes:
+    """``--max-size/--quality`` (opt-in; the official ResNet FFCV pipeline's 500 px / quality 90): an image
+    whose longer side exceeds ``max_size`` is downscaled (area filter, as FFCV's INTER_AREA) and re-encoded
+    as a JPEG of ``quality``; any other image is stored byte for byte (no second generation loss)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if max(img.size) <= max_size:
+            return data
+        img = img.convert('RGB')
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CacheError(f'{path}: cannot decode image for --max-size ({e})') from e
+    scale = max_size / max(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    out = io.BytesIO()
+    img.resize(size, Image.BOX).save(out, 'JPEG', quality=quality)
+    return out.getvalue()
+
+
+def write_zip(src_dir: Path, entries, zip_path: Path, desc: str, max_size: int | None = None,
+              quality: int = 90) -> None:
     with atomic_open(zip_path) as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, _ in tqdm(entries, desc=desc, unit='img', mininterval=1.0):
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
             info.compress_type = zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
-            zf.writestr(info, (src_dir / name).read_bytes())
+            data = (src_dir / name).read_bytes()
+            zf.writestr(info, data if max_size is None else shrink(data, src_dir / name, max_size, quality))
 
 
 def build(src: Path, dst: Path, val_labels: Path | None = None, train_map: Path | None = None,
-          val_map: Path | None = None) -> dict:
+          val_map: Path | None = None, max_size: int | None = None, quality: int = 90) -> dict:
     src, dst = Path(src), Path(dst)
     for split in ('train', 'val'):
         if not (src / split).is_dir():
@@ -133,7 +155,7 @@ def build(src: Path, dst: Path, val_labels: Path | None = None, train_map: Path 
                              f'({sorted(set(val_classes) ^ set(classes))[:5]} ...)')
     dst.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be good
     for split, entries in (('train', train), ('val', val)):
-        write_zip(src / split, entries, dst / f'{split}.zip', f'{split}.zip')
+        write_zip(src / split, entries, dst / f'{split}.zip', f'{split}.zip', max_size, quality)
         write_map_file(dst / f'{split}_map.txt', entries)
     for split in ('train', 'val'):  # <split>.zip.idx: ranks and workers open the cache from it in ~1 s
         open_index(dst / f'{split}.zip', dst / f'{split}_map.txt', folder_labels=(split == 'train'),
@@ -165,11 +187,17 @@ def main(argv=None) -> int:
     ap.add_argument('--train-map', type=Path, default=None,
                     help="official train_map.txt: members and labels from it (the release's class numbering)")
     ap.add_argument('--val-map', type=Path, default=None, help='official val_map.txt (flat or with class folders)')
+    ap.add_argument('--max-size', type=int, default=None,
+                    help='opt-in: downscale images whose longer side exceeds this (e.g. 500, as FFCV) ...')
+    ap.add_argument('--quality', type=int, default=90, help='... and re-encode them at this JPEG quality')
     ap.add_argument('--verify', action='store_true', help='decode every member and report bad ones')
     args = ap.parse_args(argv)
+    if args.max_size is not None and args.max_size < 1 or not 1 <= args.quality <= 100:
+        ap.error(f'--max-size must be >= 1 and --quality within 1..100 (got {args.max_size}, {args.quality})')
     try:
         if args.src:
-            stats = build(args.src, args.dst, args.val_labels, args.train_map, args.val_map)
+            stats = build(args.src, args.dst, args.val_labels, args.train_map, args.val_map, args.max_size,
+                          args.quality)
             print(f'wrote {args.dst}: {stats["classes"]} classes, {stats["train"]} train, {stats["val"]} val images')
         elif not args.verify:
             ap.error('give --src to build, or --verify to check an existing cache')

@@ -19,7 +19,6 @@ the file/line/member. With ``skip_bad=True`` undecodable images are dropped from
 """
 from __future__ import annotations
 
-import io
 import mmap
 import multiprocessing as mp
 import os
@@ -30,15 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from data.zip_index import (CacheError, input_signature, join_names, read_central_directory, read_index,
                             write_index, zip_tail)
+from data.decode import CorruptImageError, decode_image  # noqa: F401  (re-exported)
 from deit.checkpoint import atomic_open
-
-
-class CorruptImageError(CacheError):
-    pass
 
 
 def parse_map_file(path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -306,16 +301,22 @@ class SkipCounter:
         with self.skipped.get_lock():
             self.skipped.value += 1
 
+    @property
+    def lazy_decode(self) -> bool:
+        """The transform decodes (``--jpeg-draft``: it picks the DCT scale from its crop), so JPEGs are only
+        opened here; a decode error then surfaces inside the transform, still as CorruptImageError."""
+        return getattr(self.transform, 'decodes_lazily', False)
+
     def _sample(self, load, target: int):
         """(transform(load()), target), or None for an unreadable image when skipping."""
         try:
             img = load()
+            return (self.transform(img) if self.transform is not None else img), target
         except CorruptImageError:
             if not self.skip_bad:
                 raise
             self.count_skip()
             return None
-        return (self.transform(img) if self.transform is not None else img), target
 
     def pop_skipped(self) -> int:
         """Images skipped since the last call (all workers together)."""
@@ -324,16 +325,6 @@ class SkipCounter:
         with self.skipped.get_lock():
             n, self.skipped.value = self.skipped.value, 0
         return n
-
-
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """Decode fully now (a truncated JPEG fails here, not inside a transform), as RGB; errors name ``name``."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        return img.convert('RGB')
-    except (OSError, SyntaxError, ValueError) as e:
-        raise CorruptImageError(f'{name}: cannot decode image ({e})') from e
 
 
 class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
@@ -388,8 +379,8 @@ class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
     def read_bytes(self, i: int) -> bytes:
         return self.index.read(int(self.rows[i]))
 
-    def load(self, i: int) -> Image.Image:
-        return decode_image(self.read_bytes(i), self.sample_name(i))
+    def load(self, i: int):
+        return decode_image(self.read_bytes(i), self.sample_name(i), lazy=self.lazy_decode)
 
     def __getitem__(self, i: int):
         return self._sample(lambda: self.load(i), int(self.targets[i]))

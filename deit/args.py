@@ -119,6 +119,14 @@ def _data(p) -> None:
     g('--skip-bad-images', action='store_true',
       help='drop unreadable images (ZIP cache or folders) from their batch, counted and logged, instead of failing')
     g('--eval-crop-ratio', default=0.875, type=float, help='centre-crop ratio of evaluation')
+    g('--prefetcher', action=argparse.BooleanOptionalAction, default=True,
+      help="timm's prefetcher convention: workers return uint8, normalisation and random erasing run batched on "
+           "the device (same augmentations; --no-prefetcher: float tensors from the workers, as DeiT)")
+    g('--jpeg-draft', action='store_true',
+      help='opt-in deviation: decode a JPEG at 1/2, 1/4 or 1/8 DCT scale when the sampled crop is >= 2x the '
+           'output (same crops; the reduction filter differs)')
+    g('--device-aug', '--gpu-aug', dest='device_aug', action='store_true',
+      help='RandAugment of the batch on the device (GPU); workers only decode, crop and flip (needs --prefetcher)')
     g('--num_workers', '--num-workers', default=10, type=int, help='DataLoader workers per process')
     g('--pin-mem', action=argparse.BooleanOptionalAction, default=True, help='pinned host memory (CUDA)')
 
@@ -190,6 +198,13 @@ def check_args(args) -> None:
         raise ValueError(f'--loss {args.loss} is defined for hard labels; add --mixup 0 --cutmix 0')
     if args.distillation_type != 'none' and args.finetune and not args.eval:
         raise ValueError('finetuning with distillation is not supported (as in DeiT)')
+    if args.device_aug and not args.prefetcher:
+        raise ValueError('--device-aug runs RandAugment on the uint8 batch on the device: it needs --prefetcher')
+    if args.device_aug and (args.ThreeAugment or args.aa in (None, '', 'none') or not args.aa.startswith('rand')):
+        raise ValueError(f'--device-aug moves a RandAugment policy to the device; --aa {args.aa!r}'
+                         f'{" with --ThreeAugment" if args.ThreeAugment else ""} has none to move')
+    if args.jpeg_draft and args.ThreeAugment:
+        raise ValueError('--jpeg-draft replaces the RandomResizedCrop of the RandAugment recipe, not 3-Augment\'s')
     if args.eval:
         return
     if args.epochs < 1:

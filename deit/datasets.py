@@ -17,7 +17,9 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 
-from data.zip_cache import SkipCounter, decode_image
+from data.decode import decode_image
+from deit.transforms import DraftRandomResizedCrop
+from data.zip_cache import SkipCounter
 
 DEMO_SIZE = 32  # digits are 8x8; 4x upscaling keeps strokes visible to a patch-4 ViT
 DEMO_MEAN, DEMO_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -65,7 +67,7 @@ class CheckedImageFolder(SkipCounter, datasets.ImageFolder):
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        return self._sample(lambda: decode_image(Path(path).read_bytes(), path), target)
+        return self._sample(lambda: decode_image(Path(path).read_bytes(), path, lazy=self.lazy_decode), target)
 
 
 def _folder(root: Path, split_names: tuple[str, ...], transform, skip_bad: bool = False) -> datasets.ImageFolder:
@@ -161,7 +163,18 @@ def eval_loader(data_set: str, data_path, split: str, input_size: int, cache: bo
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, shuffle=False), nb
 
 
-def three_augment(args):
+def normalization(args) -> tuple[tuple, tuple]:
+    """(mean, std) of the data set's inputs: applied by the transform, or on the device with --prefetcher."""
+    return (DEMO_MEAN, DEMO_STD) if args.data_set == 'DEMO' else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def _to_tensor(args, uint8: bool) -> list:
+    if uint8:  # timm's prefetcher convention: normalisation happens on the device (deit.device_aug)
+        return [transforms.PILToTensor()]
+    return [transforms.ToTensor(), transforms.Normalize(*normalization(args))]
+
+
+def three_augment(args, uint8: bool = False):
     """DeiT III's 3-Augment: RRC + flip + one of {grayscale, solarize, blur} + colour jitter."""
     t = [transforms.RandomResizedCrop(args.input_size, scale=(0.08, 1.0),
                                       interpolation=transforms.InterpolationMode.BICUBIC)
@@ -174,8 +187,20 @@ def three_augment(args):
                                   transforms.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))])]
     if args.color_jitter:
         t.append(transforms.ColorJitter(args.color_jitter, args.color_jitter, args.color_jitter))
-    t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-    return transforms.Compose(t)
+    return transforms.Compose(t + _to_tensor(args, uint8))
+
+
+def device_rand_augment(args):
+    """The RandAugment that ``--device-aug`` runs on the device: timm's, with create_transform's hparams."""
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    from deit.device_aug import DeviceRandAugment
+    mean = normalization(args)[0]
+    hparams = dict(translate_const=int(args.input_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean))
+    if args.train_interpolation and args.train_interpolation != 'random':
+        hparams['interpolation'] = str_to_pil_interp(args.train_interpolation)
+    return DeviceRandAugment(rand_augment_transform(args.aa, hparams))
 
 
 DEFAULT_CROP_RATIO = 0.875
@@ -186,27 +211,34 @@ def eval_resize(size: int, crop_ratio: float) -> int:
     return int(size / crop_ratio) if size > 32 else size
 
 
-def build_transform(is_train: bool, args):
+def build_transform(is_train: bool, args, uint8: bool | None = None):
+    """The split's transform. ``uint8`` (default: ``args.prefetcher``): end with uint8 tensors and leave
+    normalisation and random erasing to the device (deit.device_aug.DeviceBatches)."""
+    uint8 = getattr(args, 'prefetcher', False) if uint8 is None else uint8
     size = args.input_size
     if args.data_set == 'DEMO':
         # digits: no flips (a mirrored 2 is no 2) and no colour; small crops only
         t = [transforms.Resize(size)]
         if is_train:
             t.append(transforms.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.15)))
-        t += [transforms.ToTensor(), transforms.Normalize(DEMO_MEAN, DEMO_STD)]
-        return transforms.Compose(t)
+        return transforms.Compose(t + _to_tensor(args, uint8))
     if is_train:
         if args.ThreeAugment:
-            return three_augment(args)
-        tf = create_transform(input_size=size, is_training=True, color_jitter=args.color_jitter,
-                              auto_augment=None if args.aa in (None, '', 'none') else args.aa, interpolation=args.train_interpolation,
-                              re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+            return three_augment(args, uint8)
+        on_device = getattr(args, 'device_aug', False)  # RandAugment runs on the batch instead (no colour jitter)
+        aa = None if on_device or args.aa in (None, '', 'none') else args.aa
+        tf = create_transform(input_size=size, is_training=True, auto_augment=aa,
+                              color_jitter=None if on_device else args.color_jitter,
+                              interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
+                              re_count=args.recount, use_prefetcher=uint8)
         if size <= 32:  # small images: replace RandomResizedCrop by pad + random crop (as DeiT)
             tf.transforms[0] = transforms.RandomCrop(size, padding=4)
+        elif getattr(args, 'jpeg_draft', False):
+            rrc = tf.transforms[0]
+            tf.transforms[0] = DraftRandomResizedCrop(size, rrc.scale, rrc.ratio, args.train_interpolation)
+            tf.decodes_lazily = True  # the datasets then only open JPEGs (data.decode)
         return tf
     resize = eval_resize(size, getattr(args, 'eval_crop_ratio', DEFAULT_CROP_RATIO))
     interpolation = transforms.InterpolationMode.BICUBIC if size > 32 else transforms.InterpolationMode.BILINEAR
     t = [transforms.Resize(resize, interpolation=interpolation), transforms.CenterCrop(size)]
-    t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-    return transforms.Compose(t)
-
+    return transforms.Compose(t + _to_tensor(args, uint8))

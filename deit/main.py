@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import PIL
 import torch
 import yaml
 from timm.data import Mixup
@@ -30,7 +31,9 @@ from deit import distributed as du
 from deit.args import as_recipe, check_args, get_args_parser, parse_args  # noqa: F401  (get_args_parser: API)
 from deit.checkpoint import (CheckpointError, check_same_run, read_state_dict, restore_training_state, restore_weights,
                              rng_state, save_atomic, torch_load, training_state)
-from deit.datasets import build_dataset
+from data.decode import jpeg_decoder
+from deit.datasets import build_dataset, device_rand_augment, normalization
+from deit.device_aug import DeviceBatches
 from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
 from deit.losses import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
@@ -135,13 +138,22 @@ def setup_device(args) -> tuple[torch.device, bool]:
     return device, amp
 
 
-def build_data(args):
+def build_data(args, device):
     dataset_train, nb_classes = build_dataset(True, args)
     dataset_val, nb_val = build_dataset(False, args)
     if nb_val != nb_classes:
         raise ValueError(f'train set has {nb_classes} classes but val set has {nb_val}')
     args.nb_classes = nb_classes
     sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+    if args.prefetcher:  # uint8 from the workers; normalise, erase (and --device-aug) on the device, batched
+        mean, std = normalization(args)
+        loader_train = DeviceBatches(loader_train, device, mean, std, args.reprob, args.remode, args.recount,
+                                     rand_augment=device_rand_augment(args) if args.device_aug else None)
+        loader_val = DeviceBatches(loader_val, device, mean, std)
+    print(f'input pipeline: JPEG decode by {jpeg_decoder()}, transforms by PIL {PIL.__version__}, '
+          f'{"uint8 workers + device-side normalise/erase" if args.prefetcher else "float workers"}'
+          f'{", RandAugment on the device" if args.device_aug else ""}'
+          f'{", JPEG draft decoding" if args.jpeg_draft else ""}')
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
@@ -413,7 +425,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> dict:
     config = yaml.safe_dump(as_recipe(args), sort_keys=True)  # before any run-time value changes args
     total_batch = resolve_batch(args)
     device, amp = setup_device(args)
-    data = build_data(args)
+    data = build_data(args, device)
     model = build_model(args, data.nb_classes, device)
     criterion, base_criterion, schedule = setup_criterion(args, data.nb_classes, data.mixup_fn, device)
     optimizer, lr_scheduler = build_optimization(args, model, total_batch)

@@ -1,0 +1,94 @@
+"""Image decoding for the datasets: one function, two optional speed-ups.
+
+``decode_image(data, name)`` decodes fully and at once (a truncated JPEG fails here, naming ``name``, not
+inside a transform) and returns an RGB PIL image.
+
+* ``simplejpeg`` (optional extra, ``requirements/fast.txt``): when it is installed, JPEGs are decoded by it
+  instead of PIL. Both call libjpeg-turbo's default (ISLOW) IDCT and fancy upsampling, so the pixels are
+  the same (``benchmarks/bench_input_pipeline.py`` checks max |difference| = 0); it is faster because it
+  skips PIL's incremental decoder. Anything it cannot read (CMYK, broken files) falls back to PIL, which
+  decides whether the image is corrupt. ``MAXSUP_NO_SIMPLEJPEG=1`` switches it off.
+* ``lazy=True`` (``--jpeg-draft``): a JPEG comes back undecoded (:class:`LazyJpeg`); the first transform,
+  :class:`deit.transforms.DraftRandomResizedCrop`, chooses the DCT scale from the crop it samples and
+  then calls :func:`decode_reduced`.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import NamedTuple
+
+from PIL import Image
+
+from data.zip_index import CacheError
+
+try:
+    import simplejpeg
+except ImportError:  # the optional extra is not installed: PIL decodes everything
+    simplejpeg = None
+
+JPEG_MAGIC = b'\xff\xd8'
+
+
+class CorruptImageError(CacheError):
+    pass
+
+
+def jpeg_decoder() -> str:
+    """Which library decodes JPEGs in this process (logged at start, so a run says what produced it)."""
+    if _use_simplejpeg():
+        return f'simplejpeg {simplejpeg.__version__}'
+    return f'PIL {Image.__version__}'
+
+
+def _pil_decode(data: bytes, name: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert('RGB')
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CorruptImageError(f'{name}: cannot decode image ({e})') from e
+
+
+class LazyJpeg(NamedTuple):
+    """A JPEG not decoded yet (``--jpeg-draft``): its bytes, its name for errors, its parsed header."""
+    data: bytes
+    name: str
+    header: Image.Image  # opened, not loaded: size and mode only
+
+
+def _use_simplejpeg() -> bool:
+    return simplejpeg is not None and not os.environ.get('MAXSUP_NO_SIMPLEJPEG')
+
+
+def decode_image(data: bytes, name: str, lazy: bool = False) -> Image.Image | LazyJpeg:
+    """RGB image of ``data``; errors name ``name``. ``lazy``: a JPEG comes back as :class:`LazyJpeg`."""
+    if data[:2] == JPEG_MAGIC:
+        if lazy:
+            try:
+                return LazyJpeg(data, name, Image.open(io.BytesIO(data)))
+            except (OSError, SyntaxError, ValueError) as e:
+                raise CorruptImageError(f'{name}: cannot decode image ({e})') from e
+        return decode_reduced(LazyJpeg(data, name, None), 1)
+    return _pil_decode(data, name)
+
+
+def decode_reduced(jpeg: LazyJpeg, reduce: int) -> Image.Image:
+    """Decode at 1/``reduce`` of the size (1, 2, 4 or 8) with libjpeg's scaled IDCT, as RGB.
+
+    Each side becomes ceil(side / reduce), as both decoders scale; the cost falls roughly with the pixels."""
+    if _use_simplejpeg():
+        w, h = jpeg.header.size if jpeg.header is not None else (0, 0)
+        try:  # it picks the smallest scale (n/8) keeping these minimums: exactly 1/reduce
+            return Image.fromarray(simplejpeg.decode_jpeg(jpeg.data, colorspace='RGB', min_width=-(-w // reduce),
+                                                          min_height=-(-h // reduce)))
+        except ValueError:  # strict: truncated or unsupported (CMYK, arithmetic coding): PIL decides
+            pass
+    try:
+        img = jpeg.header if jpeg.header is not None else Image.open(io.BytesIO(jpeg.data))
+        if reduce > 1 and img.mode in ('RGB', 'L'):
+            img.draft(img.mode, (-(-img.width // reduce), -(-img.height // reduce)))
+        img.load()
+        return img.convert('RGB')
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CorruptImageError(f'{jpeg.name}: cannot decode image ({e})') from e
