@@ -10,7 +10,7 @@ FAST_STAMP := $(VENV)/.fast-installed
 PILLOW_SIMD ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-seg demo test test-fast bench clean
+.PHONY: setup setup-seg demo test test-fast bench mutation clean
 
 setup: $(BASE_STAMP) $(FAST_STAMP)
 
@@ -50,6 +50,14 @@ bench: setup
 	$(PY) -m benchmarks.bench_loss
 	$(PY) -m benchmarks.bench_train_step
 	$(PY) -m benchmarks.bench_input_pipeline
+
+# Mutation testing of the core modules with mutmut (not in CI: hours on 2 cores; results are kept in mutants/
+# and reused for unchanged functions). MUTANTS='deit.metrics*' limits a run; the report goes to docs/mutation.md.
+MUTANTS ?=
+mutation: setup setup-seg
+	$(PIP) install -r requirements/mutation.txt
+	$(PY) -m mutmut run --max-children $$(nproc) $(MUTANTS)
+	$(PY) -m tools.mutation_report --out docs/mutation.md --command "make mutation$(if $(MUTANTS), MUTANTS='$(MUTANTS)')"
 
 clean:
 	rm -rf $(VENV) output .pytest_cache

@@ -143,6 +143,24 @@ def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def scheduler_state(scheduler) -> dict:
+    """timm's scheduler state, plus torch's ReduceLROnPlateau counters for ``--sched plateau``: timm's own
+    state_dict keeps only its best metric, so a resumed run would restart its patience and cooldown."""
+    state = scheduler.state_dict()
+    inner = getattr(scheduler, 'lr_scheduler', None)
+    if isinstance(inner, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        state = {**state, 'plateau': inner.state_dict()}
+    return state
+
+
+def load_scheduler_state(scheduler, state: dict) -> None:
+    state = dict(state)
+    plateau = state.pop('plateau', None)
+    scheduler.load_state_dict(state)
+    if plateau is not None:
+        scheduler.lr_scheduler.load_state_dict(plateau)
+
+
 def training_state(args, run, epoch: int, world_size: int, rng: list, log: dict, test_stats: dict) -> dict:
     """Everything a resume needs, in one dict (read back by :func:`restore_training_state`).
 
@@ -152,7 +170,7 @@ def training_state(args, run, epoch: int, world_size: int, rng: list, log: dict,
     """
     state = {
         'model': run.model_without_ddp.state_dict(), 'optimizer': run.optimizer.state_dict(),
-        'lr_scheduler': run.lr_scheduler.state_dict(), 'scaler': run.loss_scaler.state_dict(),
+        'lr_scheduler': scheduler_state(run.lr_scheduler), 'scaler': run.loss_scaler.state_dict(),
         'criterion': run.base_criterion.state_dict(), 'epoch': epoch, 'args': args,
         'max_accuracy': run.max_accuracy, 'world_size': world_size, 'rng': rng, 'log': log, 'test_stats': test_stats,
     }
@@ -166,7 +184,7 @@ def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, worl
     (written by :func:`training_state`); sets args.start_epoch to the epoch after the checkpoint's."""
     if 'optimizer' in ckpt and 'epoch' in ckpt:
         run.optimizer.load_state_dict(ckpt['optimizer'])
-        run.lr_scheduler.load_state_dict(ckpt['lr_scheduler'])
+        load_scheduler_state(run.lr_scheduler, ckpt['lr_scheduler'])
         args.start_epoch = ckpt['epoch'] + 1
         if ckpt.get('scaler') and run.loss_scaler.is_enabled():
             run.loss_scaler.load_state_dict(ckpt['scaler'])

@@ -301,11 +301,13 @@ def run_training(args, run, data, output_dir: Path | None) -> dict:
             train_stats['skipped_images'] = skipped
             if skipped:
                 print(f'epoch {epoch}: skipped {skipped} unreadable training images (--skip-bad-images)')
-        run.lr_scheduler.step(epoch + 1)
         alpha = getattr(run.base_criterion, 'alpha', None)
         evaluated = epoch == args.epochs - 1 or (epoch + 1) % args.eval_every == 0
         if evaluated:
             test_stats = evaluate_run(args, run, data, dist_sum)
+        # timm's plateau schedule watches the metric it is given (as timm's train.py); without it DeiT's call
+        # never lowers the lr. Time-based schedules ignore it.
+        run.lr_scheduler.step(epoch + 1, test_stats['acc1'] if evaluated else None)
         is_best = evaluated and test_stats['acc1'] > run.max_accuracy
         if evaluated:
             run.max_accuracy = max(run.max_accuracy, test_stats['acc1'])

@@ -1,0 +1,226 @@
+"""Behaviour users rely on, checked against hand-computed values (#20): metrics on a known batch, the
+evaluation loop, the effective lr per world size, the lr schedule across a resume, each loss's
+hyper-parameters, and the timm -> mmseg converter block by block against mmseg's own forward."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deit import main as trainer
+from deit.args import parse_args
+from deit.engine import evaluate
+from deit.losses import (LabelSmoothingLoss, LogitPenaltyLoss, MaxSupLoss, OnlineLabelSmoothing, ZipfLabelSmoothing,
+                         create_criterion)
+from deit.metrics import CalibrationBins, classification_summary, feature_variation, topk_correct
+
+# 4 samples, 6 classes; the label's rank in its row: 1st, 2nd, 6th, 5th -> top-1 1 of 4, top-5 3 of 4
+LOGITS = torch.tensor([[5., 1., 0., 0., 0., 0.],     # label 0: 1st
+                       [3., 4., 0., 0., 0., 0.],     # label 0: 2nd
+                       [0., 1., 2., 3., 4., -1.],    # label 5: 6th
+                       [1., 2., 3., 4., 0., 5.]])    # label 0: 5th
+LABELS = torch.tensor([0, 0, 5, 0])
+
+
+def test_topk_counts_on_a_known_batch():
+    assert topk_correct(LOGITS, LABELS, (1, 5)) == [1, 3]  # rows 0 | 0, 1, 3
+    assert topk_correct(LOGITS, LABELS, (1, 2, 6)) == [1, 2, 4]
+    assert topk_correct(LOGITS[:, :3], torch.tensor([0, 0, 2, 1]), (1, 5)) == [2, 4]  # k capped at K = 3
+
+
+def test_ece_by_hand():
+    """ECE = sum_b n_b / N |acc_b - conf_b| with bins (b/n, (b+1)/n]."""
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45], [0.5, 0.5]])
+    target = torch.tensor([0, 1, 0, 0, 1])
+    bins = CalibrationBins(n_bins=2)  # (0, .5] and (.5, 1]
+    bins.update(probs, target)
+    # bin 0: conf .5 (pred 0, wrong) ; bin 1: confs .9 .8 .6 .55, correct 1 0 1 1
+    assert bins.count.tolist() == [1, 4]
+    want = (1 / 5) * abs(0 - 0.5) + (4 / 5) * abs(3 / 4 - (0.9 + 0.8 + 0.6 + 0.55) / 4)
+    assert bins.ece() == pytest.approx(want)
+    rel = bins.reliability()
+    assert rel['accuracy'] == pytest.approx([0.0, 0.75]) and rel['confidence'][0] == pytest.approx(0.5)
+    empty = CalibrationBins(3)
+    assert math.isnan(empty.ece()) and empty.reliability()['accuracy'] == [None] * 3
+    again = CalibrationBins(2)
+    again.load_tensor(bins.as_tensor() * 2)  # sums from two ranks
+    assert again.ece() == pytest.approx(want)
+
+
+def test_feature_variation_by_hand():
+    x = torch.tensor([[1., 0.], [2., 0.], [0., 3.], [0., 1.]])  # two classes on orthogonal axes
+    y = torch.tensor([0, 0, 1, 1])
+    v = feature_variation(x, y)
+    assert v['d_within'] == pytest.approx(0.0) and v['d_total'] == pytest.approx(0.5) and v['r2'] == pytest.approx(1.0)
+    x2 = torch.tensor([[1., 0.], [0., 1.], [1., 0.], [0., 1.]])  # each class spread over both axes
+    v2 = feature_variation(x2, y)
+    assert v2['d_within'] == pytest.approx(0.5) and v2['r2'] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_classification_summary_and_evaluate_on_a_known_batch():
+    s = classification_summary(LOGITS, LABELS, n_bins=15)
+    assert (s['acc1'], s['acc5'], s['n']) == (25.0, 75.0, 4)
+    assert s['nll'] == pytest.approx(float(F.cross_entropy(LOGITS, LABELS)))
+
+    class Lookup(torch.nn.Module):  # "model" whose logits are the rows of LOGITS, indexed by the input
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(LOGITS.clone())
+
+        def forward(self, idx):
+            return self.table[idx.long().view(-1)]
+
+    batches = [(torch.tensor([0, 1]), LABELS[:2]), (torch.empty(0), torch.empty(0, dtype=torch.long)),
+               (torch.tensor([2, 3]), LABELS[2:])]
+    stats = evaluate(batches, Lookup(), print_freq=0, reliability=True)
+    assert (stats['acc1'], stats['acc5'], stats['n']) == (25.0, 75.0, 4)
+    assert stats['loss'] == pytest.approx(s['nll']) and stats['ece'] == pytest.approx(s['ece'])
+    assert sum(stats['reliability']['count']) == 4
+    with pytest.raises(ValueError, match='empty'):
+        evaluate([], Lookup(), print_freq=0)
+
+
+@pytest.mark.parametrize('world', [1, 2, 8])
+def test_effective_lr_follows_world_size(world, monkeypatch, capsys):
+    monkeypatch.setattr(trainer.du, 'get_world_size', lambda: world)
+    args = parse_args(['--data-set', 'DEMO', '--batch-size', '64', '--lr', '5e-4', '--epochs', '10'])
+    total = trainer.resolve_batch(args)
+    trainer.build_optimization(args, torch.nn.Linear(2, 2), total)
+    assert total == 64 * world and args.lr == pytest.approx(5e-4 * 64 * world / 512)
+    assert f'effective batch size 64 x {world} = {64 * world}; lr {args.lr:.3g}' in capsys.readouterr().out
+    args = parse_args(['--data-set', 'DEMO', '--total-batch-size', '1024', '--lr', '5e-4', '--epochs', '10'])
+    assert trainer.resolve_batch(args) == 1024 and args.batch_size == 1024 // world  # one recipe, any world
+    args = parse_args(['--data-set', 'DEMO', '--batch-size', '64', '--lr', '5e-4', '--unscale-lr', '--epochs', '10'])
+    trainer.build_optimization(args, torch.nn.Linear(2, 2), trainer.resolve_batch(args))
+    assert args.lr == 5e-4
+
+
+ACC = [10., 20., 30., 32., 32., 31., 31., 31., 31., 31., 31., 31.]  # an accuracy that plateaus
+
+
+@pytest.mark.parametrize('sched', ['cosine', 'step', 'plateau'])
+def test_resume_reproduces_the_whole_lr_schedule(sched):
+    """Optimizer + schedule restored from the checkpoint dict give the stopped run's lr and every later
+    epoch's lr exactly (the plateau schedule's patience counters included, which timm's state leaves out)."""
+    from deit.checkpoint import restore_training_state, scheduler_state
+
+    def fresh():
+        args = parse_args(['--data-set', 'DEMO', '--epochs', '12', '--warmup-epochs', '2', '--lr', '1e-3',
+                           '--unscale-lr', '--sched', sched, '--min-lr', '1e-5', '--decay-epochs', '3',
+                           '--patience-epochs', '1', '--decay-rate', '0.5'])
+        return args, *trainer.build_optimization(args, torch.nn.Linear(3, 2), 64)
+
+    def run_epochs(opt, sched_, start, stop):  # the trainer's call: step(epoch + 1, acc1)
+        out = []
+        for epoch in range(start, stop):
+            out.append(opt.param_groups[0]['lr'])
+            sched_.step(epoch + 1, ACC[epoch])
+        return out
+
+    _, opt, sch = fresh()
+    full = run_epochs(opt, sch, 0, 12)
+    assert full[0] < full[2] and full[-1] < full[2]  # warm-up, then lower
+    _, opt, sch = fresh()
+    run_epochs(opt, sch, 0, 7)  # a run stopped after epoch 6, one epoch into a plateau's patience
+    ckpt = {'optimizer': opt.state_dict(), 'lr_scheduler': scheduler_state(sch), 'epoch': 6}
+    args2, opt2, sch2 = fresh()
+    run = SimpleNamespace(optimizer=opt2, lr_scheduler=sch2, model_ema=None,
+                          loss_scaler=SimpleNamespace(is_enabled=lambda: False), base_criterion=None)
+    restore_training_state(args2, run, ckpt, 'ckpt.pth')
+    assert args2.start_epoch == 7
+    assert run_epochs(opt2, sch2, args2.start_epoch, 12) == full[7:]
+
+
+# ---- each loss's hyper-parameters move its value as the paper's formula says --------------------------------
+
+Z = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.3, 3.0, -2.0], [1.0, 1.0, 0.0, 4.0]])
+Y = torch.tensor([1, 2, 0])
+CE = F.cross_entropy(Z, Y)
+
+
+@pytest.mark.parametrize('alpha', [0.05, 0.1, 0.3])
+def test_maxsup_and_ls_weights(alpha):
+    """MaxSup: CE + a (z_max - mean z); LS in the paper's logit form: CE + a (z_gt - mean z)."""
+    maxsup = MaxSupLoss(alpha)(Z, Y)
+    assert float(maxsup) == pytest.approx(float(CE + alpha * (Z.max(1).values - Z.mean(1)).mean()), rel=1e-6)
+    ls = LabelSmoothingLoss(alpha)(Z, Y)
+    z_gt = Z.gather(1, Y[:, None]).squeeze(1)
+    assert float(ls) == pytest.approx(float(CE + alpha * (z_gt - Z.mean(1)).mean()), rel=1e-6)
+
+
+def test_logit_penalty_beta_and_zipf_weight_and_power_move_their_terms():
+    for beta in (1e-3, 4e-3):
+        want = CE + beta / 2 * Z.pow(2).sum(1).mean()
+        assert float(LogitPenaltyLoss(beta)(Z, Y)) == pytest.approx(float(want), rel=1e-6)
+    z1, z3 = ZipfLabelSmoothing(weight=1.0)(Z, Y), ZipfLabelSmoothing(weight=3.0)(Z, Y)
+    assert float(z1 - CE) > 0 and float(z3 - CE) == pytest.approx(3 * float(z1 - CE), rel=1e-5)  # CE + w KL
+    # a steeper rank law puts less mass on the lower ranks: the KL to it changes
+    assert float(ZipfLabelSmoothing(power=2.0)(Z, Y)) != pytest.approx(float(z1), rel=1e-3)
+
+
+def test_ols_a_weights_the_hard_label_term_and_next_epoch_normalises():
+    """L = a CE(z, y) + (1 - a) CE_soft(z, S[:, y]); S starts as label smoothing of ``smoothing``."""
+    ls_targets = torch.full((3, 4), 0.1 / 3).scatter_(1, Y[:, None], 0.9)
+    soft_ce = float(-(ls_targets * Z.log_softmax(1)).sum(1).mean())
+    for a in (0.0, 0.3, 1.0):
+        got = OnlineLabelSmoothing(num_classes=4, a=a, smoothing=0.1).eval()(Z, Y)
+        assert float(got) == pytest.approx(a * float(CE) + (1 - a) * soft_ce, rel=1e-6)
+    # an epoch of two correct class-2 samples: the new column 2 is their MEAN softmax (normalised by the count)
+    o = OnlineLabelSmoothing(num_classes=4, a=0.5).train()
+    zz = torch.tensor([[0., 0., 3., 0.], [0., 1., 2., 0.], [3., 0., 0., 0.]])
+    o(zz, torch.tensor([2, 2, 1]))  # the third is wrong: not accumulated
+    before = o.supervise.clone()
+    o.next_epoch()
+    assert torch.allclose(o.supervise[:, 2], zz[:2].softmax(1).mean(0), atol=1e-6)
+    assert torch.equal(o.supervise[:, [0, 1, 3]], before[:, [0, 1, 3]])  # no correct sample: column kept
+    assert o.count.sum() == 0 and o.update.abs().sum() == 0
+
+
+def test_create_criterion_passes_every_hyper_parameter():
+    opts = dict(nb_classes=4, alpha=0.25, ols_a=0.7, zipf_weight=2.0, zipf_power=1.5, logit_penalty_beta=0.01)
+    assert create_criterion(loss='maxsup', **opts).alpha == 0.25
+    assert create_criterion(loss='ls', **opts).alpha == 0.25
+    assert create_criterion(loss='ls_reg_only', **opts).alpha == 0.25
+    ols = create_criterion(loss='ols', **opts)
+    assert (ols.a, ols.num_classes) == (0.7, 4) and ols.supervise[0, 0] == pytest.approx(0.75)
+    zipf = create_criterion(loss='zipf', **opts)
+    assert (zipf.weight, zipf.power) == (2.0, 1.5)
+    assert create_criterion(loss='logit_penalty', **opts).beta == 0.01
+
+
+# ---- the converter, block by block against mmseg's VisionTransformer ---------------------------------------
+
+@pytest.mark.segmentation
+def test_converted_deit_gives_timms_block_outputs_in_mmseg():
+    pytest.importorskip('mmseg')
+    import timm
+    from mmseg.models.backbones import VisionTransformer
+
+    from segmentation.deit_to_mmseg import timm_to_mmseg
+    torch.manual_seed(0)
+    vit = timm.create_model('deit_tiny_patch16_224', pretrained=False, num_classes=0, img_size=64, depth=3).eval()
+    for p in vit.parameters():  # non-trivial LayerNorm affine params: a swapped norm1/norm2 must show
+        p.data.add_(torch.randn_like(p) * 0.05)
+    mm = VisionTransformer(img_size=64, patch_size=16, embed_dims=192, num_layers=3, num_heads=3, mlp_ratio=4,
+                           qkv_bias=True, out_indices=(0, 1, 2), final_norm=False, with_cls_token=True,
+                           output_cls_token=False, interpolate_mode='bicubic', patch_bias=True,
+                           norm_cfg=dict(type='LN', eps=1e-6), act_cfg=dict(type='GELU'), drop_path_rate=0.0)
+    mm.eval()
+    missing = mm.load_state_dict(timm_to_mmseg(vit.state_dict(), 192, 3, img_size=64), strict=False)
+    assert not missing.unexpected_keys and not missing.missing_keys
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = vit._pos_embed(vit.patch_embed(x))
+        emb, hw = mm.patch_embed(x)
+        cls = mm.cls_token.expand(2, -1, -1)
+        mm_tokens = mm._pos_embeding(torch.cat([cls, emb], 1), hw, mm.pos_embed)
+        assert torch.allclose(tokens, mm_tokens, atol=1e-5)
+        for i, (tb, mb) in enumerate(zip(vit.blocks, mm.layers)):
+            tokens, mm_tokens = tb(tokens), mb(mm_tokens)
+            assert torch.allclose(tokens, mm_tokens, atol=1e-4), f'block {i} differs'
+        feats = mm(x)
+        grid = tokens[:, 1:].reshape(2, 4, 4, 192).permute(0, 3, 1, 2)
+        assert torch.allclose(feats[-1], grid, atol=1e-4)
