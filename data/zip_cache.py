@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.decode import CorruptImageError, decode_image  # noqa: F401  (re-exported)
 from data.zip_index import (CacheError, input_signature, join_names, read_central_directory, read_index,
                             write_index, zip_tail)
-from data.decode import CorruptImageError, decode_image  # noqa: F401  (re-exported)
 from deit.checkpoint import atomic_open
 
 

@@ -18,8 +18,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torchvision import datasets, transforms
 
 from data.decode import decode_image
-from deit.transforms import DraftRandomResizedCrop
 from data.zip_cache import SkipCounter
+from deit.transforms import DraftRandomResizedCrop
 
 DEMO_SIZE = 32  # digits are 8x8; 4x upscaling keeps strokes visible to a patch-4 ViT
 DEMO_MEAN, DEMO_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

@@ -224,3 +224,87 @@ def test_converted_deit_gives_timms_block_outputs_in_mmseg():
         feats = mm(x)
         grid = tokens[:, 1:].reshape(2, 4, 4, 192).permute(0, 3, 1, 2)
         assert torch.allclose(feats[-1], grid, atol=1e-4)
+
+
+# ---- samplers: the exact index lists ---------------------------------------------------------------------
+
+def test_rasampler_pads_deals_and_orders_exactly():
+    from deit.samplers import DistributedEvalSampler, RASampler
+    ordered = RASampler(list(range(10)), 1, 0, shuffle=False, num_repeats=2, selected_round=0)
+    assert list(ordered) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and len(ordered) == 10  # ceil(10 / 1) kept
+    # 10 x 3 = 30 copies for 4 ranks: padded to 32 with the list's first 2, dealt round-robin, 3 kept each
+    rep = [i for i in range(10) for _ in range(3)]
+    rep += rep[:2]
+    for r in range(4):
+        s = RASampler(list(range(10)), 4, r, shuffle=False, num_repeats=3)
+        assert (s.num_samples, s.total_size, len(s)) == (8, 32, 3)
+        assert list(s) == rep[r::4][:3]
+    big = RASampler(list(range(600)), 4, 0, num_repeats=3)  # DeiT: floor(600 / 256) * 256 / 4 = 128 per rank
+    assert len(big) == len(list(big)) == 128
+    with pytest.raises(ValueError, match=r'rank 4 outside \[0, 4\)'):
+        RASampler(list(range(8)), 4, 4)
+    with pytest.raises(ValueError, match='num_repeats must be >= 1, got 0'):
+        RASampler(list(range(8)), 1, 0, num_repeats=0)
+    assert list(DistributedEvalSampler(list(range(7)), 3, 2)) == [2, 5] and len(DistributedEvalSampler([0], 3, 1)) == 0
+
+
+# ---- one training epoch: what the engine reports and does ------------------------------------------------
+
+def _epoch(batches, model=None, **kw):
+    from deit.engine import LossScaler, train_one_epoch
+    torch.manual_seed(0)
+    model = model or torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    crit = lambda x, out, y: F.cross_entropy(out, y)  # noqa: E731
+    return model, opt, train_one_epoch(model, crit, batches, opt, torch.device('cpu'), 7, LossScaler('cpu', False),
+                                       print_freq=0, **kw)
+
+
+def test_train_epoch_stats_steps_mode_and_ema():
+    from timm.utils import ModelEmaV3
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (2, 6, 4)]
+    losses = []
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for x, y in batches:  # plain SGD steps: the engine must do exactly these
+        loss = F.cross_entropy(ref(x), y)
+        losses.append((loss.item(), len(y)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model, opt2, stats = _epoch(batches)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert stats['loss'] == pytest.approx(sum(v * n for v, n in losses) / 12)  # weighted by batch size
+    assert stats['lr'] == 0.05 and 'skipped_steps' not in stats
+    model, _, _ = _epoch(batches, max_steps=1)  # stops after one step
+    torch.manual_seed(0)
+    one = torch.nn.Linear(4, 3)
+    grad = torch.autograd.grad(F.cross_entropy(one(batches[0][0]), batches[0][1]), one.weight)[0]
+    with torch.no_grad():
+        one.weight -= 0.05 * grad
+    assert torch.allclose(model.weight, one.weight)
+    net = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(4, 3))
+    seen = []
+    net.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    _epoch(batches, model=net, set_training_mode=False)  # DeiT's --no-train-mode
+    _epoch(batches, model=net)
+    assert seen == [False] * 3 + [True] * 3
+    base = torch.nn.Linear(4, 3)
+    ema = ModelEmaV3(base, decay=0.5)
+    before = ema.module.weight.clone()
+    _epoch(batches, model=base, model_ema=ema, accum_iter=3)  # one optimizer step -> one EMA update
+    assert torch.allclose(ema.module.weight, 0.5 * before + 0.5 * base.weight.detach(), atol=1e-6)
+
+
+def test_non_finite_loss_names_epoch_and_step_and_autocast_dtypes():
+    from deit.engine import NonFiniteLossError, autocast
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])), (torch.full((2, 4), float('nan')), torch.tensor([0, 1]))]
+    with pytest.raises(NonFiniteLossError, match=r'loss is nan at epoch 7, step 1'):
+        _epoch(batches)
+    with autocast(torch.device('cpu'), True):
+        assert torch.get_autocast_dtype('cpu') == torch.bfloat16 and torch.is_autocast_enabled('cpu')
+    with autocast(torch.device('cpu'), False):
+        assert not torch.is_autocast_enabled('cpu')
+    assert autocast(torch.device('cuda'), True).fast_dtype == torch.float16  # fp16 + GradScaler on CUDA
