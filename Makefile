@@ -56,7 +56,8 @@ bench: setup
 MUTANTS ?=
 mutation: setup setup-seg
 	$(PIP) install -r requirements/mutation.txt
-	$(PY) -m mutmut run --max-children $$(nproc) $(MUTANTS)
+	# one torch thread: mutmut forks a worker per mutant, and a forked OpenMP pool can deadlock (a false "timeout")
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m mutmut run --max-children $$(nproc) $(MUTANTS)
 	$(PY) -m tools.mutation_report --out docs/mutation.md --command "make mutation$(if $(MUTANTS), MUTANTS='$(MUTANTS)')"
 
 clean:

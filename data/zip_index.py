@@ -126,7 +126,8 @@ def read_central_directory(path: str | os.PathLike) -> dict:
         bad = ~np.isin(method, (0, 8)) & is_file
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
-            raise CacheError(f'{path}@/{name(k)}: unsupported compression {int(method[k])}')
+            raise CacheError(f'{path}@/{name(k)}: unsupported compression {int(method[k])} (the reader takes stored '
+                             f'and deflated members; rebuild with python -m data.build_zip_cache)')
         if not is_file.all():  # directory entries: drop them and their names
             keep = np.flatnonzero(is_file)
             names = [_name(blob, starts_out, k) for k in keep]

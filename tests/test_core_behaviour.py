@@ -246,6 +246,16 @@ def test_rasampler_pads_deals_and_orders_exactly():
     with pytest.raises(ValueError, match='num_repeats must be >= 1, got 0'):
         RASampler(list(range(8)), 1, 0, num_repeats=0)
     assert list(DistributedEvalSampler(list(range(7)), 3, 2)) == [2, 5] and len(DistributedEvalSampler([0], 3, 1)) == 0
+    alone = RASampler(list(range(10)), num_repeats=1, shuffle=False)  # defaults: one process, all samples
+    assert list(alone) == list(range(10))
+    short = RASampler(list(range(10)), 4, 3, shuffle=False, num_repeats=1)  # 10 = 4 + 4 + 2: padded from the front
+    assert list(short) == [3, 7, 1]
+    assert list(RASampler(list(range(4)), shuffle=False, selected_round=0)) == [0, 0, 0, 1]  # 3 repeats by default
+    assert list(RASampler(list(range(8)), num_repeats=1)) == torch.randperm(8, generator=torch.Generator().manual_seed(0)).tolist()
+    assert len(RASampler(list(range(256)), 3, 0)) == 85  # N = 256 already rounds: 256 // 3
+    a, b = RASampler(list(range(64)), 2, 1, seed=7), RASampler(list(range(64)), 2, 1, seed=10)
+    a.set_epoch(3)  # the permutation is drawn from seed + epoch (DeiT's convention)
+    assert list(a) == list(b)
 
 
 # ---- one training epoch: what the engine reports and does ------------------------------------------------

@@ -313,6 +313,17 @@ def test_every_compression_mode_reads_byte_exact(tmp_path, method):
     assert [ds.read_bytes(i) for i in range(len(ds))] == list(members.values())
 
 
+@pytest.mark.parametrize('method', [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_other_compression_modes_are_refused_naming_the_member(tmp_path, method):
+    zp = tmp_path / 'train.zip'
+    with zipfile.ZipFile(zp, 'w') as zf:
+        zf.writestr('c0/0.jpg', _jpeg(0, 0))
+        zf.writestr('c0/1.jpg', _jpeg(0, 1), compress_type=method)
+    (tmp_path / 'train_map.txt').write_text('c0/0.jpg\t0\nc0/1.jpg\t0\n')
+    with pytest.raises(CacheError, match=rf'train\.zip@/c0/1\.jpg: unsupported compression {method} .*build_zip_cache'):
+        ZipImageDataset(zp, tmp_path / 'train_map.txt', cache_mode='no')
+
+
 def test_zip64_member_past_4gb_parses_as_zipfile_does(tmp_path):
     """A sparse file: 5 GiB of hole, then a zip whose headers sit past 4 GiB (ZIP64 offsets)."""
     from data.zip_index import read_central_directory
