@@ -318,3 +318,56 @@ def test_non_finite_loss_names_epoch_and_step_and_autocast_dtypes():
     with autocast(torch.device('cpu'), False):
         assert not torch.is_autocast_enabled('cpu')
     assert autocast(torch.device('cuda'), True).fast_dtype == torch.float16  # fp16 + GradScaler on CUDA
+
+
+def test_metric_defaults_keys_and_per_bin_confidence():
+    from deit.metrics import expected_calibration_error
+    from deit.samplers import DistributedEvalSampler
+    g = torch.Generator().manual_seed(3)
+    logits, labels = torch.randn(64, 5, generator=g) * 3, torch.randint(0, 5, (64,), generator=g)
+    probs = logits.softmax(1)
+    fifteen = CalibrationBins(15)
+    fifteen.update(probs, labels)
+    assert expected_calibration_error(probs, labels) == pytest.approx(fifteen.ece())  # 15 bins by default
+    assert expected_calibration_error(probs, labels, 16) != pytest.approx(fifteen.ece())
+    s = classification_summary(logits, labels)
+    assert s['ece'] == pytest.approx(fifteen.ece())
+    assert classification_summary(logits, labels, n_bins=4)['ece'] == pytest.approx(
+        expected_calibration_error(probs, labels, 4))
+    c1, c5 = topk_correct(logits, labels)
+    assert c1 >= 2 and (s['acc1'], s['acc5']) == (pytest.approx(100 * c1 / 64), pytest.approx(100 * c5 / 64))
+    v = feature_variation(torch.randn(10, 3, generator=g), torch.tensor([0, 1] * 5))
+    assert (v['num_classes'], v['n']) == (2, 10)
+    bins = CalibrationBins(4)
+    bins.update(torch.tensor([[0.9, 0.1], [0.7, 0.3]]), torch.tensor([0, 1]))
+    rel = bins.reliability()
+    assert rel['confidence'] == [None, None, pytest.approx(0.7), pytest.approx(0.9)]
+    assert rel['accuracy'] == [None, None, 0.0, 1.0] and rel['n_bins'] == 4 and rel['count'] == [0, 0, 1, 1]
+    assert list(DistributedEvalSampler(list(range(5)))) == [0, 1, 2, 3, 4]  # defaults: one process
+
+
+def test_train_epoch_progress_lines_and_second_order_optimizers(capsys):
+    from deit.engine import LossScaler, train_one_epoch
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(101)]
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.25)
+    crit = lambda x, out, y: F.cross_entropy(out, y)  # noqa: E731
+    train_one_epoch(model, crit, batches, opt, torch.device('cpu'), 3, LossScaler('cpu', False))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith('Epoch: [3] [')]
+    assert [ln[12:19] for ln in lines] == ['  0/101', ' 50/101', '100/101']  # every 50 steps and the last
+    assert all('lr: 0.250000' in ln for ln in lines)
+
+    class SecondOrder(torch.optim.SGD):  # timm's AdaHessian & co. need the graph kept for the Hessian
+        is_second_order = True
+
+    seen = []
+
+    class Spy(LossScaler):
+        def __call__(self, loss, optimizer, **kw):
+            seen.append(kw['create_graph'])
+            return super().__call__(loss, optimizer, **kw)
+
+    for make in (torch.optim.SGD, SecondOrder):
+        train_one_epoch(model, crit, batches[:1], make(model.parameters(), lr=0.1), torch.device('cpu'), 0,
+                        Spy('cpu', False), print_freq=0)
+    assert seen == [False, True]

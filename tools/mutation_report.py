@@ -32,7 +32,9 @@ LABELS = {0: 'survived', 5: 'no tests', 33: 'no tests', None: 'not run', 34: 'sk
 def function_of(key: str) -> str:
     """'deit.metrics.xǁCalibrationBinsǁece__mutmut_3' -> 'CalibrationBins.ece'."""
     name = key.rsplit('__mutmut_', 1)[0].rsplit('.', 1)[-1]
-    return name[1:].strip('ǁ').replace('ǁ', '.') if name.startswith('x') else name
+    if name.startswith('xǁ'):  # method: xǁClassǁmethod
+        return name[2:].replace('ǁ', '.')
+    return name[2:] if name.startswith('x_') else name  # function: x_name
 
 
 def load_equivalent(path: Path) -> dict[str, str]:
@@ -67,7 +69,8 @@ def module_rows(mutants: Path, equivalent: dict) -> list[dict]:
                 status['killed'] += 1
             else:
                 status[LABELS.get(code, 'suspicious')] += 1
-                survivors.append(f'{key} ({LABELS.get(code, code)})')
+                if code is not None:  # not run yet: not a survivor
+                    survivors.append(f'{key} ({LABELS.get(code, code)})')
         counted = sum(status.values()) - status['equivalent'] - status['not run']
         rows.append({'module': module, 'status': status, 'counted': counted, 'survivors': survivors,
                      'score': 100.0 * status['killed'] / counted if counted else float('nan'),
