@@ -371,3 +371,65 @@ def test_train_epoch_progress_lines_and_second_order_optimizers(capsys):
         train_one_epoch(model, crit, batches[:1], make(model.parameters(), lr=0.1), torch.device('cpu'), 0,
                         Spy('cpu', False), print_freq=0)
     assert seen == [False, True]
+
+
+def test_empty_batches_are_skipped_and_counted_in_one_process():
+    g = torch.Generator().manual_seed(1)
+    full = [(torch.randn(2, 4, generator=g), torch.tensor([0, 1])) for _ in range(3)]
+    empty = (torch.empty(0), torch.empty(0, dtype=torch.long))
+    ref, _, ref_stats = _epoch([full[0], full[2]], batches_may_be_empty=True)
+    model, _, stats = _epoch([full[0], empty, full[2]], batches_may_be_empty=True)
+    assert stats['skipped_steps'] == 1 and ref_stats['skipped_steps'] == 0
+    assert torch.equal(model.weight, ref.weight)  # the step after the empty batch still trains
+    model, _, stats = _epoch([empty, empty, full[0]], batches_may_be_empty=True)
+    assert stats['skipped_steps'] == 2
+
+
+def test_batches_go_to_the_device_and_accumulation_steps_at_max_steps():
+    moved = []
+
+    class Recorded:  # a batch whose .to() records the device it is sent to
+        def __init__(self, t):
+            self.t = t
+
+        def to(self, device, non_blocking=False):
+            moved.append(device)
+            return self.t
+
+        def __len__(self):
+            return len(self.t)
+
+    model, _, _ = _epoch([(Recorded(torch.randn(2, 4)), Recorded(torch.tensor([0, 1])))])
+    assert moved == [torch.device('cpu')] * 2  # images and targets
+    assert all(p.grad is None for p in model.parameters())  # freed after the update (set_to_none)
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(6)]
+    torch.manual_seed(0)
+    start = torch.nn.Linear(4, 3).weight.detach().clone()
+    model, _, _ = _epoch(batches, accum_iter=4, max_steps=2)  # stopped before the 4th micro-batch: still steps
+    assert not torch.equal(model.weight, start)
+
+
+def test_amp_autocast_and_gradient_clipping_reach_the_step(capsys):
+    from deit.engine import LossScaler, train_one_epoch
+    seen = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled('cpu'))
+            return super().forward(x)
+
+    batches = [(torch.randn(2, 4) * 100, torch.tensor([0, 1]))]
+    crit = lambda x, out, y: F.cross_entropy(out.float(), y)  # noqa: E731
+    for amp in (True, False):
+        m = Probe(4, 3)
+        train_one_epoch(m, crit, batches, torch.optim.SGD(m.parameters(), lr=0.1), torch.device('cpu'), 0,
+                        LossScaler('cpu', False), amp=amp, print_freq=0)
+    assert seen == [True, False]  # bf16 autocast on the CPU when asked for
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 3)
+    start = [p.detach().clone() for p in m.parameters()]
+    train_one_epoch(m, crit, batches, torch.optim.SGD(m.parameters(), lr=1.0), torch.device('cpu'), 0,
+                    LossScaler('cpu', False), max_norm=0.01, print_freq=0)
+    step = torch.cat([(p.detach() - s).flatten() for p, s in zip(m.parameters(), start)])
+    assert step.norm() == pytest.approx(0.01, rel=1e-4)  # lr 1 x gradient clipped to norm 0.01
+    assert 'Averaged stats: lr: 1.000000  loss: ' in capsys.readouterr().out
