@@ -53,11 +53,11 @@ bench: setup
 
 # Mutation testing of the core modules with mutmut (not in CI: hours on 2 cores; results are kept in mutants/
 # and reused for unchanged functions). MUTANTS='deit.metrics*' limits a run; the report goes to docs/mutation.md.
+# One torch thread: mutmut forks a worker per mutant, and a forked OpenMP pool can deadlock (a false "timeout").
 MUTANTS ?=
 mutation: setup setup-seg
 	$(PIP) install -r requirements/mutation.txt
-	# one torch thread: mutmut forks a worker per mutant, and a forked OpenMP pool can deadlock (a false "timeout")
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m mutmut run --max-children $$(nproc) $(MUTANTS)
+	set -f; OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m mutmut run --max-children $$(nproc) $(MUTANTS)
 	$(PY) -m tools.mutation_report --out docs/mutation.md --command "make mutation$(if $(MUTANTS), MUTANTS='$(MUTANTS)')"
 
 clean:

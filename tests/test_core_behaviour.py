@@ -339,10 +339,18 @@ def test_metric_defaults_keys_and_per_bin_confidence():
     v = feature_variation(torch.randn(10, 3, generator=g), torch.tensor([0, 1] * 5))
     assert (v['num_classes'], v['n']) == (2, 10)
     bins = CalibrationBins(4)
-    bins.update(torch.tensor([[0.9, 0.1], [0.7, 0.3]]), torch.tensor([0, 1]))
+    bins.update(torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]]), torch.tensor([0, 1, 1]))
     rel = bins.reliability()
-    assert rel['confidence'] == [None, None, pytest.approx(0.7), pytest.approx(0.9)]
-    assert rel['accuracy'] == [None, None, 0.0, 1.0] and rel['n_bins'] == 4 and rel['count'] == [0, 0, 1, 1]
+    assert rel['confidence'] == [None, None, pytest.approx(0.7), pytest.approx(0.85)]
+    assert rel['accuracy'] == [None, None, 0.0, 0.5] and rel['n_bins'] == 4 and rel['count'] == [0, 0, 1, 2]
+    default = CalibrationBins()  # 15 bins, float64 sums (exact when ranks add them up)
+    default.update(probs, labels)
+    assert default.n_bins == 15 and default.ece() == pytest.approx(fifteen.ece())
+    assert default.as_tensor().dtype == torch.float64 and all(t.dtype == torch.float64 for t in
+                                                               (default.count, default.conf_sum, default.correct_sum))
+    one = CalibrationBins(10)
+    one.update(torch.tensor([[0.8, 0.2]]), torch.tensor([1]))
+    assert one.ece() == pytest.approx(0.8)  # a single sample: |0 - 0.8|
     assert list(DistributedEvalSampler(list(range(5)))) == [0, 1, 2, 3, 4]  # defaults: one process
 
 
@@ -373,7 +381,7 @@ def test_train_epoch_progress_lines_and_second_order_optimizers(capsys):
     assert seen == [False, True]
 
 
-def test_empty_batches_are_skipped_and_counted_in_one_process():
+def test_empty_batches_are_skipped_and_counted_in_one_process(capsys):
     g = torch.Generator().manual_seed(1)
     full = [(torch.randn(2, 4, generator=g), torch.tensor([0, 1])) for _ in range(3)]
     empty = (torch.empty(0), torch.empty(0, dtype=torch.long))
@@ -383,6 +391,7 @@ def test_empty_batches_are_skipped_and_counted_in_one_process():
     assert torch.equal(model.weight, ref.weight)  # the step after the empty batch still trains
     model, _, stats = _epoch([empty, empty, full[0]], batches_may_be_empty=True)
     assert stats['skipped_steps'] == 2
+    assert 'epoch 7: 2 step(s) skipped on all ranks (a rank had no readable image)' in capsys.readouterr().out
 
 
 def test_batches_go_to_the_device_and_accumulation_steps_at_max_steps():
@@ -433,3 +442,9 @@ def test_amp_autocast_and_gradient_clipping_reach_the_step(capsys):
     step = torch.cat([(p.detach() - s).flatten() for p, s in zip(m.parameters(), start)])
     assert step.norm() == pytest.approx(0.01, rel=1e-4)  # lr 1 x gradient clipped to norm 0.01
     assert 'Averaged stats: lr: 1.000000  loss: ' in capsys.readouterr().out
+
+
+def test_loss_scaler_is_on_only_where_fp16_needs_it():
+    from deit.engine import LossScaler
+    assert LossScaler().is_enabled() == torch.cuda.is_available()  # CUDA by default: off without a GPU
+    assert LossScaler('cpu').is_enabled() and not LossScaler('cpu', enabled=False).is_enabled()
