@@ -448,3 +448,45 @@ def test_loss_scaler_is_on_only_where_fp16_needs_it():
     from deit.engine import LossScaler
     assert LossScaler().is_enabled() == torch.cuda.is_available()  # CUDA by default: off without a GPU
     assert LossScaler('cpu').is_enabled() and not LossScaler('cpu', enabled=False).is_enabled()
+
+
+def test_converter_position_embeddings_errors_and_checkpoint_file(tmp_path):
+    """Distilled DeiT (cls + dist tokens) keeps the class token's position; resampling is timm's; unknown keys
+    are named; the saved file holds mmseg's state_dict and where it came from."""
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    from deit.checkpoint import CheckpointError
+    from segmentation.deit_to_mmseg import convert_checkpoint, mmseg_to_timm, timm_to_mmseg
+    torch.manual_seed(0)
+    dist = timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False, img_size=64, depth=2).state_dict()
+    pos = dist['pos_embed']  # (1, 2 + 16, 192): cls, dist, 4x4 grid
+    conv = timm_to_mmseg(dist)
+    assert torch.equal(conv['pos_embed'], torch.cat([pos[:, :1], pos[:, 2:]], 1))
+    big = timm_to_mmseg(dist, img_size=128)['pos_embed']
+    want = resample_abs_pos_embed(torch.cat([pos[:, :1], pos[:, 2:]], 1), new_size=[8, 8], old_size=[4, 4],
+                                  num_prefix_tokens=1)
+    assert big.shape == (1, 65, 192) and torch.allclose(big, want)
+    head_first = {'head.weight': dist['head.weight'], **dist}  # dropped keys anywhere: the others all convert
+    assert set(timm_to_mmseg(head_first)) == set(conv)
+    with pytest.raises(CheckpointError, match=r"unexpected ViT key 'blocks\.0\.extra\.weight'"):
+        timm_to_mmseg({**dist, 'blocks.0.extra.weight': torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"unexpected mmseg ViT key 'decode_head\.conv\.weight'"):
+        mmseg_to_timm({**conv, 'decode_head.conv.weight': torch.zeros(1)})
+    small = timm.create_model('deit_small_patch16_224', pretrained=False).state_dict()  # the configs' backbone
+    ema = {k: v + 1 for k, v in small.items()}
+    torch.save({'model': small, 'model_ema': ema}, tmp_path / 'ckpt.pth')
+    state = convert_checkpoint(tmp_path / 'ckpt.pth', tmp_path / 'out.pth')  # defaults: DeiT-S, 512 crops
+    saved = torch.load(tmp_path / 'out.pth', weights_only=True)
+    assert saved['meta'] == {'source': str(tmp_path / 'ckpt.pth'), 'img_size': 512}
+    assert saved['state_dict']['pos_embed'].shape == (1, 1 + 32 * 32, 384) and set(saved['state_dict']) == set(state)
+    assert torch.equal(state['layers.0.ln1.weight'], small['blocks.0.norm1.weight'])
+    assert 'ln1.weight' not in state and 'ln1.weight' in convert_checkpoint(tmp_path / 'ckpt.pth', tmp_path / 'n.pth',
+                                                                            final_norm=True)
+    ema_state = convert_checkpoint(tmp_path / 'ckpt.pth', tmp_path / 'ema.pth', use_ema=True)
+    assert torch.equal(ema_state['layers.0.ln1.weight'], ema['blocks.0.norm1.weight'])
+    torch.save(dist, tmp_path / 'tiny.pth')
+    with pytest.raises(CheckpointError, match='width 192, the backbone expects 384'):
+        convert_checkpoint(tmp_path / 'tiny.pth', tmp_path / 'o.pth')
+    with pytest.raises(CheckpointError, match='depth 12, the backbone expects 13'):
+        convert_checkpoint(tmp_path / 'ckpt.pth', tmp_path / 'o.pth', expected_depth=13)

@@ -88,9 +88,12 @@ def render(rows: list[dict], equivalent: dict, command: str, max_survivors: int)
             out.append(f'| `{r["module"]}` | | not mutated in this run | | | | | | |')
             continue
         s = r['status']
+        score = f'{r["score"]:.1f} %' if r['counted'] else 'not run yet'
         out.append(f'| `{r["module"]}` | {r["scope"]} | {sum(s.values())} | {s["killed"]} | {s["survived"]} | '
-                   f'{s["no tests"]} | {s["not run"]} | {s["equivalent"]} | {r["score"]:.1f} % |')
-    out += ['', 'Score = killed / (mutants - equivalent - not run); a timeout counts as killed.', '']
+                   f'{s["no tests"]} | {s["not run"]} | {s["equivalent"]} | {score} |')
+    out += ['', 'Score = killed / (mutants - equivalent - not run); a timeout counts as killed. Results accumulate '
+                'in `mutants/` over runs: a mutant runs again when its function changes, or when named on the '
+                'command line (how survivors were re-checked after new tests).', '']
     for r in rows:
         if r.get('survivors'):
             out += [f'## Surviving mutants of `{r["module"]}`', '']
