@@ -179,15 +179,19 @@ def child(root: Path, rows: list[int], out: Path, check: int, passes: int) -> No
     out.write_text(json.dumps(res))
 
 
+def row_env(env: dict) -> dict:
+    """This process's environment with a row's library switches (and only those) set."""
+    out = {k: v for k, v in os.environ.items() if k not in ('MAXSUP_STOCK_PILLOW', 'MAXSUP_NO_SIMPLEJPEG')}
+    return {**out, **env}
+
+
 def run_child(root: Path, rows: list[int], env: dict, check: int, passes: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / 'res.json'
-        full_env = {k: v for k, v in os.environ.items() if k not in ('MAXSUP_STOCK_PILLOW', 'MAXSUP_NO_SIMPLEJPEG')}
-        full_env.update(env)
         subprocess.run([sys.executable, '-m', 'benchmarks.bench_input_pipeline', '--child', str(root),
                         '--rows', ','.join(map(str, rows)), '--out', str(out), '--check', str(check),
                         '--passes', str(passes)],
-                       env=full_env, check=True)
+                       env=row_env(env), check=True)
         res = {int(k): v for k, v in json.loads(out.read_text()).items()}
         samples = {r: np.load(Path(tmp) / f'res-{r}.npy') for r in rows if check}
     return res, samples
@@ -317,17 +321,11 @@ def main(argv=None) -> None:
           'left out: its RandAugment would run on this CPU):')
     lr = {}
     for r in (0, DEFAULT, ALL - 1):
-        env = ROWS[r][1]
-        saved = {k: os.environ.pop(k, None) for k in ('MAXSUP_STOCK_PILLOW', 'MAXSUP_NO_SIMPLEJPEG')}
-        os.environ.update(env)  # workers are forked after this: they import PIL/simplejpeg per the row
         code = (f'import json,sys; from benchmarks.bench_input_pipeline import loader_rate, ROWS; '
                 f'from pathlib import Path; print(json.dumps(loader_rate(Path({str(root)!r}), ROWS[{r}][2], 2, '
                 f'{a.loader_batches})))')
-        out = subprocess.run([sys.executable, '-c', code], env=os.environ.copy(), check=True, capture_output=True,
+        out = subprocess.run([sys.executable, '-c', code], env=row_env(ROWS[r][1]), check=True, capture_output=True,
                              text=True).stdout.strip().splitlines()[-1]
-        for k in env:
-            os.environ.pop(k, None)
-        os.environ.update({k: v for k, v in saved.items() if v is not None})
         lr[r] = float(out)
         print(f'  {ROWS[r][0]:34s} {lr[r]:7.0f} img/s  {lr[r] / lr.get(0, lr[r]):5.2f}x')
     print(f'\nspeedup per core: default {med[DEFAULT] / med[0]:.2f}x, all opt-ins {med[ALL] / med[0]:.2f}x '

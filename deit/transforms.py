@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import random
 
-from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from data.decode import LazyJpeg, decode_reduced
-
-_PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.BILINEAR: Image.BILINEAR,
-                 InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.LANCZOS: Image.LANCZOS,
-                 InterpolationMode.BOX: Image.BOX, InterpolationMode.HAMMING: Image.HAMMING}
-
 
 class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
     """timm's RandomResizedCrop that decodes a :class:`data.decode.LazyJpeg` at a reduced DCT scale."""
@@ -40,4 +33,4 @@ class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
             return F.resized_crop(pic, i, j, h, w, self.size, interpolation)
         sx, sy = pic.width / img.header.width, pic.height / img.header.height
         box = (j * sx, i * sy, (j + w) * sx, (i + h) * sy)  # the same crop in the reduced image, sub-pixel exact
-        return pic.resize((out_w, out_h), _PIL_RESAMPLE[interpolation], box=box)
+        return pic.resize((out_w, out_h), F.pil_modes_mapping[interpolation], box=box)
