@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from data.zip_cache import (CacheError, ZipImageDataset, check_labels, check_split_labels, open_index,
+from data.zip_cache import (CacheError, ZipImageDataset, check_labels, class_folder, check_split_labels, open_index,
                             parse_map_file, write_map_file)
 from deit.checkpoint import atomic_open
 
@@ -132,7 +132,7 @@ def build(src: Path, dst: Path, val_labels: Path | None = None, train_map: Path 
     if train_map:
         train = entries_from_map(src / 'train', Path(train_map))
         check_labels(train, str(train_map), folder_labels=True)
-        folders = {name.split('/', 1)[0]: label for name, label in train}
+        folders = {class_folder(name): label for name, label in train}
         classes = [c for c, _ in sorted(folders.items(), key=lambda kv: kv[1])]
     else:
         train, classes = scan_class_folders(src / 'train')
@@ -147,7 +147,7 @@ def build(src: Path, dst: Path, val_labels: Path | None = None, train_map: Path 
         unknown = sorted(set(val_classes) - set(class_index))
         if unknown:
             raise CacheError(f'{src / "val"}: class folders {unknown[:5]} are not classes of {train_map}')
-        val = [(name, class_index[name.split('/', 1)[0]]) for name, _ in val]
+        val = [(name, class_index[class_folder(name)]) for name, _ in val]
     else:
         val, val_classes = scan_class_folders(src / 'val')
         if val_classes != classes:

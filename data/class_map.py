@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data.zip_cache import CacheError, check_labels, parse_map_file
+from data.zip_cache import CacheError, check_labels, class_folder, parse_map_file
 from deit.models import HEAD_KEYS
 
 
@@ -25,9 +25,7 @@ def class_permutation(map_file, imagefolder_root, direction: str = 'zip2folder')
         raise ValueError(f"direction must be 'zip2folder' or 'folder2zip', got {direction!r}")
     entries = parse_map_file(map_file)
     K = check_labels(entries, str(map_file), folder_labels=True)
-    folder_of = {}
-    for name, lab in entries:
-        folder_of[lab] = name.split('/', 1)[0]
+    folder_of = {lab: class_folder(name) for name, lab in entries}
     folders = sorted(d.name for d in Path(imagefolder_root).iterdir() if d.is_dir())
     if sorted(folder_of.values()) != folders:
         diff = sorted(set(folders) ^ set(folder_of.values()))

@@ -70,6 +70,12 @@ def write_map_file(path: str | os.PathLike, entries) -> None:
             f.write(f'{name}\t{label}\n')
 
 
+def class_folder(name: str) -> str | None:
+    """A member's class folder: its first path component, as ImageFolder's class (None for a flat name)."""
+    head, sep, _ = name.partition('/')
+    return head if sep else None
+
+
 def check_labels(entries: list[tuple[str, int]], source: str, folder_labels: bool) -> int:
     """Labels must be 0..K-1 with every class present; with ``folder_labels`` one label per class folder.
 
@@ -84,7 +90,7 @@ def check_labels(entries: list[tuple[str, int]], source: str, folder_labels: boo
     if folder_labels:
         by_folder, by_label = {}, {}
         for name, lab in entries:
-            folder = name.split('/', 1)[0] if '/' in name else None
+            folder = class_folder(name)
             if folder is None:
                 raise CacheError(f'{source}: entry {name!r} has no class folder')
             if by_folder.setdefault(folder, lab) != lab:
@@ -97,7 +103,7 @@ def check_labels(entries: list[tuple[str, int]], source: str, folder_labels: boo
 def check_split_labels(entries, class_index: dict[str, int], source: str) -> None:
     """Every entry's label must be its class folder's (when it has one) and within the train classes."""
     for n, (name, label) in enumerate(entries, 1):
-        folder = name.split('/', 1)[0] if '/' in name else None
+        folder = class_folder(name)
         if folder is not None and folder not in class_index:
             raise CacheError(f'{source}:{n}: class folder {folder!r} of {name!r} is not a train class')
         if folder is not None and class_index[folder] != label:
@@ -109,7 +115,7 @@ def check_split_labels(entries, class_index: dict[str, int], source: str) -> Non
 
 def train_class_index(train_map: Path) -> dict[str, int]:
     """class folder -> label, from a train map (whose labels check_labels has tied to folders)."""
-    return {name.split('/', 1)[0]: label for name, label in parse_map_file(train_map) if '/' in name}
+    return {folder: label for name, label in parse_map_file(train_map) if (folder := class_folder(name)) is not None}
 
 
 class ZipIndex:
@@ -223,9 +229,8 @@ def _labels_ok(names: bytes, labels: np.ndarray, folder_labels: bool) -> bool:
 
 
 def _rows_of(member_names: list[str], map_names: list[str], map_path, zip_path) -> np.ndarray:
-    """Member index of each map entry; an unknown name is an error naming the map line."""
-    if member_names == map_names:  # the usual case: the zip was written in map order
-        return np.arange(len(map_names), dtype=np.int64)
+    """Member index of each map entry (the zip is not in map order); an unknown name is an error naming the
+    map line."""
     lookup = {name: k for k, name in enumerate(member_names)}
     rows = np.empty(len(map_names), np.int64)
     for n, name in enumerate(map_names):

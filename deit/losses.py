@@ -287,8 +287,7 @@ class BCEOnMixedLabels(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         if target.dim() == 1:
             target = F.one_hot(target, logits.shape[1])
-        target = target.gt(0.0).to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+        return F.binary_cross_entropy_with_logits(logits.float(), target.gt(0.0).float())
 
 
 class OnlineLabelSmoothing(nn.Module):
@@ -421,9 +420,6 @@ class AlphaSchedule:
             return self.start
         frac = min(max(epoch, 0), self.epochs - 1) / (self.epochs - 1)
         return self.start + (self.end - self.start) * frac
-
-    def state_dict(self) -> dict:
-        return {'start': self.start, 'end': self.end, 'epochs': self.epochs}
 
     def __repr__(self) -> str:
         return f'AlphaSchedule({self.start} -> {self.end} over {self.epochs} epochs)'

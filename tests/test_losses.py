@@ -330,11 +330,14 @@ def test_create_criterion_names_and_unknown():
     (torch.randn(4, 1), torch.tensor([0, 0, 0, 0]), 'at least 2 classes'),
 ])
 def test_bad_input_raises_clear_value_error(logits, target, msg):
+    K = logits.shape[-1]
     for name in LOSSES:
-        if name == 'ols' or (target.dim() == 2 and name in ('ls_reg_only', 'ls_err_only')):
-            continue  # OLS needs nb_classes; hard-label-only losses reject soft targets earlier
-        with pytest.raises(ValueError, match=msg):
-            create_criterion(loss=name)(logits, target)
+        if (name == 'ols' and K < 2) or (target.dim() == 2 and name in ('ls_reg_only', 'ls_err_only')):
+            continue  # OLS cannot be built for K < 2; hard-label-only losses reject soft targets earlier
+        crit = create_criterion(loss=name, nb_classes=K)
+        # the message starts with the loss's name, so a user can tell which criterion refused the batch
+        with pytest.raises(ValueError, match=f'^{type(crit).__name__}.*{msg}'):
+            crit(logits, target)
 
 
 @pytest.mark.parametrize('alpha', [-0.1, 1.0, 2.0])
@@ -361,3 +364,135 @@ def test_distillation_loss_soft_and_hard():
     assert torch.allclose(DistillationLoss(base)(x, cls, y), base(cls, y))
     with pytest.raises(ValueError, match='teacher'):
         DistillationLoss(base, None, 'soft')
+
+
+# ---------------------------------------------------------------- defaults, bounds and messages users rely on
+def test_check_inputs_defaults_accept_soft_targets_check_values_and_name_the_loss():
+    from deit.losses import check_inputs
+    z = torch.randn(2, 3)
+    check_inputs(z, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))  # soft targets allowed by default
+    with pytest.raises(ValueError, match=r'^loss: labels must be in \[0, 2\], got values in \[0, 7\]'):
+        check_inputs(z, torch.tensor([0, 7]))  # values are checked by default
+    with pytest.raises(ValueError, match='^loss: soft targets must be floating point, got torch.int64'):
+        check_inputs(z, torch.tensor([[1, 0, 0], [0, 1, 0]]))
+    with pytest.raises(ValueError, match=r'^loss: targets must be \(B,\) labels or \(B, K\) soft targets, '
+                                         r'got \(2, 3, 1\)'):
+        check_inputs(z, torch.zeros(2, 3, 1))
+    # rows summing to 1 with a negative entry are not probabilities either
+    with pytest.raises(ValueError, match=r'largest \|row sum - 1\| is 0, smallest entry -0.5'):
+        check_inputs(z, torch.tensor([[1.5, -0.5, 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_value_checks_every_call_on_cpu_and_every_1000th_on_an_accelerator(monkeypatch):
+    """Value checks sync with the host, so off the CPU they run on call 1, 1001, ... (shape checks always).
+    Meta tensors stand in for an accelerator's: their device is not the CPU."""
+    import deit.losses as losses
+    seen = []
+    monkeypatch.setattr(losses, 'check_inputs',
+                        lambda logits, target, hard_only, who, values: seen.append((who, values)))
+    crit = MaxSupLoss()
+    for device in ('cpu', 'meta'):
+        seen.clear()
+        z, y = torch.zeros(4, 3, device=device), torch.zeros(4, dtype=torch.long, device=device)
+        for _ in range(2 * losses.VALUE_CHECK_EVERY + 1):
+            losses.validate_inputs(crit, z, y, 'MaxSupLoss')
+        due = [i for i, (who, values) in enumerate(seen) if values]
+        assert {who for who, _ in seen} == {'MaxSupLoss'} and len(seen) == 2 * losses.VALUE_CHECK_EVERY + 1
+        assert due == (list(range(len(seen))) if device == 'cpu' else [0, 1000, 2000]), device
+    crit.validate = False
+    seen.clear()
+    losses.validate_inputs(crit, z, y, 'MaxSupLoss')
+    assert seen == []
+
+
+def test_alpha_schedule_defaults_bounds_and_messages():
+    s = AlphaSchedule()  # the paper's default: 0.1 -> 0.2 over DeiT's 300 epochs
+    assert (s(0), s(299)) == (pytest.approx(0.1), pytest.approx(0.2))
+    assert s(150) == pytest.approx(0.1 + 150 * 0.1 / 299)
+    assert s(-3) == pytest.approx(0.1) and s(10_000) == pytest.approx(0.2)  # clamped outside the run
+    assert AlphaSchedule(0.1, 0.3, 11)(12) == pytest.approx(0.3)
+    constant = AlphaSchedule(0.15, None, 10)
+    assert [constant(e) for e in (0, 5, 9)] == [0.15, 0.15, 0.15]
+    with pytest.raises(ValueError, match=r'^alpha start must be in \[0, 1\), got 1.5'):
+        AlphaSchedule(1.5, 0.2, 10)
+    with pytest.raises(ValueError, match=r'^alpha end must be in \[0, 1\), got 1.2'):
+        AlphaSchedule(0.1, 1.2, 10)
+    with pytest.raises(ValueError, match='^epochs must be >= 1, got 0'):
+        AlphaSchedule(0.1, 0.2, 0)
+
+
+def test_logit_penalty_default_beta_zero_allowed_negative_refused():
+    z, y = _batch()
+    ce = F.cross_entropy(z, y)
+    assert torch.allclose(LogitPenaltyLoss()(z, y), ce + 1e-3 * z.pow(2).sum(1).mean())  # beta 2e-3 default
+    assert torch.allclose(LogitPenaltyLoss(0.0)(z, y), ce)
+    with pytest.raises(ValueError, match='^beta must be >= 0, got -0.1'):
+        LogitPenaltyLoss(-0.1)
+
+
+def test_ols_defaults_bounds_and_messages():
+    z, y = _batch(K=4)
+    ols = OnlineLabelSmoothing(4)  # a = 0.5, smoothing 0.1, validating
+    S = torch.full((4, 4), 0.1 / 3).fill_diagonal_(0.9)
+    logp = F.log_softmax(z, 1)
+    want = 0.5 * F.nll_loss(logp, y) + 0.5 * -(S[:, y].t() * logp).sum(1).mean()
+    assert torch.allclose(ols(z, y), want, atol=1e-6)
+    with pytest.raises(ValueError, match=r'^OnlineLabelSmoothing: labels must be in \[0, 3\]'):
+        ols(z, y + 4)
+    with pytest.raises(ValueError, match='^OnlineLabelSmoothing built for 4 classes, got logits with 5'):
+        ols(torch.randn(2, 5), torch.tensor([0, 1]))
+    OnlineLabelSmoothing(2, a=1.0)  # both bounds are allowed
+    OnlineLabelSmoothing(2, a=0.0)
+    with pytest.raises(ValueError, match=r'^OLS weight a must be in \[0, 1\], got 1.5'):
+        OnlineLabelSmoothing(4, a=1.5)
+    with pytest.raises(ValueError, match='^OLS needs num_classes >= 2, got 1'):
+        OnlineLabelSmoothing(1)
+    with pytest.raises(ValueError, match=r'^smoothing must be in \[0, 1\), got 1.0'):
+        OnlineLabelSmoothing(4, smoothing=1.0)
+
+
+def test_zipf_defaults_bounds_and_messages():
+    z, y = _batch(K=6)
+    assert torch.equal(ZipfLabelSmoothing()(z, y), ZipfLabelSmoothing(1.0, 1.0, loss_mask=False)(z, y))
+    assert not torch.allclose(ZipfLabelSmoothing(loss_mask=True)(z, y), ZipfLabelSmoothing()(z, y))
+    assert torch.allclose(ZipfLabelSmoothing(weight=0.0)(z, y), F.cross_entropy(z, y))  # weight 0 = CE
+    for weight, power in ((-1.0, 1.0), (1.0, 0.0), (1.0, -1.0)):
+        with pytest.raises(ValueError, match=f'^Zipf LS needs weight >= 0 and power > 0, '
+                                             f'got weight={weight}, power={power}'):
+            ZipfLabelSmoothing(weight, power)
+
+
+def test_distillation_without_distillation_logits_names_the_fix():
+    teacher = torch.nn.Linear(4, 5)
+    crit = DistillationLoss(MaxSupLoss(), teacher, 'soft')
+    with pytest.raises(ValueError, match=r'^distillation needs a model returning \(class, dist\) logits in '
+                                         r'training mode \(a \*_distilled_\* model with '
+                                         r'set_distilled_training\(True\)\)$'):
+        crit(torch.randn(2, 4), torch.randn(2, 5), torch.tensor([0, 1]))
+
+
+def test_ls_parts_are_corollary_3_4_terms_by_hand():
+    z, y = torch.tensor([[3.0, 1.0, 0.0]]), torch.tensor([1])  # z_gt - z_k = [-2, 0, 1]
+    ce = F.cross_entropy(z, y)
+    reg = LabelSmoothingPartLoss('regularization', alpha=0.3)(z, y)
+    err = LabelSmoothingPartLoss('error_enhancement', alpha=0.3)(z, y)
+    assert torch.allclose(reg, ce + 0.3 * (1 / 3)) and torch.allclose(err, ce + 0.3 * (-2 / 3))
+    with pytest.raises(ValueError, match="^part must be one of \\('regularization', 'error_enhancement'\\), "
+                                         "got 'both'"):
+        LabelSmoothingPartLoss('both')
+
+
+@pytest.mark.parametrize('make', [MaxSupLoss, MaxSupLossReference, LabelSmoothingLoss, LogitPenaltyLoss,
+                                  ZipfLabelSmoothing, lambda validate: OnlineLabelSmoothing(3, validate=validate),
+                                  lambda validate: LabelSmoothingPartLoss('regularization', validate=validate)])
+def test_validate_false_skips_the_checks_and_true_names_the_loss(make, monkeypatch):
+    import deit.losses as losses
+    z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    want = make(validate=True)(z, y)
+    with pytest.raises(ValueError, match=f'^{"MaxSupLoss" if make is MaxSupLossReference else ""}'):
+        make(validate=True)(torch.randn(4), y)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('validate=False must skip the input checks')
+    monkeypatch.setattr(losses, 'check_inputs', refuse)
+    assert torch.equal(make(validate=False)(z, y), want)

@@ -345,3 +345,174 @@ def test_zip64_member_past_4gb_parses_as_zipfile_does(tmp_path):
     ds = ZipImageDataset(zp, tmp_path / 'big_map.txt', cache_mode='no')
     with zipfile.ZipFile(zp) as zf:
         assert [ds.read_bytes(i) for i in range(len(ds))] == [zf.read(n) for n in want]
+
+
+# ---------------------------------------------------------------- label checks, defaults and edge cases users rely on
+def test_check_labels_names_what_is_wrong(tmp_path):
+    from data.zip_cache import check_labels
+    with pytest.raises(CacheError, match=r'^m.txt: labels must cover 0..12; missing \[1, 2, 3, 4, 5, 6, 7, 8, 9, '
+                                         r'10\] ...$'):
+        check_labels([('a/x', 0), ('b/y', 12)], 'm.txt', False)  # 11 missing: the first 10 and "..."
+    with pytest.raises(CacheError, match=r'^m.txt: labels must cover 0..11; missing \[1, 2, 3, 4, 5, 6, 7, 8, 9, '
+                                         r'10\]$'):
+        check_labels([('a/x', 0), ('b/y', 11)], 'm.txt', False)  # exactly 10 missing: no "..."
+    with pytest.raises(CacheError, match="^m.txt: entry 'x.jpg' has no class folder$"):
+        check_labels([('x.jpg', 0)], 'm.txt', True)
+    with pytest.raises(CacheError, match="^m.txt: class folder 'a' has labels 0 and 1$"):
+        check_labels([('a/x', 0), ('a/y', 1)], 'm.txt', True)
+    # sub-folders of a class folder belong to it (ImageFolder's rule: the first path component is the class)
+    assert check_labels([('a/x.jpg', 0), ('a/sub/y.jpg', 0), ('b/deep/er/z.jpg', 1)], 'm.txt', True) == 2
+    assert check_labels([('x.jpg', 1), ('y.jpg', 0)], 'm.txt', False) == 2
+
+
+def test_map_member_missing_from_a_reordered_zip_names_the_line_and_prefix_hint(tmp_path):
+    zp, mp_ = _zip_with(tmp_path, {'a/y.jpg': _jpeg(0, 1), 'a/x.jpg': _jpeg()}, 'a/x.jpg\t0\na/y.jpg\t0\n')
+    ds = ZipImageDataset(zp, mp_, cache_mode='no')  # zip order differs from the map: rows are looked up
+    assert ds.rows.tolist() == [1, 0] and ds.rows.dtype == np.int64
+    assert ds.sample_name(0) == 'train.zip@/a/x.jpg'
+    (tmp_path / 'train_map.txt').write_text('a/x.jpg\t0\na/z.jpg\t0\n')
+    with pytest.raises(CacheError, match=f"line 2 names member 'a/z.jpg', which is not in {zp}$"):
+        ZipImageDataset(zp, mp_)
+    for prefix in ('train/', 'val/'):  # a zip built one folder too high gets a hint naming the prefix
+        (tmp_path / prefix).mkdir()
+        zp2, mp2 = _zip_with(tmp_path / prefix, {f'{prefix}a/x.jpg': _jpeg()}, 'a/x.jpg\t0\n')
+        with pytest.raises(CacheError, match=f"the zip has '{prefix}a/x.jpg': it was built from the folder "
+                                             f"above '{prefix}'"):
+            ZipImageDataset(zp2, mp2)
+
+
+def _split_tree(tmp_path, val_members: dict, val_map: str):
+    """root/train.zip (+map, class folders a, b) and root/val.zip with the given members and map."""
+    _zip_with(tmp_path, {'a/x.jpg': _jpeg(0), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    with zipfile.ZipFile(tmp_path / 'val.zip', 'w') as zf:
+        for name, data in val_members.items():
+            zf.writestr(name, data)
+    (tmp_path / 'val_map.txt').write_text(val_map)
+    return tmp_path
+
+
+def test_from_folder_defaults_folder_labels_train_map_and_rank(tmp_path, monkeypatch):
+    import deit.distributed
+    root = _split_tree(tmp_path, {'v1.jpg': _jpeg(0), 'v2.jpg': _jpeg(1)}, 'v1.jpg\t0\nv2.jpg\t1\n')
+    val = ZipImageDataset.from_folder(root, 'val')  # flat val names are fine; full cache, no skipping
+    assert val.cache_mode == 'full' and val.skip_bad is False and val.pop_skipped() == 0
+    assert val.targets.tolist() == [0, 1] and val.shard is None
+    (root / 'train_map.txt').rename(root / 'train_map.bak')
+    assert len(ZipImageDataset.from_folder(root, 'val', cache_mode='no')) == 2  # no train map: nothing to check
+    (root / 'train_map.bak').rename(root / 'train_map.txt')
+    # the train split needs class folders; val members in class folders must carry their train label
+    (tmp_path / 'flat').mkdir()
+    flat, _ = _zip_with(tmp_path / 'flat', {'x.jpg': _jpeg(0), 'y.jpg': _jpeg(1)}, 'x.jpg\t0\ny.jpg\t1\n')
+    flat = flat.parent
+    with pytest.raises(CacheError, match="entry 'x.jpg' has no class folder"):
+        ZipImageDataset.from_folder(flat, 'train')
+    _split_tree(root, {'b/v.jpg': _jpeg(1)}, 'b/v.jpg\t0\n')
+    with pytest.raises(CacheError, match=r"val_map.txt:1: 'b/v.jpg' has label 0, but class folder 'b' is label 1"):
+        ZipImageDataset.from_folder(root, 'val')
+    # rank and world size come from the process group unless given
+    monkeypatch.setattr(deit.distributed, 'get_rank', lambda: 1)
+    monkeypatch.setattr(deit.distributed, 'get_world_size', lambda: 2)
+    assert ZipImageDataset.from_folder(root, 'train', cache_mode='part').shard.tolist() == [1]
+    assert ZipImageDataset.from_folder(root, 'train', cache_mode='part', rank=0, world_size=1).shard.tolist() == [0, 1]
+
+
+def test_skips_are_counted_across_calls_and_lazy_transforms_get_an_undecoded_jpeg(tmp_path):
+    from data.decode import LazyJpeg
+    bad = _jpeg(1)[:200]
+    zp, mp_ = _zip_with(tmp_path, {'a/b1.jpg': bad, 'a/b2.jpg': bad, 'a/ok.jpg': _jpeg()},
+                        'a/b1.jpg\t0\na/b2.jpg\t0\na/ok.jpg\t0\n')
+    ds = ZipImageDataset(zp, mp_, skip_bad=True, cache_mode='no')
+    assert ds[0] is None and ds[1] is None and ds.pop_skipped() == 2
+    assert not isinstance(ds.load(2), LazyJpeg)
+
+    class Lazy:
+        decodes_lazily = True
+
+        def __call__(self, img):
+            return img
+    ds.transform = Lazy()
+    assert isinstance(ds.load(2), LazyJpeg) and ds[2][0].header.size == (32, 32)
+
+
+def test_collate_skip_bad_keeps_even_batches_and_empty_batches_typed():
+    x = (torch.zeros(2), 1)
+    assert len(collate_skip_bad([x, None, x, None])[1]) == 2  # 2 left: already even
+    assert len(collate_skip_bad([x, None, x, x])[1]) == 2  # 3 left: trimmed for Mixup's pairs
+    assert len(collate_skip_bad([x, None, x, x], keep_even=False)[1]) == 3  # evaluation keeps every image
+    assert len(collate_skip_bad([x, None, x])[1]) == 2  # odd batch (the last one): nothing to pair
+    images, labels = collate_skip_bad([None, None])
+    assert images.shape == (0,) and labels.shape == (0,) and labels.dtype == torch.long
+
+
+def test_shard_sampler_seed_epoch_and_padding():
+    shard = np.arange(3, 20, 2)
+    assert list(ShardSampler(shard)) == list(ShardSampler(shard, seed=0))
+    later = ShardSampler(shard, seed=0)
+    later.set_epoch(1)
+    assert list(later) == list(ShardSampler(shard, seed=1))  # the order is drawn from seed + epoch
+    with pytest.raises(ValueError, match='^shard of 9 samples cannot yield 5$'):
+        ShardSampler(shard, num_samples=5)
+    with pytest.raises(ValueError, match='^shard of 0 samples cannot yield 2$'):
+        ShardSampler(np.arange(0), num_samples=2)
+    assert list(ShardSampler(np.arange(0), num_samples=0)) == []
+
+    class Part:  # a part-cached dataset of 17 samples on 2 ranks: each rank yields ceil(17 / 2)
+        shard = np.arange(1, 17, 2)
+
+        def __len__(self):
+            return 17
+    s = ShardSampler.for_dataset(Part(), world_size=2, seed=4)
+    assert len(s) == 9 and list(s) == list(ShardSampler(Part.shard, 4, num_samples=9))
+
+
+@pytest.fixture
+def ascii_locale():
+    """The locale of a node started with LANG=C and PYTHONCOERCECLOCALE=0: open() defaults to ASCII there."""
+    import locale
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, 'C')
+    yield
+    locale.setlocale(locale.LC_CTYPE, before)
+
+
+def test_map_files_are_utf8_whatever_the_locale(tmp_path, ascii_locale):
+    entries = [('zebra/sub dir/bild_ß_é.jpg', 0), ('ünïcode_klasse/画像.JPEG', 1)]
+    write_map_file(tmp_path / 'm.txt', entries)
+    assert (tmp_path / 'm.txt').read_bytes() == ''.join(f'{n}\t{lab}\n' for n, lab in entries).encode('utf-8')
+    assert parse_map_file(tmp_path / 'm.txt') == entries
+
+
+def test_map_file_separators_line_ends_and_exact_errors(tmp_path):
+    m = tmp_path / 'm.txt'
+    # tab or one space separates; names keep their spaces (inside and at the end); CRLF files read the same
+    m.write_bytes(b'a/x y.jpg 3\r\na/tab name.jpg\t1\nb/end \t2\na/x  4\n')
+    assert parse_map_file(m) == [('a/x y.jpg', 3), ('a/tab name.jpg', 1), ('b/end ', 2), ('a/x ', 4)]
+    for text, msg in ((b'a/BOX\r\n', "m.txt:1: expected \"<member>\\t<label>\", got 'a/BOX'"),
+                      (b'a/x.jpg\t0\na/x.jpg\t\n', "m.txt:2: label '' is not an integer"),
+                      (b'a/x.jpg\t-1\n', 'm.txt:1: negative label -1'), (b'', 'm.txt: no entries')):
+        m.write_bytes(text)
+        with pytest.raises(CacheError) as e:
+            parse_map_file(m)
+        assert str(e.value) == f'{tmp_path}/{msg}'
+    with pytest.raises(FileNotFoundError, match=f'^map file not found: {tmp_path}/none.txt$'):
+        parse_map_file(tmp_path / 'none.txt')
+    for bad in ('a/tab\there.jpg', 'a/new\nline.jpg'):
+        with pytest.raises(CacheError, match=f'^member name {bad!r} contains a tab or newline; cannot be '
+                                             f'written to a map file$'.replace('\\', '\\\\')):
+            write_map_file(tmp_path / 'out.txt', [('a/ok.jpg', 0), (bad, 0)])
+        assert not (tmp_path / 'out.txt').exists()  # nothing half-written
+
+
+def test_split_labels_follow_the_train_class_folders(tmp_path):
+    from data.zip_cache import check_split_labels, class_folder, train_class_index
+    assert [class_folder(n) for n in ('a/x.jpg', 'a/b/c.jpg', 'x.jpg', '/x.jpg')] == ['a', 'a', None, '']
+    write_map_file(tmp_path / 'train_map.txt', [('n01/a.jpg', 0), ('n01/deep/b.jpg', 0), ('n02/c.jpg', 1)])
+    index = train_class_index(tmp_path / 'train_map.txt')
+    assert index == {'n01': 0, 'n02': 1}
+    check_split_labels([('n01/v/1.jpg', 0), ('flat.jpg', 1)], index, 'val_map.txt')
+    for entries, msg in (([('n03/v.jpg', 0)], "val_map.txt:1: class folder 'n03' of 'n03/v.jpg' is not a train class"),
+                         ([('ok.jpg', 0), ('flat.jpg', 2)], 'val_map.txt:2: label 2 outside the 2 train classes'),
+                         ([('flat.jpg', -1)], 'val_map.txt:1: label -1 outside the 2 train classes')):
+        with pytest.raises(CacheError) as e:
+            check_split_labels(entries, index, 'val_map.txt')
+        assert str(e.value) == msg

@@ -1,0 +1,244 @@
+"""Resume, in one process: what a checkpoint restores (optimiser, schedule, scaler, EMA, criterion, RNG streams),
+when auto-resume refuses another run's checkpoint, and how ranks agree on the file to read.
+
+The trainer-level resume tests (test_trainer, test_faults, test_distributed) run whole training jobs, often in
+subprocesses; these check each piece directly, including the multi-rank and CUDA paths, imitated on the CPU.
+"""
+import random
+from argparse import Namespace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+import deit.distributed as du
+from deit.checkpoint import (CheckpointError, check_same_run, restore_rng, restore_training_state, rng_state,
+                             set_rng_state, training_state)
+from deit.engine import LossScaler
+from deit.losses import OnlineLabelSmoothing
+from deit.main import read_resume_checkpoint
+
+
+def _run(seed: int, ema: bool = True, scaler: bool = False):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=10, warmup_epochs=2, warmup_lr=1e-3)
+    return SimpleNamespace(model_without_ddp=model, optimizer=optimizer, lr_scheduler=scheduler,
+                           loss_scaler=LossScaler('cpu', enabled=scaler), base_criterion=OnlineLabelSmoothing(3),
+                           model_ema=ModelEmaV3(model, decay=0.5) if ema else None, max_accuracy=0.0,
+                           last_test_stats={})
+
+
+def _trained_checkpoint(world_size: int = 1, scaler: bool = False):
+    """A run after 3 epochs, its checkpoint, and the numbers its RNG streams give next."""
+    run = _run(0, scaler=scaler)
+    if scaler:
+        run.loss_scaler._scaler = torch.amp.GradScaler('cpu', init_scale=128.0)
+    run.model_without_ddp(torch.randn(2, 4)).sum().backward()
+    run.optimizer.step()  # momentum buffers
+    run.model_ema.update(run.model_without_ddp)
+    run.base_criterion.supervise.fill_(1 / 3)
+    for epoch in range(4):
+        run.lr_scheduler.step(epoch)
+    run.max_accuracy = 42.5
+    rng = [rng_state() for _ in range(world_size)]
+    ckpt = training_state(Namespace(seed=0), run, 3, world_size, rng, {'epoch': 3}, {'acc1': 41.0})
+    after = (torch.rand(3), random.random(), np.random.rand())
+    return run, ckpt, after
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.state_dict().values()]
+
+
+def test_restore_training_state_restores_everything_the_run_needs(capsys):
+    src, ckpt, _ = _trained_checkpoint()
+    dst, args = _run(1), Namespace(seed=0, start_epoch=0)
+    restore_training_state(args, dst, ckpt, 'ck.pth')  # rank 0 of 1 by default
+    out = capsys.readouterr().out
+    assert out == 'resumed from ck.pth (epoch 3); starting at epoch 4\n'
+    assert args.start_epoch == 4
+    sd, want = dst.optimizer.state_dict(), src.optimizer.state_dict()
+    assert all(torch.equal(sd['state'][k]['momentum_buffer'], want['state'][k]['momentum_buffer'])
+               for k in want['state'])
+    assert dst.lr_scheduler.state_dict() == src.lr_scheduler.state_dict()
+    assert [g['lr'] for g in dst.optimizer.param_groups] == [g['lr'] for g in src.optimizer.param_groups]
+    assert all(torch.equal(a, b) for a, b in zip(_params(dst.model_ema.module), _params(src.model_ema.module)))
+    assert not torch.equal(_params(dst.model_ema.module)[0], _params(dst.model_without_ddp)[0])
+    assert torch.equal(dst.base_criterion.supervise, torch.full((3, 3), 1 / 3))
+    assert dst.max_accuracy == 42.5 and dst.last_test_stats == {'acc1': 41.0}
+
+
+def test_restore_training_state_continues_the_rng_streams():
+    _, ckpt, after = _trained_checkpoint()
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    restore_training_state(Namespace(seed=0, start_epoch=0), _run(1), ckpt, 'ck.pth')
+    assert torch.equal(torch.rand(3), after[0]) and random.random() == after[1] and np.random.rand() == after[2]
+
+
+def test_restore_training_state_tolerates_missing_parts_and_says_what_it_did(capsys):
+    _, ckpt, _ = _trained_checkpoint()
+    for key in ('max_accuracy', 'test_stats', 'model_ema', 'criterion', 'scaler'):
+        del ckpt[key]
+    dst, args = _run(1, scaler=True), Namespace(seed=0, start_epoch=0)
+    ema_before = _params(dst.model_ema.module)
+    dst.base_criterion.supervise.fill_(0.5)
+    restore_training_state(args, dst, ckpt, 'ck.pth', rank=0, world=1)
+    assert dst.max_accuracy == 0.0 and dst.last_test_stats == {}
+    assert all(torch.equal(a, b) for a, b in zip(_params(dst.model_ema.module), ema_before))  # left as built
+    assert torch.equal(dst.base_criterion.supervise, torch.full((3, 3), 0.5))
+    assert capsys.readouterr().out.splitlines() == [
+        'note: ck.pth has no loss-scaler state (saved without fp16 AMP); starting a fresh scale',
+        'resumed from ck.pth (epoch 3); starting at epoch 4']
+    # a run without EMA resumes a checkpoint that has one
+    _, ckpt, _ = _trained_checkpoint()
+    restore_training_state(Namespace(seed=0, start_epoch=0), _run(1, ema=False), ckpt, 'ck.pth')
+    # weights only (a released model): nothing but the weights to restore, the run starts at its own epoch
+    args = Namespace(seed=0, start_epoch=0)
+    restore_training_state(args, _run(1), {'model': {}, 'epoch': 7}, 'w.pth')
+    restore_training_state(args, _run(1), {'model': {}}, 'w.pth')
+    assert args.start_epoch == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == ['resumed from w.pth (epoch 7); starting at epoch 0',
+                                                         'resumed from w.pth (epoch ?); starting at epoch 0']
+
+
+def test_restore_training_state_loads_the_fp16_scale():
+    _, ckpt, _ = _trained_checkpoint(scaler=True)
+    dst = _run(1, scaler=True)
+    restore_training_state(Namespace(seed=0, start_epoch=0), dst, ckpt, 'ck.pth')
+    assert dst.loss_scaler.state_dict()['scale'] == 128.0
+
+
+def test_resume_with_another_world_size_reseeds_each_rank(capsys):
+    _, ckpt, _ = _trained_checkpoint(world_size=2)
+    args = Namespace(seed=7, start_epoch=0)
+    restore_training_state(args, _run(1), ckpt, 'ck.pth', rank=1, world=3)
+    assert torch.initial_seed() == 7 + 1000 * 4 + 1
+    assert capsys.readouterr().out.splitlines() == [
+        'note: RNG streams reseeded (checkpoint has 2 RNG state(s), this run 3 process(es))',
+        'note: checkpoint written with 2 process(es), resuming with 3: the lr schedule continues from the '
+        'checkpoint; data order and RNG streams differ',
+        'resumed from ck.pth (epoch 3); starting at epoch 4']
+
+
+def test_restore_rng_own_state_per_rank_or_reseed_beyond_numpy_range():
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        states.append(rng_state())
+    assert restore_rng(states, rank=1, world=2, reseed=0) == 'restored'
+    assert torch.initial_seed() == 2 and random.random() == random.Random(2).random()
+    assert np.random.rand() == np.random.RandomState(2).rand()
+    assert restore_rng(states[0], rank=0, world=1, reseed=0) == 'restored'  # single-process checkpoints
+    assert torch.initial_seed() == 1
+    big = 2 ** 32 + 5  # numpy takes 32-bit seeds: reduced modulo 2**32, the others take the seed as is
+    assert restore_rng(None, rank=2, world=4, reseed=big) == \
+        'reseeded (checkpoint has 0 RNG state(s), this run 4 process(es))'
+    assert torch.initial_seed() == big + 2 and random.random() == random.Random(big + 2).random()
+    assert np.random.rand() == np.random.RandomState(7).rand()
+
+
+def test_numpy_and_python_streams_round_trip_mid_gaussian_and_as_lists():
+    np.random.seed(3), random.seed(3)
+    np.random.normal()  # leaves a cached Gaussian (has_gauss=1): the state's last two fields matter
+    st = rng_state()
+    want = (np.random.normal(), np.random.randint(1 << 30), random.random())
+    np.random.seed(0), random.seed(0)
+    set_rng_state(st)
+    assert (np.random.normal(), np.random.randint(1 << 30), random.random()) == want
+
+    def as_lists(x):  # how the python state looks after a trip through JSON or another pickler
+        return [as_lists(v) for v in x] if isinstance(x, (list, tuple)) else x
+    set_rng_state({**st, 'python': as_lists(st['python'])})
+    np.random.normal(), np.random.randint(1 << 30)
+    assert random.random() == want[2]
+
+
+def test_cuda_rng_streams_restored_only_onto_the_same_gpu_count(monkeypatch):
+    """No GPU here: torch.cuda's RNG calls are imitated; the states are CPU tensors standing in for them."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'get_rng_state_all', lambda: [torch.ones(2), torch.zeros(2)])
+    monkeypatch.setattr(torch.cuda, 'set_rng_state_all', calls.append)
+    st = rng_state()
+    assert [t.tolist() for t in st['cuda']] == [[1, 1], [0, 0]]
+    set_rng_state(st)
+    assert calls == [st['cuda']]
+    set_rng_state({**st, 'cuda': st['cuda'][:1]})  # written on another GPU count: those streams do not apply
+    set_rng_state({k: v for k, v in st.items() if k != 'cuda'})  # written on a CPU
+    assert calls == [st['cuda']]
+
+
+# ---------------------------------------------------------------- auto-resume refuses another run
+def _saved(**kw):
+    base = dict(model='deit_tiny_patch16_224', loss='maxsup', alpha=0.1, epochs=300, batch_size=32, accum_iter=2)
+    return Namespace(**{**base, **kw})
+
+
+def test_check_same_run_compares_run_defining_args_and_total_batch():
+    now = Namespace(model='deit_tiny_patch16_224', loss='maxsup', alpha=0.1, epochs=300, lr=1.0)
+    ckpt = {'args': _saved(), 'world_size': 2}
+    check_same_run(now, ckpt, 'ck.pth', total_batch=32 * 2 * 2)
+    check_same_run(now, {'args': vars(_saved())}, 'ck.pth', total_batch=32 * 2)  # dict args, world 1
+    check_same_run(now, {'args': Namespace(batch_size=32)}, 'ck.pth', 32)  # no accum_iter recorded: 1
+    check_same_run(now, {}, 'ck.pth', total_batch=7)  # no args recorded: nothing to compare
+    check_same_run(Namespace(), {'args': _saved()}, 'ck.pth', total_batch=64)  # args only the checkpoint has
+    with pytest.raises(ValueError) as e:
+        check_same_run(Namespace(**{**vars(now), 'loss': 'ls', 'alpha': 0.2}), ckpt, 'ck.pth', total_batch=64)
+    assert str(e.value) == (
+        "ck.pth belongs to another run; refusing to auto-resume it. Differing arguments: "
+        "loss: 'maxsup' in the checkpoint, 'ls' now; alpha: 0.1 in the checkpoint, 0.2 now; "
+        "total_batch: 128 in the checkpoint, 64 now. Start fresh with another --output_dir (or "
+        "--no-auto-resume), or continue that checkpoint on purpose with --resume ck.pth")
+
+
+# ---------------------------------------------------------------- which file every rank resumes from
+def test_read_resume_checkpoint_in_one_process(tmp_path, capsys):
+    args = Namespace(resume='', auto_resume=True)
+    assert read_resume_checkpoint(args, tmp_path) == (None, None)
+    assert read_resume_checkpoint(args, None) == (None, None)
+    torch.save({'epoch': 3}, tmp_path / 'checkpoint.pth')
+    path, ckpt = read_resume_checkpoint(args, tmp_path)
+    assert path == str(tmp_path / 'checkpoint.pth') and ckpt == {'epoch': 3}
+    assert capsys.readouterr().out == f'auto-resuming from {path}\n'
+    assert read_resume_checkpoint(Namespace(resume='', auto_resume=False), tmp_path) == (None, None)
+    torch.save({'epoch': 9}, tmp_path / 'other.pth')
+    path, ckpt = read_resume_checkpoint(Namespace(resume=str(tmp_path / 'other.pth'), auto_resume=True), tmp_path)
+    assert path == str(tmp_path / 'other.pth') and ckpt == {'epoch': 9}  # --resume wins over auto-resume
+    with pytest.raises(CheckpointError, match=f'^checkpoint not found: {tmp_path}/missing.pth$'):
+        read_resume_checkpoint(Namespace(resume=str(tmp_path / 'missing.pth'), auto_resume=True), tmp_path)
+    (tmp_path / 'bad.pth').write_text('{"not": "a checkpoint"}')
+    with pytest.raises(CheckpointError, match='bad.pth: a JSON file, not a PyTorch checkpoint'):
+        read_resume_checkpoint(Namespace(resume=str(tmp_path / 'bad.pth'), auto_resume=True), tmp_path)
+
+
+def _as_rank(monkeypatch, rank: int, from_rank0: list, readable: list):
+    """Imitate one rank of a multi-process job: broadcasts return rank 0's values in order."""
+    sent = iter(from_rank0)
+    monkeypatch.setattr(du, 'is_main_process', lambda: rank == 0)
+    monkeypatch.setattr(du, 'broadcast_object', lambda obj=None, src=0: obj if rank == 0 else next(sent))
+    monkeypatch.setattr(du, 'all_gather_object', lambda obj: [obj if r == rank else ok for r, ok in
+                                                              enumerate(readable)])
+
+
+def test_read_resume_checkpoint_rank_without_the_file_gets_rank0s_copy(tmp_path, monkeypatch, capsys):
+    # rank 1 on a node whose output dir is not shared: it neither auto-resumes by itself nor reads the file
+    _as_rank(monkeypatch, 1, ['/rank0/checkpoint.pth', ({'epoch': 5}, None)], [True, False])
+    args = Namespace(resume='', auto_resume=True)
+    assert read_resume_checkpoint(args, tmp_path) == ('/rank0/checkpoint.pth', {'epoch': 5})
+    assert capsys.readouterr().out == '/rank0/checkpoint.pth is not readable on every rank: rank 0 sent its copy\n'
+    _as_rank(monkeypatch, 1, ['/rank0/checkpoint.pth', (None, 'ck: truncated')], [True, False])
+    with pytest.raises(CheckpointError, match='^ck: truncated$'):
+        read_resume_checkpoint(args, tmp_path)
+    # rank 0 reads its file and sends it when another rank cannot see it
+    torch.save({'epoch': 2}, tmp_path / 'checkpoint.pth')
+    _as_rank(monkeypatch, 0, [], [True, False])
+    assert read_resume_checkpoint(args, tmp_path) == (str(tmp_path / 'checkpoint.pth'), {'epoch': 2})
+    # rank 1 whose own output dir has a checkpoint still follows rank 0's decision (here: start fresh)
+    _as_rank(monkeypatch, 1, [None], [False, True])
+    assert read_resume_checkpoint(args, tmp_path) == (None, None)
