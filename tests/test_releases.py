@@ -300,3 +300,42 @@ def test_zip_with_split_prefixed_members_gets_a_hint(tmp_path):
     (tmp_path / 'train_map.txt').write_text('n01/a.JPEG\t0\n')
     with pytest.raises(CacheError, match="the zip has 'train/n01/a.JPEG'"):
         ZipImageDataset(tmp_path / 'train.zip', tmp_path / 'train_map.txt', cache_mode='no')
+
+
+@pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224',
+                                  'deit_tiny_distilled_patch16_224', 'deit_base_distilled_patch16_224'])
+def test_infer_architecture_names_every_released_deit_size(name):
+    import timm
+    from deit.checkpoint import infer_architecture
+    with torch.device('meta'):  # shapes only: timm's own model definitions, no memory or init time
+        state = timm.create_model(name, num_classes=7).state_dict()
+    assert infer_architecture(state) == (name, 7)
+
+
+def test_infer_architecture_refuses_what_it_cannot_name():
+    import timm
+    from deit.checkpoint import CheckpointError, infer_architecture
+    with torch.device('meta'):
+        state = timm.create_model('vit_small_patch16_224', depth=6).state_dict()
+    with pytest.raises(CheckpointError, match=r'^ViT checkpoint of width 384, depth 6, patch 16 matches no known '
+                                              r'DeiT; pass the model name \(--model\)$'):
+        infer_architecture(state)
+    with pytest.raises(CheckpointError, match=r"^cannot tell the architecture from the keys \(first: "
+                                              r"\['patch_embed.proj.weight'\]\)"):
+        infer_architecture({'patch_embed.proj.weight': torch.zeros(1)})  # a patch embedding alone is no DeiT
+
+
+def test_restore_weights_names_the_file_and_the_first_mismatch():
+    from deit.checkpoint import CheckpointError, restore_weights
+    model = nn.Linear(3, 2)
+    for ckpt in ({'state_dict': model.state_dict()}, [model.state_dict()]):
+        with pytest.raises(CheckpointError, match='^ck.pth: no "model" entry; not a training checkpoint$'):
+            restore_weights(model, ckpt, 'ck.pth', 'linear')
+    bad = {'weight': torch.zeros(5, 3), 'bias': torch.zeros(5)}
+    with pytest.raises(RuntimeError) as torch_error:
+        model.load_state_dict(bad)
+    first_line = str(torch_error.value).splitlines()[0]
+    with pytest.raises(CheckpointError) as e:
+        restore_weights(model, {'model': bad}, 'ck.pth', 'linear')
+    assert str(e.value) == f'ck.pth does not fit linear: {first_line} ...'
+    restore_weights(model, {'model': {k: v + 1 for k, v in model.state_dict().items()}}, 'ck.pth', 'linear')

@@ -516,3 +516,45 @@ def test_split_labels_follow_the_train_class_folders(tmp_path):
         with pytest.raises(CacheError) as e:
             check_split_labels(entries, index, 'val_map.txt')
         assert str(e.value) == msg
+
+
+MAPS = {  # map text -> class folders required (train) or not (val)
+    b'a/x\t0\nb/y\t1\n': True, b'a/x\t0\nb/y\t1': True, b'a/s p/x\t0\nb/y\t1\na/z\t0\n': True,
+    b'x\t1\ny\t0\n': False,
+    b'': True, b'a/x\t0\r\nb/y\t1\r\n': True, b'a/x 0\nb/y\t1\n': True, b'a/x\t0\t1\n': True,
+    b'a/x\t0\n\nb/y\t1\n': True, b'\t0\n': False, b'a/x\tzero\n': True, b'a/x\t-1\n': True,
+    b'a/x\t0\nb/y\t2\n': True, b'a/x\t0\na/y\t1\n': True, b'a/x\t0\nb/y\t0\n': True, b'x\t0\n': True,
+    b'x\t0\nb/y\t1\n': True,
+}
+
+
+@pytest.mark.parametrize('text', list(MAPS))
+def test_map_fast_path_takes_every_regular_map_and_agrees_with_the_exact_parser(text, tmp_path):
+    """Opening a 1.28M-line map parses it in whole-file passes (_map_arrays, _labels_ok); anything irregular
+    falls back to parse_map_file / check_labels, which name the line. The fast path must give the exact
+    parser's result, accept every map the exact checks accept, and never accept one they refuse."""
+    from data.zip_cache import _labels_ok, _map_arrays, check_labels
+    folder_labels = MAPS[text]
+    m = tmp_path / 'm.txt'
+    m.write_bytes(text)
+    try:
+        entries = parse_map_file(m)
+    except CacheError:
+        entries = None
+    fast = _map_arrays(m)
+    if entries is None:
+        assert fast is None
+        return
+    tab_lf = b'\r' not in text and all(line.count(b'\t') == 1 for line in text.split(b'\n') if line)
+    assert (fast is not None) == tab_lf, 'every tab-separated LF map takes the fast path (others need not)'
+    if fast is None:
+        return
+    names, labels = fast
+    assert names == ''.join(f'{n}\n' for n, _ in entries).encode() and labels.tolist() == [lab for _, lab in entries]
+    assert labels.dtype == np.int64
+    try:
+        check_labels(entries, 'm.txt', folder_labels)
+        exact_ok = True
+    except CacheError:
+        exact_ok = False
+    assert _labels_ok(names, labels, folder_labels) == exact_ok
