@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deit import distributed as du
+
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what is wrong."""
@@ -226,6 +228,35 @@ def check_same_run(args, ckpt: dict, path: str, total_batch: int) -> None:
         raise ValueError(f'{path} belongs to another run; refusing to auto-resume it. Differing arguments: '
                          f'{"; ".join(diffs)}. Start fresh with another --output_dir (or --no-auto-resume), '
                          f'or continue that checkpoint on purpose with --resume {path}')
+
+
+def read_resume_checkpoint(args, output_dir: Path | None):
+    """(path, checkpoint) to resume from, or (None, None); the same on every rank.
+
+    Rank 0 decides (its --resume, or output_dir/checkpoint.pth); ranks that cannot read that file (an
+    output dir that is not shared between nodes) receive rank 0's copy, so no rank silently starts fresh.
+    """
+    path = args.resume
+    if du.is_main_process() and not path and args.auto_resume and output_dir and \
+            (output_dir / 'checkpoint.pth').is_file():
+        path = str(output_dir / 'checkpoint.pth')
+        print(f'auto-resuming from {path}')
+    path = du.broadcast_object(path or None)
+    if path is None:
+        return None, None
+    if all(du.all_gather_object(Path(path).is_file())):
+        return path, torch_load(path)
+    ckpt, error = None, None
+    if du.is_main_process():
+        try:
+            ckpt = torch_load(path)
+        except (CheckpointError, FileNotFoundError) as e:
+            error = str(e)
+    ckpt, error = du.broadcast_object((ckpt, error))
+    if error:
+        raise CheckpointError(error)
+    print(f'{path} is not readable on every rank: rank 0 sent its copy')
+    return path, ckpt
 
 
 def restore_weights(model, ckpt: dict, path: str, name: str) -> None:

@@ -29,8 +29,8 @@ from timm.utils import ModelEmaV3
 
 from deit import distributed as du
 from deit.args import as_recipe, check_args, get_args_parser, parse_args  # noqa: F401  (get_args_parser: API)
-from deit.checkpoint import (CheckpointError, check_same_run, read_state_dict, restore_training_state, restore_weights,
-                             rng_state, save_atomic, torch_load, training_state)
+from deit.checkpoint import (CheckpointError, check_same_run, read_resume_checkpoint, read_state_dict,
+                             restore_training_state, restore_weights, rng_state, save_atomic, training_state)
 from data.decode import jpeg_decoder
 from deit.datasets import build_dataset, device_rand_augment, normalization
 from deit.device_aug import DeviceBatches
@@ -229,35 +229,6 @@ def build_optimization(args, model, total: int):
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
     return optimizer, lr_scheduler
-
-
-def read_resume_checkpoint(args, output_dir: Path | None):
-    """(path, checkpoint) to resume from, or (None, None); the same on every rank.
-
-    Rank 0 decides (its --resume, or output_dir/checkpoint.pth); ranks that cannot read that file (an
-    output dir that is not shared between nodes) receive rank 0's copy, so no rank silently starts fresh.
-    """
-    path = args.resume
-    if du.is_main_process() and not path and args.auto_resume and output_dir and \
-            (output_dir / 'checkpoint.pth').is_file():
-        path = str(output_dir / 'checkpoint.pth')
-        print(f'auto-resuming from {path}')
-    path = du.broadcast_object(path or None)
-    if path is None:
-        return None, None
-    if all(du.all_gather_object(Path(path).is_file())):
-        return path, torch_load(path)
-    ckpt, error = None, None
-    if du.is_main_process():
-        try:
-            ckpt = torch_load(path)
-        except (CheckpointError, FileNotFoundError) as e:
-            error = str(e)
-    ckpt, error = du.broadcast_object((ckpt, error))
-    if error:
-        raise CheckpointError(error)
-    print(f'{path} is not readable on every rank: rank 0 sent its copy')
-    return path, ckpt
 
 
 def wrap_model(args, model, device):

@@ -15,11 +15,10 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 import deit.distributed as du
-from deit.checkpoint import (CheckpointError, check_same_run, restore_rng, restore_training_state, rng_state,
-                             set_rng_state, training_state)
+from deit.checkpoint import (CheckpointError, check_same_run, read_resume_checkpoint, restore_rng,
+                             restore_training_state, rng_state, set_rng_state, training_state)
 from deit.engine import LossScaler
 from deit.losses import OnlineLabelSmoothing
-from deit.main import read_resume_checkpoint
 
 
 def _run(seed: int, ema: bool = True, scaler: bool = False):

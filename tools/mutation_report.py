@@ -5,21 +5,21 @@
 
 Killed = a test failed or timed out with the mutant in place. Equivalent mutants (no behaviour a test can
 observe) are listed in ``docs/mutation_equivalent.txt`` (``<mutant name>  <reason>``) and leave the
-denominator. ``deit/main.py`` counts only its resume path.
+denominator. An equivalent entry names a mutant by its number within its function, and mutmut renumbers a
+function's mutants when the function changes: review its entries then (a name that no longer exists is an
+error here).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 from collections import Counter
 from pathlib import Path
 
-# module -> the functions that count (None: all of them)
-MODULES = {
-    'deit/losses.py': None, 'deit/engine.py': None, 'deit/samplers.py': None, 'deit/checkpoint.py': None,
-    'deit/metrics.py': None, 'deit/main.py': ('read_resume_checkpoint',), 'data/zip_cache.py': None,
-    'segmentation/deit_to_mmseg.py': None,
-}
+ROOT = Path(__file__).resolve().parents[1]
+# the core modules: mutmut's own list, so the report and the run cannot disagree
+MODULES = tuple(tomllib.loads((ROOT / 'pyproject.toml').read_text())['tool']['mutmut']['only_mutate'])
 WHY = ('Why mutmut: it runs on plain pytest with no test changes, mutates at the function level and maps every '
        'function to the tests that execute it, so each mutant runs only those tests (cosmic-ray needs a session '
        'database and runs a whole test command per mutant; pytest-gremlins is young). Its fork-based workers keep '
@@ -27,14 +27,6 @@ WHY = ('Why mutmut: it runs on plain pytest with no test changes, mutates at the
        'reached only by a subprocess (the CLI end-to-end tests) shows as "no tests".')
 KILLED = {1: 'killed', 3: 'killed', 36: 'timeout', -24: 'timeout', 24: 'timeout', 152: 'timeout', 255: 'timeout'}
 LABELS = {0: 'survived', 5: 'no tests', 33: 'no tests', None: 'not run', 34: 'skipped'}
-
-
-def function_of(key: str) -> str:
-    """'deit.metrics.xǁCalibrationBinsǁece__mutmut_3' -> 'CalibrationBins.ece'."""
-    name = key.rsplit('__mutmut_', 1)[0].rsplit('.', 1)[-1]
-    if name.startswith('xǁ'):  # method: xǁClassǁmethod
-        return name[2:].replace('ǁ', '.')
-    return name[2:] if name.startswith('x_') else name  # function: x_name
 
 
 def load_equivalent(path: Path) -> dict[str, str]:
@@ -52,14 +44,12 @@ def load_equivalent(path: Path) -> dict[str, str]:
 
 def module_rows(mutants: Path, equivalent: dict) -> list[dict]:
     rows = []
-    for module, functions in MODULES.items():
+    for module in MODULES:
         meta = mutants / f'{module}.meta'
         if not meta.is_file():
             rows.append({'module': module, 'missing': True})
             continue
         codes = json.loads(meta.read_text())['exit_code_by_key']
-        if functions:
-            codes = {k: v for k, v in codes.items() if function_of(k).split('.')[-1] in functions}
         status = Counter()
         survivors = []
         for key, code in sorted(codes.items()):
@@ -74,22 +64,26 @@ def module_rows(mutants: Path, equivalent: dict) -> list[dict]:
         counted = sum(status.values()) - status['equivalent'] - status['not run']
         rows.append({'module': module, 'status': status, 'counted': counted, 'survivors': survivors,
                      'score': 100.0 * status['killed'] / counted if counted else float('nan'),
-                     'scope': ', '.join(functions) if functions else 'all'})
+                     'names': set(codes)})
+    stale = sorted(set(equivalent) - set().union(*(r.get('names', set()) for r in rows)))
+    if stale and not any(r.get('missing') for r in rows):
+        raise SystemExit(f'docs/mutation_equivalent.txt names mutants that do not exist (renumbered after a '
+                         f'change?): {", ".join(stale)}')
     return rows
 
 
 def render(rows: list[dict], equivalent: dict, command: str, max_survivors: int) -> str:
     out = ['# Mutation testing', '', f'Produced by `{command}` (mutmut 3, `tools/mutation_report.py`).', '',
            WHY, '',
-           '| module | scope | mutants | killed | survived | no tests | not run | equivalent | score |',
-           '|---|---|---|---|---|---|---|---|---|']
+           '| module | mutants | killed | survived | no tests | not run | equivalent | score |',
+           '|---|---|---|---|---|---|---|---|']
     for r in rows:
         if r.get('missing'):
-            out.append(f'| `{r["module"]}` | | not mutated in this run | | | | | | |')
+            out.append(f'| `{r["module"]}` | not mutated in this run | | | | | | |')
             continue
         s = r['status']
         score = f'{r["score"]:.1f} %' if r['counted'] else 'not run yet'
-        out.append(f'| `{r["module"]}` | {r["scope"]} | {sum(s.values())} | {s["killed"]} | {s["survived"]} | '
+        out.append(f'| `{r["module"]}` | {sum(s.values())} | {s["killed"]} | {s["survived"]} | '
                    f'{s["no tests"]} | {s["not run"]} | {s["equivalent"]} | {score} |')
     out += ['', 'Score = killed / (mutants - equivalent - not run); a timeout counts as killed. Results accumulate '
                 'in `mutants/` over runs: a mutant runs again when its function changes, or when named on the '
