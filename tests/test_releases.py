@@ -339,3 +339,47 @@ def test_restore_weights_names_the_file_and_the_first_mismatch():
         restore_weights(model, {'model': bad}, 'ck.pth', 'linear')
     assert str(e.value) == f'ck.pth does not fit linear: {first_line} ...'
     restore_weights(model, {'model': {k: v + 1 for k, v in model.state_dict().items()}}, 'ck.pth', 'linear')
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet50_blurpool'])
+def test_infer_architecture_names_every_resnet_depth(name):
+    from deit.checkpoint import infer_architecture
+    from deit.models import create_model
+    with torch.device('meta'):
+        state = create_model(name, num_classes=7).state_dict()
+    assert infer_architecture(state) == (name, 7)
+
+
+def test_infer_architecture_needs_a_whole_resnet():
+    from deit.checkpoint import CheckpointError, infer_architecture
+    stem_and_head = {k: torch.zeros(1) for k in ('conv1.weight', 'fc.weight', 'bn1.weight', 'bn1.bias', 'fc.bias',
+                                                  'layer1.0.conv1.weight')}
+    with pytest.raises(CheckpointError, match=r"^cannot tell the architecture from the keys \(first: \['bn1.bias', "
+                                              r"'bn1.weight', 'conv1.weight', 'fc.bias', 'fc.weight'\]\); pass the "
+                                              r"model name \(--model\)$"):
+        infer_architecture(stem_and_head)
+    with pytest.raises(CheckpointError, match=r'^cannot tell'):
+        infer_architecture({'layer4.0.conv1.weight': torch.zeros(1), 'fc.weight': torch.zeros(1)})
+    odd = {**stem_and_head, 'layer4.0.conv1.weight': torch.zeros(1)}
+    with pytest.raises(CheckpointError, match=r'^ResNet checkpoint with blocks \[1, 0, 0, 1\] matches no known ResNet$'):
+        infer_architecture(odd)
+
+
+def test_lightning_and_state_dict_errors_name_where_they_looked(tmp_path, capsys):
+    from deit.checkpoint import CheckpointError, extract_state_dict, read_state_dict
+    t = torch.zeros(1)
+    others = {f'criterion.buf{i}': t for i in range(9)}
+    with pytest.raises(CheckpointError) as e:
+        extract_state_dict({'state_dict': others, 'pytorch-lightning_version': '2.6.6'}, 'r50.ckpt')
+    assert str(e.value) == (f'r50.ckpt: Lightning checkpoint without "model." weights (entries: '
+                            f'{sorted(others)[:8]})')
+    with pytest.raises(CheckpointError, match=r"^r50.ckpt\[state_dict/model.\]: no weights found \(entries: "
+                                              r"\['note'\]\)$"):
+        extract_state_dict({'state_dict': {'model.note': 'text'}, 'global_step': 3}, 'r50.ckpt')
+    lightning = {'state_dict': {'model.fc.weight': t, 'criterion.supervise': t, 'ema.x': t, 'ema.y': t},
+                 'global_step': 3}
+    assert list(extract_state_dict(lightning, 'r50.ckpt')) == ['fc.weight']
+    assert capsys.readouterr().out == 'r50.ckpt: Lightning checkpoint; ignoring 3 non-model entries (criterion, ema)\n'
+    torch.save({'note': 'no tensors'}, tmp_path / 'x.pth')
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}/x.pth: no weights found \\(entries: \\['note'\\]\\)$"):
+        read_state_dict(tmp_path / 'x.pth')

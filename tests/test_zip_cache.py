@@ -6,6 +6,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 import struct
 import zipfile
 
@@ -413,6 +414,8 @@ def test_from_folder_defaults_folder_labels_train_map_and_rank(tmp_path, monkeyp
     monkeypatch.setattr(deit.distributed, 'get_rank', lambda: 1)
     monkeypatch.setattr(deit.distributed, 'get_world_size', lambda: 2)
     assert ZipImageDataset.from_folder(root, 'train', cache_mode='part').shard.tolist() == [1]
+    monkeypatch.setattr(deit.distributed, 'get_rank', lambda: 0)
+    assert ZipImageDataset.from_folder(root, 'train', cache_mode='part').shard.tolist() == [0]
     assert ZipImageDataset.from_folder(root, 'train', cache_mode='part', rank=0, world_size=1).shard.tolist() == [0, 1]
 
 
@@ -463,6 +466,7 @@ def test_shard_sampler_seed_epoch_and_padding():
             return 17
     s = ShardSampler.for_dataset(Part(), world_size=2, seed=4)
     assert len(s) == 9 and list(s) == list(ShardSampler(Part.shard, 4, num_samples=9))
+    assert list(ShardSampler.for_dataset(Part(), world_size=2)) == list(ShardSampler(Part.shard, 0, num_samples=9))
 
 
 @pytest.fixture
@@ -524,7 +528,7 @@ MAPS = {  # map text -> class folders required (train) or not (val)
     b'': True, b'a/x\t0\r\nb/y\t1\r\n': True, b'a/x 0\nb/y\t1\n': True, b'a/x\t0\t1\n': True,
     b'a/x\t0\n\nb/y\t1\n': True, b'\t0\n': False, b'a/x\tzero\n': True, b'a/x\t-1\n': True,
     b'a/x\t0\nb/y\t2\n': True, b'a/x\t0\na/y\t1\n': True, b'a/x\t0\nb/y\t0\n': True, b'x\t0\n': True,
-    b'x\t0\nb/y\t1\n': True,
+    b'x\t0\nb/y\t1\n': True, b'a/x\t0\n\t1\n': True, b'a/x\ry\t0\n': True,
 }
 
 
@@ -545,7 +549,7 @@ def test_map_fast_path_takes_every_regular_map_and_agrees_with_the_exact_parser(
     if entries is None:
         assert fast is None
         return
-    tab_lf = b'\r' not in text and all(line.count(b'\t') == 1 for line in text.split(b'\n') if line)
+    tab_lf = all(re.fullmatch(rb'[^\t]*\t\d+', line) for line in text.split(b'\n') if line)
     assert (fast is not None) == tab_lf, 'every tab-separated LF map takes the fast path (others need not)'
     if fast is None:
         return
@@ -558,3 +562,62 @@ def test_map_fast_path_takes_every_regular_map_and_agrees_with_the_exact_parser(
     except CacheError:
         exact_ok = False
     assert _labels_ok(names, labels, folder_labels) == exact_ok
+
+
+def test_dataset_defaults_one_process_and_refuses_unknown_cache_modes(tmp_path):
+    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(), 'a/y.jpg': _jpeg(0, 1), 'b/z.jpg': _jpeg(1)},
+                        'a/x.jpg\t0\na/y.jpg\t0\nb/z.jpg\t1\n')
+    assert ZipImageDataset(zp, mp_, cache_mode='part').shard.tolist() == [0, 1, 2]  # rank 0 of 1
+    with pytest.raises(ValueError, match="^cache_mode must be 'full', 'part' or 'no', got 'all'$"):
+        ZipImageDataset(zp, mp_, cache_mode='all')
+
+
+class _Pages:
+    """Stands in for the zip's mmap: records what warm() touches."""
+
+    def __init__(self, size):
+        self.size, self.calls = size, []
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, s):
+        self.calls.append((s.start, s.stop))
+        return b''
+
+    def madvise(self, flag):
+        self.calls.append(('madvise', flag))
+
+
+def test_warm_hands_the_file_to_readahead_or_reads_it_in_chunks_and_members_without_crc(tmp_path, monkeypatch):
+    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    index = ZipImageDataset(zp, mp_, cache_mode='no').index
+    index._mm = pages = _Pages(25)
+    index.warm()
+    assert pages.calls == [('madvise', mmap.MADV_WILLNEED)]
+    pages.calls.clear()
+    monkeypatch.delattr(mmap, 'MADV_WILLNEED')  # a platform without it (macOS before 3.8's constant, Windows)
+    index.warm(chunk=10)
+    assert pages.calls == [(0, 10), (10, 20), (20, 30)]
+    reads = []
+    monkeypatch.setattr(index, 'read', lambda k, check_crc=True: reads.append((k, check_crc)))
+    index.warm(np.array([1, 0]))  # part mode: only this rank's members, read once without the CRC work
+    assert reads == [(1, False), (0, False)]
+
+
+def test_index_travels_by_file_and_maps_it_once_per_worker(tmp_path, monkeypatch):
+    import data.zip_cache as zc
+    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    index = ZipImageDataset(zp, mp_, cache_mode='no').index
+    clone = pickle.loads(pickle.dumps(index))
+    assert clone.__dict__['_arrays'] is None and clone.__dict__['_mm'] is None  # arrays stay in the .idx file
+    calls = []
+    real = zc.read_index
+    monkeypatch.setattr(zc, 'read_index', lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    assert clone.labels.tolist() == [0, 1] and clone.offsets.tolist() == index.offsets.tolist() and len(clone) == 2
+    assert calls == [{'check_inputs': False}]  # mapped once, on first use
+    assert not hasattr(clone, 'no_such_array')
+    with pytest.raises(AttributeError, match='^no_such_array$'):
+        clone.no_such_array
+    memory = zc.ZipIndex(zp, {k: np.asarray(getattr(index, k)) for k in ('offsets', 'labels')}, None)
+    assert pickle.loads(pickle.dumps(memory)).labels.tolist() == [0, 1]  # no file: the arrays travel
