@@ -383,3 +383,31 @@ def test_lightning_and_state_dict_errors_name_where_they_looked(tmp_path, capsys
     torch.save({'note': 'no tensors'}, tmp_path / 'x.pth')
     with pytest.raises(CheckpointError, match=f"^{tmp_path}/x.pth: no weights found \\(entries: \\['note'\\]\\)$"):
         read_state_dict(tmp_path / 'x.pth')
+
+
+def test_checkpoint_formats_and_recorded_settings_in_every_release_form(tmp_path):
+    from safetensors.torch import save_file
+    from deit.checkpoint import checkpoint_format, recorded_settings
+    from deit.models import create_model
+    from tools.load_checkpoint import export_safetensors
+    model = create_model('deit_demo_patch4_32', 10)
+    sd = model.state_dict()
+    args = argparse.Namespace(model='deit_demo_patch4_32', input_size=32, data_set='DIGITS', eval_crop_ratio=1.0,
+                              nb_classes=10)
+    assert checkpoint_format({'model': sd, 'args': args}, 'ck.pth') == 'deit'
+    assert checkpoint_format({'model': sd}, 'ck.pth') == 'nested'
+    assert checkpoint_format(sd, 'ck.pth') == 'state_dict'
+    assert recorded_settings({'model': sd, 'args': args}, 'ck.pth') == {
+        'model': 'deit_demo_patch4_32', 'input_size': 32, 'data_set': 'DIGITS', 'eval_crop_ratio': 1.0,
+        'num_classes': 10}
+    assert recorded_settings({'model': sd, 'args': vars(args)}, 'ck.pth')['input_size'] == 32  # args as a dict
+    assert recorded_settings(sd, 'ck.pth') == {}
+    info = {'model': 'deit_demo_patch4_32', 'num_classes': 10, 'input_size': 32, 'format': 'deit',
+            'recorded': {'data_set': 'DIGITS', 'eval_crop_ratio': 0.875}}
+    out = export_safetensors(model, info, tmp_path / 'demo.safetensors')
+    assert checkpoint_format({}, str(out)) == 'safetensors'
+    assert recorded_settings(None, str(out)) == {'model': 'deit_demo_patch4_32', 'input_size': 32, 'num_classes': 10,
+                                                 'data_set': 'DIGITS', 'eval_crop_ratio': 0.875}
+    save_file(sd, str(tmp_path / 'hub.safetensors'), metadata={'format': 'pt'})  # as the hub's files are written
+    assert recorded_settings(None, str(tmp_path / 'hub.safetensors')) == {
+        'model': None, 'input_size': None, 'num_classes': None, 'data_set': None, 'eval_crop_ratio': None}

@@ -621,3 +621,15 @@ def test_index_travels_by_file_and_maps_it_once_per_worker(tmp_path, monkeypatch
         clone.no_such_array
     memory = zc.ZipIndex(zp, {k: np.asarray(getattr(index, k)) for k in ('offsets', 'labels')}, None)
     assert pickle.loads(pickle.dumps(memory)).labels.tolist() == [0, 1]  # no file: the arrays travel
+
+
+def test_cache_modes_warm_what_they_promise(tmp_path, monkeypatch):
+    import data.zip_cache as zc
+    calls = []
+    monkeypatch.setattr(zc.ZipIndex, 'warm', lambda self, members=None: calls.append(
+        None if members is None else members.tolist()))
+    zp, mp_ = _zip_with(tmp_path, {'b/y.jpg': _jpeg(1), 'a/x.jpg': _jpeg()}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    ZipImageDataset(zp, mp_)  # full: the whole file
+    ZipImageDataset(zp, mp_, cache_mode='part', rank=1, world_size=2)  # this rank's samples' members only
+    ZipImageDataset(zp, mp_, cache_mode='no')  # nothing ahead of time
+    assert calls == [None, [0]]  # map entry 1 (b/y.jpg) is member 0 of the zip
