@@ -411,3 +411,14 @@ def test_checkpoint_formats_and_recorded_settings_in_every_release_form(tmp_path
     save_file(sd, str(tmp_path / 'hub.safetensors'), metadata={'format': 'pt'})  # as the hub's files are written
     assert recorded_settings(None, str(tmp_path / 'hub.safetensors')) == {
         'model': None, 'input_size': None, 'num_classes': None, 'data_set': None, 'eval_crop_ratio': None}
+
+
+def test_input_size_of_a_loaded_model_vit_grid_then_given_then_its_config():
+    from types import SimpleNamespace as NS
+    from deit.checkpoint import _input_size
+    vit = NS(patch_embed=NS(img_size=(48, 64)), pretrained_cfg={'input_size': (3, 224, 224)})
+    assert _input_size(vit) == 48 and _input_size(vit, 96) == 48  # a ViT's position grid fixes its input size
+    assert _input_size(NS(patch_embed=NS(img_size=None)), 96) == 96
+    cnn = NS(pretrained_cfg={'input_size': (3, 160, 160)})
+    assert _input_size(cnn) == 160 and _input_size(cnn, 96) == 96  # a CNN takes any size: the asked one first
+    assert _input_size(NS()) == 224  # nothing recorded anywhere: timm's default
