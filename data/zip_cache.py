@@ -247,7 +247,7 @@ def _rows_of(member_names: list[str], map_names: list[str], map_path, zip_path) 
     return rows
 
 
-def open_index(zip_path, map_path, folder_labels: bool = True, train_map: Path | None = None) -> ZipIndex:
+def open_index(zip_path, map_path, folder_labels: bool, train_map: Path | None = None) -> ZipIndex:
     """The index of (zip, map): ``<zip>.idx`` when it was made from exactly these files, else made now.
 
     Making it parses the central directory (no ZipInfo per member) and the map, checks the labels (and,

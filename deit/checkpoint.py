@@ -415,7 +415,7 @@ def recorded_settings(obj, source: str) -> dict:
             out[k] = int(out[k]) if out[k] else None
         out['eval_crop_ratio'] = float(out['eval_crop_ratio']) if out['eval_crop_ratio'] else None
         return out
-    args = obj.get('args') if isinstance(obj, dict) else None
+    args = obj.get('args')  # obj: a dict (load_model has extracted its weights already)
     if args is None:
         return {}
     get = (lambda k: args.get(k)) if isinstance(args, dict) else (lambda k: getattr(args, k, None))

@@ -422,3 +422,49 @@ def test_input_size_of_a_loaded_model_vit_grid_then_given_then_its_config():
     cnn = NS(pretrained_cfg={'input_size': (3, 160, 160)})
     assert _input_size(cnn) == 160 and _input_size(cnn, 96) == 96  # a CNN takes any size: the asked one first
     assert _input_size(NS()) == 224  # nothing recorded anywhere: timm's default
+
+
+def _deit_file(tmp_path, name='deit_tiny_patch16_224', input_size=224, classes=10, **entries):
+    from deit.models import create_model
+    model = create_model(name, classes, input_size=input_size)
+    args = argparse.Namespace(model=name, input_size=input_size, nb_classes=classes, data_set='IMNET')
+    path = tmp_path / f'{name}-{input_size}.pth'
+    torch.save({'model': model.state_dict(), 'args': args, **entries}, path)
+    return path, model
+
+
+def test_load_model_builds_the_recorded_input_size_and_reports_it(tmp_path):
+    path, model = _deit_file(tmp_path, input_size=64)  # a 4x4 position grid: only a 64-px model fits it
+    loaded, info = load_model(path)
+    assert info['input_size'] == 64 and loaded.pos_embed.shape == model.pos_embed.shape
+    from deit.models import create_model
+    resnet = create_model('resnet18', 10)
+    torch.save({'model': resnet.state_dict(), 'args': argparse.Namespace(model='resnet18', input_size=160)},
+               tmp_path / 'r18.pth')
+    assert load_model(tmp_path / 'r18.pth')[1]['input_size'] == 160  # a CNN: the size it was trained at
+    assert load_model(tmp_path / 'r18.pth', input_size=128)[1]['input_size'] == 128
+
+
+def test_load_model_ema_weights_head_reset_and_what_does_not_fit(tmp_path):
+    from deit.checkpoint import CheckpointError
+    path, model = _deit_file(tmp_path)
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({**torch.load(path, weights_only=False), 'model_ema': ema}, path)
+    loaded, _ = load_model(path, use_ema=True)
+    assert torch.equal(loaded.head.bias, ema['head.bias'])
+    (tmp_path / 'plain').mkdir()
+    plain, _ = _deit_file(tmp_path / 'plain')
+    with pytest.raises(CheckpointError, match=f'^{plain}: asked for EMA weights but there is no "model_ema" entry'):
+        load_model(plain, use_ema=True)
+    _, info = load_model(path, num_classes=5, reset_head=True)
+    assert (info['num_classes'], info['checkpoint_classes'], info['head_reset']) == (5, 10, True)
+    sd = model.state_dict()
+    for bad, msg in (({k: v for k, v in sd.items() if not k.startswith('head')}, 'no classifier head'),
+                     ({k: v for k, v in sd.items() if k != 'head.bias'}, "missing \\['head.bias'\\], unexpected \\[\\]"),
+                     ({**sd, **{f'extra.{i}': torch.zeros(1) for i in range(10)}},
+                      "missing \\[\\], unexpected \\['extra.0', 'extra.1', 'extra.2', 'extra.3', 'extra.4', "
+                      "'extra.5', 'extra.6', 'extra.7'\\]$")):
+        torch.save(bad, tmp_path / 'bad.pth')
+        with pytest.raises(CheckpointError, match=msg) as e:
+            load_model(tmp_path / 'bad.pth', model_name='deit_tiny_patch16_224')
+        assert str(e.value).startswith(f'{tmp_path}/bad.pth')

@@ -259,10 +259,10 @@ def _member_table(zp):
 def test_index_is_stored_reused_and_rebuilt_when_stale(tmp_path, capsys):
     from data.zip_cache import open_index
     zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(0), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
-    idx = open_index(zp, mp_)
+    idx = open_index(zp, mp_, folder_labels=True)
     assert (tmp_path / 'train.zip.idx').is_file() and 'wrote' in capsys.readouterr().out
     assert isinstance(idx.offsets, np.memmap) or isinstance(idx.offsets.base, np.memmap)
-    again = open_index(zp, mp_)  # reused: no message, same arrays
+    again = open_index(zp, mp_, folder_labels=True)  # reused: no message, same arrays
     assert capsys.readouterr().out == '' and list(again.rows) == [0, 1]
     # a member appended to the zip: the index no longer describes it
     with zipfile.ZipFile(zp, 'a') as zf:
@@ -633,3 +633,11 @@ def test_cache_modes_warm_what_they_promise(tmp_path, monkeypatch):
     ZipImageDataset(zp, mp_, cache_mode='part', rank=1, world_size=2)  # this rank's samples' members only
     ZipImageDataset(zp, mp_, cache_mode='no')  # nothing ahead of time
     assert calls == [None, [0]]  # map entry 1 (b/y.jpg) is member 0 of the zip
+
+
+def test_missing_zip_or_map_is_named(tmp_path):
+    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg()}, 'a/x.jpg\t0\n')
+    with pytest.raises(FileNotFoundError, match=f'^zip file not found: {tmp_path}/val.zip$'):
+        ZipImageDataset(tmp_path / 'val.zip', mp_)
+    with pytest.raises(FileNotFoundError, match=f'^map file not found: {tmp_path}/val_map.txt$'):
+        ZipImageDataset(zp, tmp_path / 'val_map.txt')
