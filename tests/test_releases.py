@@ -468,3 +468,16 @@ def test_load_model_ema_weights_head_reset_and_what_does_not_fit(tmp_path):
         with pytest.raises(CheckpointError, match=msg) as e:
             load_model(tmp_path / 'bad.pth', model_name='deit_tiny_patch16_224')
         assert str(e.value).startswith(f'{tmp_path}/bad.pth')
+
+
+def test_extract_state_dict_errors_name_the_entry_they_looked_in():
+    from deit.checkpoint import CheckpointError, extract_state_dict
+    with pytest.raises(CheckpointError, match='^<object>: expected a dict of weights, got list$'):
+        extract_state_dict([1])
+    entries = {f'k{i:02d}': 1 for i in range(12)}
+    with pytest.raises(CheckpointError) as e:
+        extract_state_dict(entries, 'ck.pth', use_ema=True)
+    assert str(e.value) == (f'ck.pth: asked for EMA weights but there is no "model_ema" entry (entries: '
+                            f'{sorted(entries)[:10]})')
+    with pytest.raises(CheckpointError, match=r"^ck.pth\['state_dict'\]: no weights found \(entries: \['x'\]\)$"):
+        extract_state_dict({'state_dict': {'x': 'text'}}, 'ck.pth')

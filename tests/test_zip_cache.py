@@ -641,3 +641,37 @@ def test_missing_zip_or_map_is_named(tmp_path):
         ZipImageDataset(tmp_path / 'val.zip', mp_)
     with pytest.raises(FileNotFoundError, match=f'^map file not found: {tmp_path}/val_map.txt$'):
         ZipImageDataset(zp, tmp_path / 'val_map.txt')
+
+
+def test_reopened_index_is_mapped_once_and_travels_by_file(tmp_path, monkeypatch):
+    import data.zip_cache as zc
+    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    zc.open_index(zp, mp_, folder_labels=True)  # writes train.zip.idx
+    monkeypatch.setattr(zc, 'parse_map_file', lambda *a: pytest.fail('a regular map takes the whole-file path'))
+    (tmp_path / 'train.zip.idx').unlink()
+    zc.open_index(zp, mp_, folder_labels=True)  # made again, without the line-by-line parser
+    again = zc.open_index(zp, mp_, folder_labels=True)  # reused
+    assert again.index_path == tmp_path / 'train.zip.idx'
+    assert pickle.loads(pickle.dumps(again)).__dict__['_arrays'] is None  # workers map the file, no copy
+
+
+def test_irregular_maps_open_through_the_exact_parser(tmp_path):
+    from data.zip_cache import open_index
+    zp, mp_ = _zip_with(tmp_path, {'b/y z.jpg': _jpeg(1), 'a/x.jpg': _jpeg()}, '')
+    mp_.write_bytes(b'a/x.jpg 0\r\nb/y z.jpg\t1\r\n')  # CRLF, one space-separated line
+    index = open_index(zp, mp_, folder_labels=True)
+    assert index.labels.tolist() == [0, 1] and index.rows.tolist() == [1, 0]
+    assert [index.member_name(int(k)) for k in index.rows] == ['a/x.jpg', 'b/y z.jpg']
+    mp_.write_bytes(b'a/x.jpg\t0\r\nb/y z.jpg\t2\r\n')
+    with pytest.raises(CacheError, match=f'^{mp_}: labels must cover 0..2; missing \\[1\\]$'):
+        open_index(zp, mp_, folder_labels=True)
+
+
+def test_val_index_is_checked_again_when_the_train_map_changes(tmp_path):
+    from data.zip_cache import open_index
+    root = _split_tree(tmp_path, {'a/s p/v.jpg': _jpeg(0), 'b/w.jpg': _jpeg(1)}, 'a/s p/v.jpg\t0\nb/w.jpg\t1\n')
+    open_index(root / 'val.zip', root / 'val_map.txt', False, root / 'train_map.txt')  # names with spaces: fine
+    (root / 'train_map.txt').write_text('a/x.jpg\t1\nb/y.jpg\t0\n')  # the train labels were swapped since
+    with pytest.raises(CacheError, match="val_map.txt:1: 'a/s p/v.jpg' has label 0, but class folder 'a' is "
+                                         "label 1 in train"):
+        open_index(root / 'val.zip', root / 'val_map.txt', False, root / 'train_map.txt')
