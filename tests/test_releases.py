@@ -419,6 +419,7 @@ def test_input_size_of_a_loaded_model_vit_grid_then_given_then_its_config():
     vit = NS(patch_embed=NS(img_size=(48, 64)), pretrained_cfg={'input_size': (3, 224, 224)})
     assert _input_size(vit) == 48 and _input_size(vit, 96) == 48  # a ViT's position grid fixes its input size
     assert _input_size(NS(patch_embed=NS(img_size=None)), 96) == 96
+    assert _input_size(NS(patch_embed=NS()), 96) == 96  # a patch embedding that does not record a size
     cnn = NS(pretrained_cfg={'input_size': (3, 160, 160)})
     assert _input_size(cnn) == 160 and _input_size(cnn, 96) == 96  # a CNN takes any size: the asked one first
     assert _input_size(NS()) == 224  # nothing recorded anywhere: timm's default
