@@ -496,3 +496,22 @@ def test_validate_false_skips_the_checks_and_true_names_the_loss(make, monkeypat
         raise AssertionError('validate=False must skip the input checks')
     monkeypatch.setattr(losses, 'check_inputs', refuse)
     assert torch.equal(make(validate=False)(z, y), want)
+
+
+def test_build_criterion_picks_the_base_loss_the_flags_ask_for():
+    from argparse import Namespace
+    from deit.losses import BCEOnMixedLabels, CrossEntropyLoss, build_criterion, check_alpha
+    with pytest.raises(ValueError, match=r'^alpha must be in \[0, 1\), got 1.5$'):
+        check_alpha(1.5)
+
+    def args(**kw):
+        base = dict(loss='ce', smoothing=0.0, bce_loss=False, alpha=0.1, alpha_end=0.2, alpha_schedule='linear',
+                    epochs=10, distillation_type='none', distillation_alpha=0.5, distillation_tau=1.0)
+        return Namespace(**{**base, **kw})
+    _, base, schedule = build_criterion(args(smoothing=0.1), 7)  # DeiT's LS when Mixup does not smooth
+    assert type(base) is LabelSmoothingLoss and base.alpha == 0.1 and schedule is None
+    assert type(build_criterion(args(smoothing=0.1), 7, mixup=True)[1]) is CrossEntropyLoss
+    assert type(build_criterion(args(loss='maxsup', smoothing=0.1), 7)[1]) is MaxSupLoss
+    assert type(build_criterion(args(bce_loss=True), 7)[1]) is BCEOnMixedLabels
+    ols = build_criterion(args(loss='ols'), 7)[1]
+    assert ols.num_classes == 7

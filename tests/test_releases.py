@@ -482,3 +482,22 @@ def test_extract_state_dict_errors_name_the_entry_they_looked_in():
                             f'{sorted(entries)[:10]})')
     with pytest.raises(CheckpointError, match=r"^ck.pth\['state_dict'\]: no weights found \(entries: \['x'\]\)$"):
         extract_state_dict({'state_dict': {'x': 'text'}}, 'ck.pth')
+
+
+def test_load_model_reports_a_vits_own_size_and_lists_what_is_missing(tmp_path):
+    from deit.checkpoint import CheckpointError, extract_state_dict
+    from deit.models import create_model
+    demo = create_model('deit_demo_patch4_32', 10).state_dict()
+    torch.save(demo, tmp_path / 'demo.pth')  # no recorded size: the ViT's own 32-px grid
+    assert load_model(tmp_path / 'demo.pth', model_name='deit_demo_patch4_32')[1]['input_size'] == 32
+    blocks = [k for k in demo if k.startswith('blocks.0.')]  # in the model's order, as torch lists them
+    torch.save({k: v for k, v in demo.items() if k not in blocks}, tmp_path / 'cut.pth')
+    for reset in (False, True):  # a new head does not excuse missing body weights
+        with pytest.raises(CheckpointError) as e:
+            load_model(tmp_path / 'cut.pth', model_name='deit_demo_patch4_32', num_classes=5 if reset else None,
+                       reset_head=reset)
+        assert f'missing {blocks[:8]}, unexpected []' in str(e.value) and len(blocks) > 8
+    entries = {f'k{i:02d}': 'text' for i in range(12)}
+    with pytest.raises(CheckpointError, match=f"^ck: no weights found \\(entries: {sorted(entries)[:10]}\\)$".replace(
+            '[', '\\[').replace(']', '\\]')):
+        extract_state_dict(entries, 'ck')
