@@ -515,3 +515,31 @@ def test_build_criterion_picks_the_base_loss_the_flags_ask_for():
     assert type(build_criterion(args(bce_loss=True), 7)[1]) is BCEOnMixedLabels
     ols = build_criterion(args(loss='ols'), 7)[1]
     assert ols.num_classes == 7
+
+
+def test_create_criterion_defaults_and_every_option_reaches_its_loss():
+    assert type(create_criterion()) is MaxSupLoss and create_criterion().alpha == 0.1  # the project's default
+    assert create_criterion(loss='maxsup', maxsup_alpha=0.15).alpha == 0.15  # the official code's flag name
+    assert create_criterion(loss='ls_err_only', alpha=0.3).alpha == 0.3
+    zipf = create_criterion(loss='zipf')
+    assert (zipf.weight, zipf.power, zipf.loss_mask) == (1.0, 1.0, False)
+    assert create_criterion(loss='zipf', zipf_loss_mask=True).loss_mask is True
+    assert create_criterion(loss='logit_penalty').beta == 2e-3
+    with pytest.raises(ValueError, match='^loss "ols" needs nb_classes$'):
+        create_criterion(loss='ols')
+    with pytest.raises(ValueError, match="^unknown loss 'focal'; choose one of ce, ls, maxsup, ls_reg_only, "
+                                         "ls_err_only, ols, zipf, logit_penalty$"):
+        create_criterion(loss='focal')
+
+
+def test_distillation_defaults_and_flags_reach_the_wrapper():
+    from argparse import Namespace
+    from deit.losses import build_criterion
+    d = DistillationLoss(MaxSupLoss())
+    assert (d.distillation_type, d.alpha, d.tau) == ('none', 0.5, 1.0)  # DeiT's defaults
+    with pytest.raises(ValueError, match=r"^distillation_type must be none\|soft\|hard, got 'kd'$"):
+        DistillationLoss(MaxSupLoss(), torch.nn.Identity(), 'kd')
+    args = Namespace(loss='maxsup', smoothing=0.0, bce_loss=False, alpha=0.1, alpha_end=0.2, alpha_schedule='linear',
+                     epochs=10, distillation_type='soft', distillation_alpha=0.3, distillation_tau=2.5)
+    crit = build_criterion(args, 7, teacher=torch.nn.Identity())[0]
+    assert (crit.distillation_type, crit.alpha, crit.tau) == ('soft', 0.3, 2.5)

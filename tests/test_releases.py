@@ -501,3 +501,43 @@ def test_load_model_reports_a_vits_own_size_and_lists_what_is_missing(tmp_path):
     with pytest.raises(CheckpointError, match=f"^ck: no weights found \\(entries: {sorted(entries)[:10]}\\)$".replace(
             '[', '\\[').replace(']', '\\]')):
         extract_state_dict(entries, 'ck')
+
+
+def test_hub_and_url_sources_try_the_usual_files_in_order(tmp_path, monkeypatch):
+    """No network in tests: huggingface_hub's download and torch.hub's URL loader are imitated."""
+    import pickle
+    import huggingface_hub
+    from deit.checkpoint import CheckpointError, load_file
+    torch.save({'w': torch.ones(2)}, tmp_path / 'pytorch_model.bin')
+    asked = []
+
+    def download(repo, filename):
+        asked.append((repo, filename))
+        if not (tmp_path / filename).is_file():
+            raise FileNotFoundError(f'404 {filename}')
+        return str(tmp_path / filename)
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+    got = load_file('hf-hub:org/deit-s', 'meta')
+    assert got['w'].device.type == 'meta'
+    assert asked == [('org/deit-s', 'model.safetensors'), ('org/deit-s', 'pytorch_model.bin')]
+    asked.clear()
+    with pytest.raises(CheckpointError) as e:
+        load_file('hf-hub:org/deit-s@ema.pth')  # an explicit file: only that one
+    assert asked == [('org/deit-s', 'ema.pth')]
+    assert str(e.value) == "hf-hub:org/deit-s@ema.pth: none of ['ema.pth'] could be fetched: 404 ema.pth"
+    with pytest.raises(CheckpointError, match=r"^hf-hub:org/none: none of \['model.safetensors', 'pytorch_model.bin', "
+                                              r"'checkpoint.pth'\] could be fetched: 404 checkpoint.pth$"):
+        (tmp_path / 'pytorch_model.bin').unlink()
+        load_file('hf-hub:org/none')
+    urls = []
+
+    def from_url(url, map_location=None, weights_only=False):
+        urls.append((url, map_location, weights_only))
+        if url.endswith('evil.pth'):
+            raise pickle.UnpicklingError('Weights only load failed')
+        return {'w': torch.zeros(1)}
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', from_url)
+    assert load_file('https://x.org/a.pth', 'meta') == {'w': torch.zeros(1)}
+    assert urls == [('https://x.org/a.pth', 'meta', True)]  # never unpickles arbitrary objects
+    with pytest.raises(CheckpointError, match='^http://x.org/evil.pth: not a plain checkpoint: Weights only'):
+        load_file('http://x.org/evil.pth')
