@@ -267,7 +267,7 @@ def _epoch(batches, model=None, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     crit = lambda x, out, y: F.cross_entropy(out, y)  # noqa: E731
     return model, opt, train_one_epoch(model, crit, batches, opt, torch.device('cpu'), 7, LossScaler('cpu', False),
-                                       print_freq=0, **kw)
+                                       **{'print_freq': 0, **kw})
 
 
 def test_train_epoch_stats_steps_mode_and_ema():
@@ -490,3 +490,11 @@ def test_converter_position_embeddings_errors_and_checkpoint_file(tmp_path):
         convert_checkpoint(tmp_path / 'tiny.pth', tmp_path / 'o.pth')
     with pytest.raises(CheckpointError, match='depth 12, the backbone expects 13'):
         convert_checkpoint(tmp_path / 'ckpt.pth', tmp_path / 'o.pth', expected_depth=13)
+
+
+def test_progress_line_counts_images_not_batches(monkeypatch, capsys):
+    import deit.logger
+    clock = iter([0.0])
+    monkeypatch.setattr(deit.logger, 'time', SimpleNamespace(time=lambda: next(clock, 1.0)))  # 1 s per step
+    _epoch([(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))], print_freq=1)
+    assert '  4.0 img/s' in capsys.readouterr().out  # one batch of 4 images in one second

@@ -511,6 +511,7 @@ def test_build_criterion_picks_the_base_loss_the_flags_ask_for():
     _, base, schedule = build_criterion(args(smoothing=0.1), 7)  # DeiT's LS when Mixup does not smooth
     assert type(base) is LabelSmoothingLoss and base.alpha == 0.1 and schedule is None
     assert type(build_criterion(args(smoothing=0.1), 7, mixup=True)[1]) is CrossEntropyLoss
+    assert type(build_criterion(args(), 7)[1]) is CrossEntropyLoss  # no smoothing asked: plain CE
     assert type(build_criterion(args(loss='maxsup', smoothing=0.1), 7)[1]) is MaxSupLoss
     assert type(build_criterion(args(bce_loss=True), 7)[1]) is BCEOnMixedLabels
     ols = build_criterion(args(loss='ols'), 7)[1]
