@@ -541,3 +541,26 @@ def test_hub_and_url_sources_try_the_usual_files_in_order(tmp_path, monkeypatch)
     assert urls == [('https://x.org/a.pth', 'meta', True)]  # never unpickles arbitrary objects
     with pytest.raises(CheckpointError, match='^http://x.org/evil.pth: not a plain checkpoint: Weights only'):
         load_file('http://x.org/evil.pth')
+
+
+class _Arbitrary:  # any pickled object that is not a tensor, a container or an allow-listed type
+    pass
+
+
+def test_checkpoints_load_safely_even_when_the_environment_turns_torchs_default_off(tmp_path, monkeypatch):
+    from deit.checkpoint import CheckpointError, load_file, torch_load
+    torch.save({'obj': _Arbitrary()}, tmp_path / 'evil.pth')
+    monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')  # what mmengine's resume needs (segmentation)
+    with pytest.raises(CheckpointError, match='not a plain checkpoint'):
+        torch_load(tmp_path / 'evil.pth')
+    good = tmp_path / 'good.pth'
+    torch.save({'w': torch.ones(3)}, good)
+    good.write_bytes(good.read_bytes()[:-30])  # truncated: the zip's central directory is gone
+    with pytest.raises(Exception) as raw:
+        torch.load(good, weights_only=True)
+    with pytest.raises(CheckpointError) as e:
+        torch_load(good)
+    assert str(e.value) == (f'{good}: cannot read checkpoint (truncated or corrupted torch file): '
+                            f'{type(raw.value).__name__}: {str(raw.value).splitlines()[0]}')
+    with pytest.raises(FileNotFoundError, match=f'^checkpoint not found: {tmp_path}/none.safetensors$'):
+        load_file(tmp_path / 'none.safetensors')
