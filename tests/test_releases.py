@@ -564,3 +564,26 @@ def test_checkpoints_load_safely_even_when_the_environment_turns_torchs_default_
                             f'{type(raw.value).__name__}: {str(raw.value).splitlines()[0]}')
     with pytest.raises(FileNotFoundError, match=f'^checkpoint not found: {tmp_path}/none.safetensors$'):
         load_file(tmp_path / 'none.safetensors')
+
+
+def test_sniff_reads_only_the_head_and_names_json_with_leading_space(tmp_path, monkeypatch):
+    import builtins
+    import deit.checkpoint as ck
+    (tmp_path / 'cfg.pth').write_text('\n  {"model": "deit"}' + ' ' * 4096)
+    reads = []
+
+    def recording_open(*args, **kw):
+        f = builtins.open(*args, **kw)
+        real_read = f.read
+        f.read = lambda n=-1: reads.append(n) or real_read(n)
+        return f
+    monkeypatch.setattr(ck, 'open', recording_open, raising=False)
+    assert ck.sniff_file(tmp_path / 'cfg.pth') == 'a JSON file'
+    assert reads == [512]  # torch_load sniffs every checkpoint: only its head, never the whole file
+    def load_fails(*args, **kw):
+        raise EOFError()
+    monkeypatch.setattr(torch, 'load', load_fails)
+    torch.save({}, tmp_path / 'ok.pth')
+    with pytest.raises(ck.CheckpointError, match=r'^.*ok.pth: cannot read checkpoint \(truncated or corrupted torch '
+                                                 r'file\): EOFError: EOFError$'):
+        ck.torch_load(tmp_path / 'ok.pth')  # an error without a message is named by its type
