@@ -580,6 +580,8 @@ def test_sniff_reads_only_the_head_and_names_json_with_leading_space(tmp_path, m
     monkeypatch.setattr(ck, 'open', recording_open, raising=False)
     assert ck.sniff_file(tmp_path / 'cfg.pth') == 'a JSON file'
     assert reads == [512]  # torch_load sniffs every checkpoint: only its head, never the whole file
+    (tmp_path / 'list.pth').write_text('[1, 2]')
+    assert ck.sniff_file(tmp_path / 'list.pth') == 'a JSON file'
     def load_fails(*args, **kw):
         raise EOFError()
     monkeypatch.setattr(torch, 'load', load_fails)
