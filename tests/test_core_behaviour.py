@@ -260,14 +260,14 @@ def test_rasampler_pads_deals_and_orders_exactly():
 
 # ---- one training epoch: what the engine reports and does ------------------------------------------------
 
-def _epoch(batches, model=None, **kw):
+def _epoch(batches, model=None, print_freq=0, **kw):
     from deit.engine import LossScaler, train_one_epoch
     torch.manual_seed(0)
     model = model or torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     crit = lambda x, out, y: F.cross_entropy(out, y)  # noqa: E731
     return model, opt, train_one_epoch(model, crit, batches, opt, torch.device('cpu'), 7, LossScaler('cpu', False),
-                                       **{'print_freq': 0, **kw})
+                                       print_freq=print_freq, **kw)
 
 
 def test_train_epoch_stats_steps_mode_and_ema():

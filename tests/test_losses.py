@@ -498,23 +498,26 @@ def test_validate_false_skips_the_checks_and_true_names_the_loss(make, monkeypat
     assert torch.equal(make(validate=False)(z, y), want)
 
 
+def _trainer_args(*argv):
+    """The trainer's own argument defaults, with these flags."""
+    from deit.args import get_args_parser
+    return get_args_parser().parse_args(list(argv))
+
+
 def test_build_criterion_picks_the_base_loss_the_flags_ask_for():
-    from argparse import Namespace
     from deit.losses import BCEOnMixedLabels, CrossEntropyLoss, build_criterion, check_alpha
     with pytest.raises(ValueError, match=r'^alpha must be in \[0, 1\), got 1.5$'):
         check_alpha(1.5)
 
-    def args(**kw):
-        base = dict(loss='ce', smoothing=0.0, bce_loss=False, alpha=0.1, alpha_end=0.2, alpha_schedule='linear',
-                    epochs=10, distillation_type='none', distillation_alpha=0.5, distillation_tau=1.0)
-        return Namespace(**{**base, **kw})
-    _, base, schedule = build_criterion(args(smoothing=0.1), 7)  # DeiT's LS when Mixup does not smooth
+    def args(*flags):
+        return _trainer_args('--loss', 'ce', *flags)
+    _, base, schedule = build_criterion(args('--smoothing', '0.1'), 7)  # DeiT's LS when Mixup does not smooth
     assert type(base) is LabelSmoothingLoss and base.alpha == 0.1 and schedule is None
-    assert type(build_criterion(args(smoothing=0.1), 7, mixup=True)[1]) is CrossEntropyLoss
+    assert type(build_criterion(args('--smoothing', '0.1'), 7, mixup=True)[1]) is CrossEntropyLoss
     assert type(build_criterion(args(), 7)[1]) is CrossEntropyLoss  # no smoothing asked: plain CE
-    assert type(build_criterion(args(loss='maxsup', smoothing=0.1), 7)[1]) is MaxSupLoss
-    assert type(build_criterion(args(bce_loss=True), 7)[1]) is BCEOnMixedLabels
-    ols = build_criterion(args(loss='ols'), 7)[1]
+    assert type(build_criterion(args('--loss', 'maxsup', '--smoothing', '0.1'), 7)[1]) is MaxSupLoss
+    assert type(build_criterion(args('--bce-loss'), 7)[1]) is BCEOnMixedLabels
+    ols = build_criterion(args('--loss', 'ols'), 7)[1]
     assert ols.num_classes == 7
 
 
@@ -534,13 +537,11 @@ def test_create_criterion_defaults_and_every_option_reaches_its_loss():
 
 
 def test_distillation_defaults_and_flags_reach_the_wrapper():
-    from argparse import Namespace
     from deit.losses import build_criterion
     d = DistillationLoss(MaxSupLoss())
     assert (d.distillation_type, d.alpha, d.tau) == ('none', 0.5, 1.0)  # DeiT's defaults
     with pytest.raises(ValueError, match=r"^distillation_type must be none\|soft\|hard, got 'kd'$"):
         DistillationLoss(MaxSupLoss(), torch.nn.Identity(), 'kd')
-    args = Namespace(loss='maxsup', smoothing=0.0, bce_loss=False, alpha=0.1, alpha_end=0.2, alpha_schedule='linear',
-                     epochs=10, distillation_type='soft', distillation_alpha=0.3, distillation_tau=2.5)
+    args = _trainer_args('--distillation-type', 'soft', '--distillation-alpha', '0.3', '--distillation-tau', '2.5')
     crit = build_criterion(args, 7, teacher=torch.nn.Identity())[0]
     assert (crit.distillation_type, crit.alpha, crit.tau) == ('soft', 0.3, 2.5)

@@ -19,9 +19,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import timm
 import torchvision
 
-from deit.checkpoint import load_model
+from deit.checkpoint import (CheckpointError, _input_size, checkpoint_format, extract_state_dict, infer_architecture,
+                             load_file, load_model, read_state_dict, recorded_settings, restore_weights, torch_load)
+from deit.models import create_model
 from tests.conftest import make_imagefolder
 
 NUM_CLASSES = 4
@@ -305,16 +308,12 @@ def test_zip_with_split_prefixed_members_gets_a_hint(tmp_path):
 @pytest.mark.parametrize('name', ['deit_tiny_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224',
                                   'deit_tiny_distilled_patch16_224', 'deit_base_distilled_patch16_224'])
 def test_infer_architecture_names_every_released_deit_size(name):
-    import timm
-    from deit.checkpoint import infer_architecture
     with torch.device('meta'):  # shapes only: timm's own model definitions, no memory or init time
         state = timm.create_model(name, num_classes=7).state_dict()
     assert infer_architecture(state) == (name, 7)
 
 
 def test_infer_architecture_refuses_what_it_cannot_name():
-    import timm
-    from deit.checkpoint import CheckpointError, infer_architecture
     with torch.device('meta'):
         state = timm.create_model('vit_small_patch16_224', depth=6).state_dict()
     with pytest.raises(CheckpointError, match=r'^ViT checkpoint of width 384, depth 6, patch 16 matches no known '
@@ -326,7 +325,6 @@ def test_infer_architecture_refuses_what_it_cannot_name():
 
 
 def test_restore_weights_names_the_file_and_the_first_mismatch():
-    from deit.checkpoint import CheckpointError, restore_weights
     model = nn.Linear(3, 2)
     for ckpt in ({'state_dict': model.state_dict()}, [model.state_dict()]):
         with pytest.raises(CheckpointError, match='^ck.pth: no "model" entry; not a training checkpoint$'):
@@ -343,15 +341,12 @@ def test_restore_weights_names_the_file_and_the_first_mismatch():
 
 @pytest.mark.parametrize('name', ['resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet50_blurpool'])
 def test_infer_architecture_names_every_resnet_depth(name):
-    from deit.checkpoint import infer_architecture
-    from deit.models import create_model
     with torch.device('meta'):
         state = create_model(name, num_classes=7).state_dict()
     assert infer_architecture(state) == (name, 7)
 
 
 def test_infer_architecture_needs_a_whole_resnet():
-    from deit.checkpoint import CheckpointError, infer_architecture
     stem_and_head = {k: torch.zeros(1) for k in ('conv1.weight', 'fc.weight', 'bn1.weight', 'bn1.bias', 'fc.bias',
                                                   'layer1.0.conv1.weight')}
     with pytest.raises(CheckpointError, match=r"^cannot tell the architecture from the keys \(first: \['bn1.bias', "
@@ -361,12 +356,12 @@ def test_infer_architecture_needs_a_whole_resnet():
     with pytest.raises(CheckpointError, match=r'^cannot tell'):
         infer_architecture({'layer4.0.conv1.weight': torch.zeros(1), 'fc.weight': torch.zeros(1)})
     odd = {**stem_and_head, 'layer4.0.conv1.weight': torch.zeros(1)}
-    with pytest.raises(CheckpointError, match=r'^ResNet checkpoint with blocks \[1, 0, 0, 1\] matches no known ResNet$'):
+    with pytest.raises(CheckpointError,
+                       match=r'^ResNet checkpoint with blocks \[1, 0, 0, 1\] matches no known ResNet$'):
         infer_architecture(odd)
 
 
 def test_lightning_and_state_dict_errors_name_where_they_looked(tmp_path, capsys):
-    from deit.checkpoint import CheckpointError, extract_state_dict, read_state_dict
     t = torch.zeros(1)
     others = {f'criterion.buf{i}': t for i in range(9)}
     with pytest.raises(CheckpointError) as e:
@@ -387,8 +382,6 @@ def test_lightning_and_state_dict_errors_name_where_they_looked(tmp_path, capsys
 
 def test_checkpoint_formats_and_recorded_settings_in_every_release_form(tmp_path):
     from safetensors.torch import save_file
-    from deit.checkpoint import checkpoint_format, recorded_settings
-    from deit.models import create_model
     from tools.load_checkpoint import export_safetensors
     model = create_model('deit_demo_patch4_32', 10)
     sd = model.state_dict()
@@ -415,7 +408,6 @@ def test_checkpoint_formats_and_recorded_settings_in_every_release_form(tmp_path
 
 def test_input_size_of_a_loaded_model_vit_grid_then_given_then_its_config():
     from types import SimpleNamespace as NS
-    from deit.checkpoint import _input_size
     vit = NS(patch_embed=NS(img_size=(48, 64)), pretrained_cfg={'input_size': (3, 224, 224)})
     assert _input_size(vit) == 48 and _input_size(vit, 96) == 48  # a ViT's position grid fixes its input size
     assert _input_size(NS(patch_embed=NS(img_size=None)), 96) == 96
@@ -426,7 +418,6 @@ def test_input_size_of_a_loaded_model_vit_grid_then_given_then_its_config():
 
 
 def _deit_file(tmp_path, name='deit_tiny_patch16_224', input_size=224, classes=10, **entries):
-    from deit.models import create_model
     model = create_model(name, classes, input_size=input_size)
     args = argparse.Namespace(model=name, input_size=input_size, nb_classes=classes, data_set='IMNET')
     path = tmp_path / f'{name}-{input_size}.pth'
@@ -438,7 +429,6 @@ def test_load_model_builds_the_recorded_input_size_and_reports_it(tmp_path):
     path, model = _deit_file(tmp_path, input_size=64)  # a 4x4 position grid: only a 64-px model fits it
     loaded, info = load_model(path)
     assert info['input_size'] == 64 and loaded.pos_embed.shape == model.pos_embed.shape
-    from deit.models import create_model
     resnet = create_model('resnet18', 10)
     torch.save({'model': resnet.state_dict(), 'args': argparse.Namespace(model='resnet18', input_size=160)},
                tmp_path / 'r18.pth')
@@ -447,7 +437,6 @@ def test_load_model_builds_the_recorded_input_size_and_reports_it(tmp_path):
 
 
 def test_load_model_ema_weights_head_reset_and_what_does_not_fit(tmp_path):
-    from deit.checkpoint import CheckpointError
     path, model = _deit_file(tmp_path)
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     torch.save({**torch.load(path, weights_only=False), 'model_ema': ema}, path)
@@ -461,7 +450,8 @@ def test_load_model_ema_weights_head_reset_and_what_does_not_fit(tmp_path):
     assert (info['num_classes'], info['checkpoint_classes'], info['head_reset']) == (5, 10, True)
     sd = model.state_dict()
     for bad, msg in (({k: v for k, v in sd.items() if not k.startswith('head')}, 'no classifier head'),
-                     ({k: v for k, v in sd.items() if k != 'head.bias'}, "missing \\['head.bias'\\], unexpected \\[\\]"),
+                     ({k: v for k, v in sd.items() if k != 'head.bias'},
+                      "missing \\['head.bias'\\], unexpected \\[\\]"),
                      ({**sd, **{f'extra.{i}': torch.zeros(1) for i in range(10)}},
                       "missing \\[\\], unexpected \\['extra.0', 'extra.1', 'extra.2', 'extra.3', 'extra.4', "
                       "'extra.5', 'extra.6', 'extra.7'\\]$")):
@@ -472,7 +462,6 @@ def test_load_model_ema_weights_head_reset_and_what_does_not_fit(tmp_path):
 
 
 def test_extract_state_dict_errors_name_the_entry_they_looked_in():
-    from deit.checkpoint import CheckpointError, extract_state_dict
     with pytest.raises(CheckpointError, match='^<object>: expected a dict of weights, got list$'):
         extract_state_dict([1])
     entries = {f'k{i:02d}': 1 for i in range(12)}
@@ -485,8 +474,6 @@ def test_extract_state_dict_errors_name_the_entry_they_looked_in():
 
 
 def test_load_model_reports_a_vits_own_size_and_lists_what_is_missing(tmp_path):
-    from deit.checkpoint import CheckpointError, extract_state_dict
-    from deit.models import create_model
     demo = create_model('deit_demo_patch4_32', 10).state_dict()
     torch.save(demo, tmp_path / 'demo.pth')  # no recorded size: the ViT's own 32-px grid
     assert load_model(tmp_path / 'demo.pth', model_name='deit_demo_patch4_32')[1]['input_size'] == 32
@@ -507,7 +494,6 @@ def test_hub_and_url_sources_try_the_usual_files_in_order(tmp_path, monkeypatch)
     """No network in tests: huggingface_hub's download and torch.hub's URL loader are imitated."""
     import pickle
     import huggingface_hub
-    from deit.checkpoint import CheckpointError, load_file
     torch.save({'w': torch.ones(2)}, tmp_path / 'pytorch_model.bin')
     asked = []
 
@@ -548,7 +534,6 @@ class _Arbitrary:  # any pickled object that is not a tensor, a container or an 
 
 
 def test_checkpoints_load_safely_even_when_the_environment_turns_torchs_default_off(tmp_path, monkeypatch):
-    from deit.checkpoint import CheckpointError, load_file, torch_load
     torch.save({'obj': _Arbitrary()}, tmp_path / 'evil.pth')
     monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')  # what mmengine's resume needs (segmentation)
     with pytest.raises(CheckpointError, match='not a plain checkpoint'):

@@ -17,8 +17,11 @@ from torchvision.datasets import ImageFolder
 
 from data.build_zip_cache import build, main as build_main
 from data.class_map import class_permutation, convert_head, convert_predictions, invert
-from data.zip_cache import (CacheError, CorruptImageError, ShardSampler, ZipImageDataset, collate_skip_bad,
-                            parse_map_file, write_map_file)
+import data.zip_cache as zc
+from data.decode import LazyJpeg
+from data.zip_cache import (CacheError, CorruptImageError, ShardSampler, ZipImageDataset, _labels_ok, _map_arrays,
+                            check_labels, check_split_labels, class_folder, collate_skip_bad, open_index,
+                            parse_map_file, train_class_index, write_map_file)
 from deit.main import cli
 from tests.conftest import TINY, make_image, make_imagefolder
 
@@ -88,13 +91,18 @@ def test_flat_val_with_label_file(src_tree, tmp_path):
                                                                   ('val_00002.JPEG', 2)]
 
 
-def _zip_with(tmp_path, members: dict, map_lines: str):
-    zp = tmp_path / 'train.zip'
+def _zip_with(tmp_path, members: dict, map_lines: str, split: str = 'train'):
+    zp = tmp_path / f'{split}.zip'
     with zipfile.ZipFile(zp, 'w', zipfile.ZIP_STORED) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
-    (tmp_path / 'train_map.txt').write_text(map_lines, encoding='utf-8')
-    return zp, tmp_path / 'train_map.txt'
+    (tmp_path / f'{split}_map.txt').write_text(map_lines, encoding='utf-8')
+    return zp, tmp_path / f'{split}_map.txt'
+
+
+def _two_classes(tmp_path):
+    """train.zip + train_map.txt: a/x.jpg (class 0) and b/y.jpg (class 1), zip in map order."""
+    return _zip_with(tmp_path, {'a/x.jpg': _jpeg(), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
 
 
 def _jpeg(c=0, i=0):
@@ -257,7 +265,6 @@ def _member_table(zp):
 
 
 def test_index_is_stored_reused_and_rebuilt_when_stale(tmp_path, capsys):
-    from data.zip_cache import open_index
     zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(0), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
     idx = open_index(zp, mp_, folder_labels=True)
     assert (tmp_path / 'train.zip.idx').is_file() and 'wrote' in capsys.readouterr().out
@@ -350,7 +357,6 @@ def test_zip64_member_past_4gb_parses_as_zipfile_does(tmp_path):
 
 # ---------------------------------------------------------------- label checks, defaults and edge cases users rely on
 def test_check_labels_names_what_is_wrong(tmp_path):
-    from data.zip_cache import check_labels
     with pytest.raises(CacheError, match=r'^m.txt: labels must cover 0..12; missing \[1, 2, 3, 4, 5, 6, 7, 8, 9, '
                                          r'10\] ...$'):
         check_labels([('a/x', 0), ('b/y', 12)], 'm.txt', False)  # 11 missing: the first 10 and "..."
@@ -384,11 +390,8 @@ def test_map_member_missing_from_a_reordered_zip_names_the_line_and_prefix_hint(
 
 def _split_tree(tmp_path, val_members: dict, val_map: str):
     """root/train.zip (+map, class folders a, b) and root/val.zip with the given members and map."""
-    _zip_with(tmp_path, {'a/x.jpg': _jpeg(0), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
-    with zipfile.ZipFile(tmp_path / 'val.zip', 'w') as zf:
-        for name, data in val_members.items():
-            zf.writestr(name, data)
-    (tmp_path / 'val_map.txt').write_text(val_map)
+    _two_classes(tmp_path)
+    _zip_with(tmp_path, val_members, val_map, split='val')
     return tmp_path
 
 
@@ -420,7 +423,6 @@ def test_from_folder_defaults_folder_labels_train_map_and_rank(tmp_path, monkeyp
 
 
 def test_skips_are_counted_across_calls_and_lazy_transforms_get_an_undecoded_jpeg(tmp_path):
-    from data.decode import LazyJpeg
     bad = _jpeg(1)[:200]
     zp, mp_ = _zip_with(tmp_path, {'a/b1.jpg': bad, 'a/b2.jpg': bad, 'a/ok.jpg': _jpeg()},
                         'a/b1.jpg\t0\na/b2.jpg\t0\na/ok.jpg\t0\n')
@@ -508,7 +510,6 @@ def test_map_file_separators_line_ends_and_exact_errors(tmp_path):
 
 
 def test_split_labels_follow_the_train_class_folders(tmp_path):
-    from data.zip_cache import check_split_labels, class_folder, train_class_index
     assert [class_folder(n) for n in ('a/x.jpg', 'a/b/c.jpg', 'x.jpg', '/x.jpg')] == ['a', 'a', None, '']
     write_map_file(tmp_path / 'train_map.txt', [('n01/a.jpg', 0), ('n01/deep/b.jpg', 0), ('n02/c.jpg', 1)])
     index = train_class_index(tmp_path / 'train_map.txt')
@@ -537,7 +538,6 @@ def test_map_fast_path_takes_every_regular_map_and_agrees_with_the_exact_parser(
     """Opening a 1.28M-line map parses it in whole-file passes (_map_arrays, _labels_ok); anything irregular
     falls back to parse_map_file / check_labels, which name the line. The fast path must give the exact
     parser's result, accept every map the exact checks accept, and never accept one they refuse."""
-    from data.zip_cache import _labels_ok, _map_arrays, check_labels
     folder_labels = MAPS[text]
     m = tmp_path / 'm.txt'
     m.write_bytes(text)
@@ -590,7 +590,7 @@ class _Pages:
 
 
 def test_warm_hands_the_file_to_readahead_or_reads_it_in_chunks_and_members_without_crc(tmp_path, monkeypatch):
-    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    zp, mp_ = _two_classes(tmp_path)
     index = ZipImageDataset(zp, mp_, cache_mode='no').index
     index._mm = pages = _Pages(25)
     index.warm()
@@ -606,8 +606,7 @@ def test_warm_hands_the_file_to_readahead_or_reads_it_in_chunks_and_members_with
 
 
 def test_index_travels_by_file_and_maps_it_once_per_worker(tmp_path, monkeypatch):
-    import data.zip_cache as zc
-    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    zp, mp_ = _two_classes(tmp_path)
     index = ZipImageDataset(zp, mp_, cache_mode='no').index
     clone = pickle.loads(pickle.dumps(index))
     assert clone.__dict__['_arrays'] is None and clone.__dict__['_mm'] is None  # arrays stay in the .idx file
@@ -624,7 +623,6 @@ def test_index_travels_by_file_and_maps_it_once_per_worker(tmp_path, monkeypatch
 
 
 def test_cache_modes_warm_what_they_promise(tmp_path, monkeypatch):
-    import data.zip_cache as zc
     calls = []
     monkeypatch.setattr(zc.ZipIndex, 'warm', lambda self, members=None: calls.append(
         None if members is None else members.tolist()))
@@ -644,8 +642,7 @@ def test_missing_zip_or_map_is_named(tmp_path):
 
 
 def test_reopened_index_is_mapped_once_and_travels_by_file(tmp_path, monkeypatch):
-    import data.zip_cache as zc
-    zp, mp_ = _zip_with(tmp_path, {'a/x.jpg': _jpeg(), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    zp, mp_ = _two_classes(tmp_path)
     zc.open_index(zp, mp_, folder_labels=True)  # writes train.zip.idx
     monkeypatch.setattr(zc, 'parse_map_file', lambda *a: pytest.fail('a regular map takes the whole-file path'))
     (tmp_path / 'train.zip.idx').unlink()
@@ -656,7 +653,6 @@ def test_reopened_index_is_mapped_once_and_travels_by_file(tmp_path, monkeypatch
 
 
 def test_irregular_maps_open_through_the_exact_parser(tmp_path):
-    from data.zip_cache import open_index
     zp, mp_ = _zip_with(tmp_path, {'b/y z.jpg': _jpeg(1), 'a/x.jpg': _jpeg()}, '')
     mp_.write_bytes(b'a/x.jpg 0\r\nb/y z.jpg\t1\r\n')  # CRLF, one space-separated line
     index = open_index(zp, mp_, folder_labels=True)
@@ -668,7 +664,6 @@ def test_irregular_maps_open_through_the_exact_parser(tmp_path):
 
 
 def test_val_index_is_checked_again_when_the_train_map_changes(tmp_path):
-    from data.zip_cache import open_index
     root = _split_tree(tmp_path, {'a/s p/v.jpg': _jpeg(0), 'b/w.jpg': _jpeg(1)}, 'a/s p/v.jpg\t0\nb/w.jpg\t1\n')
     open_index(root / 'val.zip', root / 'val_map.txt', False, root / 'train_map.txt')  # names with spaces: fine
     (root / 'train_map.txt').write_text('a/x.jpg\t1\nb/y.jpg\t0\n')  # the train labels were swapped since
