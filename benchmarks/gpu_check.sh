@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
-# The CUDA paths in one run (< 4 min on one GPU); its numbers go into the README ("Data loading speed").
-#   bash benchmarks/gpu_check.sh          PYTHON=python3  WORK=/tmp/gpu_check
+# The CUDA paths in one run (< 10 min on one GPU); its numbers go into the README ("Data loading speed").
+#   bash benchmarks/gpu_check.sh          PYTHON=python3  WORK=/tmp/gpu_check (a fresh folder below it per run)
 # 1. AMP (fp16 + GradScaler) train steps of DeiT-S 224, batch 128: MaxSup vs CE, img/s
-# 2. the input pipeline feeding the GPU from every core: default vs --device-aug, img/s
-# 3. the trainer itself: one AMP epoch on a ZIP cache with EMA kept on the CPU (--model-ema-force-cpu),
-#    then the evaluation of the model and of the EMA
+# 2. fused MaxSup under CUDA fp16 autocast equals the fp32 reference (asserted)
+# 3. the input pipeline feeding the GPU from every core: default vs --device-aug, img/s
+# 4. the trainer itself, in a new folder: one AMP epoch on a ZIP cache with the EMA kept on the CPU
+#    (--model-ema-force-cpu); the EMA metrics it logs must equal a blocking CPU evaluation of its checkpoint
+# Every check that asserts prints "<check>: OK"; the script stops at the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-WORK=${WORK:-/tmp/gpu_check}
-mkdir -p "$WORK"
+WORK=$(mkdir -p "${WORK:-/tmp/gpu_check}" && mktemp -d "${WORK:-/tmp/gpu_check}/run-XXXX")
 "$PY" -c 'import torch, timm, PIL; assert torch.cuda.is_available(), "no CUDA device";
 print("torch", torch.__version__, "timm", timm.__version__, "PIL", PIL.__version__, "|", torch.cuda.get_device_name())'
 echo "== 1. AMP train steps: DeiT-S, batch 128, MaxSup vs CE"
 "$PY" -m benchmarks.bench_train_step --model deit_small_patch16_224 --input-size 224 --batch 128 --amp \
     --steps 10 --rounds 3
-echo "== 2. input pipeline -> GPU"
+echo "== 2. fused MaxSup under fp16 autocast vs the fp32 reference"
+"$PY" -m benchmarks.gpu_asserts maxsup-amp --device cuda
+echo "== 3. input pipeline -> GPU"
 "$PY" -m benchmarks.bench_input_pipeline --gpu --images 1024 --loader-batches 24 --workdir "$WORK/data"
-echo "== 3. trainer: 1 AMP epoch + EMA on the CPU + evaluation"
+echo "== 4. trainer: 1 AMP epoch + EMA on the CPU, evaluated on the GPU after the last epoch"
 start=$(date +%s)
 "$PY" -m deit.main --data-set IMNET --cache --data-path "$WORK/data/full" --model deit_small_patch16_224 \
     --batch-size 128 --epochs 1 --warmup-epochs 0 --lr 5e-4 --model-ema --model-ema-force-cpu \
     --num_workers "$(( $(nproc) - 2 ))" --output_dir "$WORK/run" --print-freq 4 2>&1 \
     | grep -E "input pipeline|Epoch: \[0\] Total|Test:.*Total|Acc@1|EMA|Final|rror" || true
 echo "trainer run: $(( $(date +%s) - start )) s"
-test -f "$WORK/run/checkpoint.pth" && echo "checkpoint written: OK"
+"$PY" -m benchmarks.gpu_asserts ema "$WORK/run" --data-path "$WORK/data/full" --cache

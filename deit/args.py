@@ -26,7 +26,9 @@ def _model(p) -> None:
     g('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g('--model-ema', action=argparse.BooleanOptionalAction, default=False, help='keep an EMA of the weights')
     g('--model-ema-decay', type=float, default=0.99996, help='EMA decay per step')
-    g('--model-ema-force-cpu', action='store_true', help='keep (and evaluate) the EMA on the CPU')
+    g('--model-ema-force-cpu', action='store_true',
+      help='keep the EMA on the CPU (saves GPU memory); it is then evaluated only after the last epoch, on a '
+           'copy on the training device, not every epoch on the CPU while the GPUs wait (as timm)')
     g('--finetune', default='', help='initialise from this checkpoint (head reset / pos-embed resize as needed)')
 
 

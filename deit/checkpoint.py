@@ -163,17 +163,19 @@ def load_scheduler_state(scheduler, state: dict) -> None:
         scheduler.lr_scheduler.load_state_dict(plateau)
 
 
-def training_state(args, run, epoch: int, world_size: int, rng: list, log: dict, test_stats: dict) -> dict:
+def training_state(args, run, epoch: int, world_size: int, rng: list, log: dict | None, test_stats: dict,
+                   step: int = 0) -> dict:
     """Everything a resume needs, in one dict (read back by :func:`restore_training_state`).
 
-    ``rng``: every rank's RNG streams (rank order); ``log``: the epoch's log.txt record, so a resume can
-    restore a log line a kill lost; ``test_stats``: the last evaluation, printed when a finished run is
-    started again.
+    ``epoch``: the last completed epoch (-1: none); ``step``: batches of the NEXT epoch already trained (a
+    save at a stop signal, always right after an optimizer step), 0 at an epoch's end. ``rng``: every rank's RNG streams (rank order);
+    ``log``: the log.txt record of ``epoch``, so a resume can restore a log line a kill lost;
+    ``test_stats``: the last evaluation, printed when a finished run is started again.
     """
     state = {
         'model': run.model_without_ddp.state_dict(), 'optimizer': run.optimizer.state_dict(),
         'lr_scheduler': scheduler_state(run.lr_scheduler), 'scaler': run.loss_scaler.state_dict(),
-        'criterion': run.base_criterion.state_dict(), 'epoch': epoch, 'args': args,
+        'criterion': run.base_criterion.state_dict(), 'epoch': epoch, 'step': step, 'args': args,
         'max_accuracy': run.max_accuracy, 'world_size': world_size, 'rng': rng, 'log': log, 'test_stats': test_stats,
     }
     if run.model_ema is not None:
@@ -183,11 +185,14 @@ def training_state(args, run, epoch: int, world_size: int, rng: list, log: dict,
 
 def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, world: int = 1) -> None:
     """Optimiser, schedule, scaler, EMA, criterion state and this rank's RNG streams from ``ckpt``
-    (written by :func:`training_state`); sets args.start_epoch to the epoch after the checkpoint's."""
+    (written by :func:`training_state`); sets args.start_epoch to the epoch after the checkpoint's and
+    run.start_step to the steps of it already trained."""
     if 'optimizer' in ckpt and 'epoch' in ckpt:
         run.optimizer.load_state_dict(ckpt['optimizer'])
         load_scheduler_state(run.lr_scheduler, ckpt['lr_scheduler'])
         args.start_epoch = ckpt['epoch'] + 1
+        run.start_step = ckpt.get('step', 0)
+        run.last_log = ckpt.get('log')
         if ckpt.get('scaler') and run.loss_scaler.is_enabled():
             run.loss_scaler.load_state_dict(ckpt['scaler'])
         elif run.loss_scaler.is_enabled():  # saved without fp16 AMP (e.g. a CPU run): fresh dynamic scale
@@ -204,7 +209,8 @@ def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, worl
     if ckpt.get('world_size', world) != world:
         print(f'note: checkpoint written with {ckpt["world_size"]} process(es), resuming with {world}: the '
               f'lr schedule continues from the checkpoint; data order and RNG streams differ')
-    print(f'resumed from {path} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}')
+    at = f', step {run.start_step}' if getattr(run, 'start_step', 0) else ''
+    print(f'resumed from {path} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}{at}')
 
 
 RUN_ARGS = ('model', 'input_size', 'loss', 'alpha', 'alpha_end', 'alpha_schedule', 'data_set', 'epochs', 'base_lr',

@@ -25,6 +25,14 @@ from timm.data.random_erasing import RandomErasing
 _GRAY = (19595 / 65536, 38470 / 65536, 7471 / 65536)  # PIL's "L" conversion weights (ITU-R 601-2)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t.to(device)``, non-blocking only towards an accelerator. A non-blocking copy to the host returns
+    before the bytes have arrived (PyTorch's "non_blocking and pin_memory" notes), so a CPU consumer could read
+    a half-copied batch; towards the device the stream orders the copy before every kernel that reads it."""
+    device = torch.device(device)
+    return t.to(device, non_blocking=device.type != 'cpu')
+
+
 class DeviceBatches:
     """Wraps a loader of uint8 (B, C, H, W) batches: moves each batch to ``device`` (non-blocking) and runs the
     device-side steps. ``len()``, ``sampler`` and ``dataset`` are the wrapped loader's."""
@@ -64,8 +72,7 @@ class DeviceBatches:
 
     def __iter__(self):
         for images, targets in self.loader:
-            images = images.to(self.device, non_blocking=True)
-            yield self.process(images), targets.to(self.device, non_blocking=True)
+            yield self.process(to_device(images, self.device)), to_device(targets, self.device)
 
 
 class DeviceRandAugment:
@@ -115,7 +122,7 @@ class DeviceRandAugment:
             for (name, mode, fill), idx in groups.items():
                 # per-sample arguments stay on the host (affine matrices are built there): one small copy each
                 args = torch.tensor([draws[i][layer][1] for i in idx], dtype=torch.float32).reshape(len(idx), -1)
-                index = torch.tensor(idx).to(x.device, non_blocking=True)
+                index = to_device(torch.tensor(idx), x.device)
                 x[index] = _OPS[name](x[index], args, mode=mode, fill=fill)
         return x.round_().clamp_(0, 255).to(torch.uint8)
 
@@ -124,7 +131,7 @@ class DeviceRandAugment:
 
 def _per_sample(a, x):
     """Column 0 of the host-side args as an (n, 1, 1, 1) tensor on x's device."""
-    return a[:, 0].view(-1, 1, 1, 1).to(x.device, non_blocking=True)
+    return to_device(a[:, 0].view(-1, 1, 1, 1), x.device)
 
 
 def _blend(degenerate, x, a):  # PIL ImageEnhance -> Image.blend: truncated, clipped
@@ -202,12 +209,12 @@ def _affine(x, m, mode, fill):
     # normalised output coords -> pixel coords -> PIL matrix -> normalised input coords (built on the host)
     to_px = torch.tensor([[w / 2, 0, w / 2], [0, h / 2, h / 2], [0, 0, 1]])
     to_norm = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1]])
-    theta = (to_norm @ full @ to_px).to(x.device, non_blocking=True)
+    theta = to_device(to_norm @ full @ to_px, x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     sampled = F.grid_sample(torch.cat([x, torch.ones_like(x[:, :1])], 1), grid, padding_mode='zeros',
                             mode={0: 'nearest', 3: 'bicubic'}.get(mode, 'bilinear'), align_corners=False)
     inside = sampled[:, -1:].clamp(0, 1)  # 1 inside the source image, 0 outside, blended at its edge
-    fill_t = torch.tensor(fill, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
+    fill_t = to_device(torch.tensor(fill, dtype=x.dtype).view(1, -1, 1, 1), x.device)
     return (sampled[:, :-1] * inside + fill_t * (1 - inside)).clamp(0, 255).round()
 
 

@@ -21,6 +21,7 @@ import itertools
 import os
 import re
 import shutil
+import socket
 import subprocess
 
 import torch
@@ -134,6 +135,57 @@ def dist_env(env: dict | None = None) -> dict | None:
             'master_addr': master, 'master_port': slurm_port(env)}
 
 
+def interface_addresses() -> dict[str, str]:
+    """IPv4 address of every network interface of this host (``{'lo': '127.0.0.1', 'eth0': ...}``)."""
+    import fcntl
+    import struct
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack('256s', name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:  # no IPv4 address on it
+                continue
+            out[name] = socket.inet_ntoa(packed[20:24])
+    return out
+
+
+def route_source_address(host: str, port: int) -> str:
+    """The local address the kernel would use to reach ``host`` (a UDP connect sends no packet)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), port))
+        return s.getsockname()[0]
+
+
+def gloo_interface(env, hostname_address=None, route=route_source_address, interfaces=interface_addresses):
+    """The interface gloo should use, or None to leave gloo's own choice (which is fine on most hosts).
+
+    gloo binds to whatever this host's name resolves to; on many installs that is 127.0.1.1 (Debian's
+    /etc/hosts), and a multi-node job then fails at its first barrier with ``connectFullMesh failed``.
+    Only then, and only when GLOO_SOCKET_IFNAME is unset and the master is another host: NCCL_SOCKET_IFNAME
+    when it names interfaces of this host (NCCL's prefix match, without its ``^``/``=`` forms), else the
+    interface that routes to MASTER_ADDR.
+    """
+    master = env.get('MASTER_ADDR')
+    if env.get('GLOO_SOCKET_IFNAME') or not master:
+        return None
+    try:
+        own = hostname_address() if hostname_address else socket.gethostbyname(socket.gethostname())
+        master_ip = socket.gethostbyname(master)
+    except OSError:
+        return None
+    if not own.startswith('127.') or master_ip.startswith('127.'):
+        return None
+    addresses = interfaces()
+    nccl = env.get('NCCL_SOCKET_IFNAME', '')
+    if nccl and not nccl.startswith(('^', '=')):
+        names = [n for prefix in nccl.split(',') for n in sorted(addresses) if prefix and n.startswith(prefix)]
+        if names:
+            return names[0]
+    source = route(master, int(env.get('MASTER_PORT') or 29500))
+    return next((n for n, a in addresses.items() if a == source), None)
+
+
 def cuda_device_index(local_rank: int) -> int:
     """The GPU of this process: local_rank modulo the visible GPUs (a task may see only its own GPU)."""
     return local_rank % max(torch.cuda.device_count(), 1)
@@ -157,12 +209,24 @@ def init_distributed_mode(args) -> None:
     args.dist_backend = process_group_backend(use_cuda)
     if use_cuda:  # before the first collective: NCCL binds the communicator to the current device
         torch.cuda.set_device(args.gpu)
+    set_gloo_interface()
     print(f'| distributed init (rank {args.rank}/{args.world_size}, local {info["local_rank"]}, '
           f'{info["source"]}, backend {args.dist_backend})', flush=True)
     dist.init_process_group(backend=args.dist_backend, init_method='env://', world_size=args.world_size,
                             rank=args.rank, timeout=datetime.timedelta(minutes=30))
     dist.barrier()
     setup_for_distributed(args.rank == 0)
+
+
+def set_gloo_interface(env=None) -> str | None:
+    """Export GLOO_SOCKET_IFNAME when :func:`gloo_interface` finds that gloo's own choice would fail."""
+    env = os.environ if env is None else env
+    name = gloo_interface(env)
+    if name:
+        env['GLOO_SOCKET_IFNAME'] = name
+        print(f'gloo: this host\'s name resolves to a loopback address; using interface {name} '
+              f'(set GLOO_SOCKET_IFNAME to choose another)', flush=True)
+    return name
 
 
 def setup_for_distributed(is_master: bool) -> None:

@@ -1,7 +1,6 @@
 """One training epoch and one evaluation pass (DeiT's engine.py on timm 1.0 / torch.amp)."""
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from typing import Iterable
 
@@ -9,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from timm.utils import NativeScaler
 
-from deit.distributed import all_reduce_sum, any_rank
+from deit.device_aug import to_device
+from deit.distributed import all_reduce_sum, any_rank, get_rank, get_world_size, is_dist
 from deit.logger import MetricLogger, SmoothedValue
 from deit.metrics import CalibrationBins, topk_correct
 
@@ -35,18 +35,44 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = No
                                                                    else torch.bfloat16))
 
 
+def step_status(loss: torch.Tensor, stop: bool) -> tuple[float, list[int], bool]:
+    """(loss, ranks whose loss is not finite, stop requested on any rank), the same on every rank.
+
+    One small all-reduce per micro-batch on the loss's device (NCCL on a GPU; it replaces the host sync of
+    ``loss.item()``): a check made per rank would let a rank with a NaN loss stop alone while the others wait
+    in DDP's gradient all-reduce until the 30-minute timeout. The loss returned is the mean over ranks.
+    """
+    world = get_world_size()
+    status = torch.zeros(world + 2, device=loss.device, dtype=torch.float32)
+    value = loss.detach().float()
+    finite = torch.isfinite(value)
+    status[0] = torch.where(finite, value, torch.zeros_like(value))
+    status[1 + get_rank()] = (~finite).float()
+    status[-1] = float(stop)
+    if is_dist():
+        all_reduce_sum(status)
+    out = status.tolist()
+    bad = [r for r in range(world) if out[1 + r]]
+    return (float('nan') if bad else out[0] / world), bad, bool(out[-1])
+
+
 def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, epoch: int, loss_scaler,
                     amp: bool = False, max_norm: float | None = None, model_ema=None, mixup_fn=None,
                     print_freq: int = 50,
                     max_steps: int | None = None, set_training_mode: bool = True,
-                    batches_may_be_empty: bool = False, accum_iter: int = 1) -> dict:
+                    batches_may_be_empty: bool = False, accum_iter: int = 1, start_step: int = 0,
+                    stop_signal=None) -> dict:
     """Train one epoch. ``criterion(inputs, outputs, targets)`` is a DistillationLoss wrapper. A NaN/inf loss
-    raises NonFiniteLossError naming epoch and step (as DeiT: it would spread through weights and EMA).
+    on any rank raises NonFiniteLossError on every rank, naming ranks, epoch and step (as DeiT: it would
+    spread through weights and EMA).
     ``batches_may_be_empty`` (``--skip-bad-images``): a batch whose images were all unreadable is skipped on
     EVERY rank together (one tiny all-reduce per step): a rank that skipped its step alone would leave the
     others waiting in DDP's gradient all-reduce until the 30-minute timeout.
     ``accum_iter`` N (DeiT III / MAE): the optimizer steps every N micro-batches (and at the epoch's end) on
     the mean of their losses (each divided by N); DDP syncs gradients only on the stepping micro-batch.
+    ``start_step``: steps of this epoch trained before a requeue (the loader already leaves them out).
+    ``stop_signal`` (deit.preemption.StopSignal): once requested on any rank, every rank stops after the next
+    optimizer step and the stats carry ``stopped_at_step`` (the steps of this epoch now trained).
     """
     model.train(set_training_mode)  # DeiT's --no-train-mode keeps dropout / drop-path off while training
     logger = MetricLogger()
@@ -54,17 +80,18 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
     header = f'Epoch: [{epoch}]'
     second_order = getattr(optimizer, 'is_second_order', False)
     skipped_steps = 0
-    last = min(len(data_loader), max_steps if max_steps is not None else len(data_loader)) - 1
+    total = start_step + len(data_loader)
+    last = min(total, max_steps if max_steps is not None else total) - 1
+    stopped_at = None
     optimizer.zero_grad(set_to_none=True)
-    for step, (samples, targets) in enumerate(logger.log_every(data_loader, print_freq, header,
-                                                               batch_size_fn=lambda b: len(b[1]))):
+    batches = logger.log_every(data_loader, print_freq, header, batch_size_fn=lambda b: len(b[1]))
+    for step, (samples, targets) in enumerate(batches, start=start_step):
         if max_steps is not None and step >= max_steps:
             break
         if batches_may_be_empty and any_rank(len(targets) == 0):
             skipped_steps += 1
             continue
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        samples, targets = to_device(samples, device), to_device(targets, device)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         update = (step + 1) % accum_iter == 0 or step == last
@@ -73,10 +100,12 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
             with autocast(device, amp):
                 outputs = model(samples)
                 loss = criterion(samples, outputs, targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
-                                         f'(try a lower --lr, --clip-grad, or --no-amp)')
+            loss_value, bad_ranks, stop = step_status(loss, stop_signal is not None and stop_signal.requested)
+            if bad_ranks:
+                what = (f'not finite on rank {", ".join(map(str, bad_ranks))}' if is_dist() else loss.item())
+                raise NonFiniteLossError(f'loss is {what} at epoch {epoch}, step {step}: stopping training'
+                                         f'{" on every rank" if is_dist() else ""} (try a lower --lr, '
+                                         f'--clip-grad, or --no-amp)')
             loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
                         create_graph=second_order, need_update=update)
         if update:
@@ -85,10 +114,15 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
                 model_ema.update(model)
         logger.update(loss=loss_value, n=len(targets))
         logger.update(lr=optimizer.param_groups[0]['lr'])
+        if update and stop:
+            stopped_at = step + 1
+            break
     logger.synchronize_between_processes()
     print('Averaged stats:', logger, flush=True)
     stats = {k: m.global_avg for k, m in logger.meters.items()}
     stats['lr'] = optimizer.param_groups[0]['lr']
+    if stopped_at is not None:
+        stats['stopped_at_step'] = stopped_at
     if batches_may_be_empty:
         stats['skipped_steps'] = skipped_steps
         if skipped_steps:
@@ -113,8 +147,9 @@ def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bin
     for images, target in logger.log_every(data_loader, print_freq, 'Test:', batch_size_fn=lambda b: len(b[1])):
         if len(target) == 0:
             continue
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
+        # a blocking copy when it goes to the host (an EMA kept on the CPU): a non-blocking device-to-host
+        # copy may still be running when the model reads it (PyTorch's docs); to_device blocks there
+        images, target = to_device(images, device), to_device(target, device)
         with autocast(device, amp):
             output = model(images)
         output = output.float()

@@ -7,6 +7,7 @@ the main command: scripts/train_with_MaxSup.sh.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import datetime
 import functools
@@ -37,9 +38,10 @@ from deit.device_aug import DeviceBatches
 from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
 from deit.losses import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
+from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, ignore_stop_signals_in_worker
 from deit.rundir import (RunDirLocked, lock_run_dir, release_run_dir, remove_stale_temp_files, repair_log,
                          set_aside_log)
-from deit.samplers import DistributedEvalSampler, RASampler
+from deit.samplers import DistributedEvalSampler, RASampler, SeededDataset, SeededSampler
 
 
 def build_loaders(args, dataset_train, dataset_val):
@@ -51,14 +53,18 @@ def build_loaders(args, dataset_train, dataset_val):
         sampler_train = RASampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
     elif args.distributed:
         sampler_train = torch.utils.data.DistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
-    else:
-        sampler_train = torch.utils.data.RandomSampler(dataset_train)
+    else:  # an order fixed by (seed, epoch), like the distributed samplers: a resume mid-epoch finds it again
+        sampler_train = torch.utils.data.DistributedSampler(dataset_train, 1, 0, shuffle=True, seed=args.seed)
+    sampler_train = SeededSampler(sampler_train, args.seed, rank)
     if args.distributed and args.dist_eval:
         sampler_val = DistributedEvalSampler(dataset_val, world, rank)
     else:
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    # generator: the workers' base seed comes from it, not from the training process's torch stream (a new
+    # loader iterator after a resume would otherwise shift that stream by one draw)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
-                  persistent_workers=args.num_workers > 0)
+                  persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals_in_worker,
+                  generator=torch.Generator().manual_seed(args.seed))
 
     def collate(ds, keep_even: bool):
         if getattr(ds, 'skip_bad', False):
@@ -66,7 +72,8 @@ def build_loaders(args, dataset_train, dataset_val):
             return functools.partial(collate_skip_bad, keep_even=keep_even)
         return None
 
-    loader_train = torch.utils.data.DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+    loader_train = torch.utils.data.DataLoader(SeededDataset(dataset_train), sampler=sampler_train,
+                                               batch_size=args.batch_size,
                                                drop_last=True, collate_fn=collate(dataset_train, True), **common)
     loader_val = torch.utils.data.DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
                                              drop_last=False, collate_fn=collate(dataset_val, False), **common)
@@ -92,10 +99,11 @@ def parameter_checksum(model) -> str:
 
 
 def main(args) -> dict:
+    """Train (or evaluate) as ``args`` say. Raises :class:`Preempted` after saving at a stop signal."""
     du.init_distributed_mode(args)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(du.cleanup)
-        return _run(args, cleanup)
+        return _run(args, cleanup, cleanup.enter_context(StopSignal()))
 
 
 def claim_output_dir(args, cleanup: contextlib.ExitStack) -> Path | None:
@@ -247,8 +255,12 @@ def wrap_model(args, model, device):
     return ddp, model_ema
 
 
-def run_training(args, run, data, output_dir: Path | None) -> dict:
-    """The epoch loop: train, evaluate, checkpoint, log. ``run`` holds the model, optimiser, criterion, ..."""
+def run_training(args, run, data, output_dir: Path | None, stop_signal: StopSignal | None = None) -> dict:
+    """The epoch loop: train, evaluate, checkpoint, log. ``run`` holds the model, optimiser, criterion, ...
+
+    At a stop signal the epoch in flight ends after its next optimizer step, which is saved with
+    :func:`save_stop`; :class:`Preempted` is raised then.
+    """
     tb = open_tensorboard(output_dir)
     dist_sum = args.distributed and args.dist_eval
     print(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
@@ -259,12 +271,17 @@ def run_training(args, run, data, output_dir: Path | None) -> dict:
             data.sampler_train.set_epoch(epoch)
         if run.schedule is not None:
             run.base_criterion.alpha = run.schedule(epoch)
+        start_step, run.start_step = run.start_step, 0
+        data.sampler_train.skip(start_step * args.batch_size)
         train_stats = train_one_epoch(
             run.model, run.criterion, data.loader_train, run.optimizer, run.device, epoch, run.loss_scaler,
             amp=run.amp, max_norm=args.clip_grad, model_ema=run.model_ema, mixup_fn=data.mixup_fn,
             print_freq=args.print_freq,
             max_steps=args.max_steps_per_epoch, set_training_mode=args.train_mode,
-            batches_may_be_empty=getattr(data.train, 'skip_bad', False), accum_iter=args.accum_iter)
+            batches_may_be_empty=getattr(data.train, 'skip_bad', False), accum_iter=args.accum_iter,
+            start_step=start_step, stop_signal=stop_signal)
+        if 'stopped_at_step' in train_stats:
+            save_stop(args, run, epoch, train_stats['stopped_at_step'], output_dir, stop_signal.signum)
         if hasattr(run.base_criterion, 'next_epoch'):
             run.base_criterion.next_epoch()
         if getattr(data.train, 'skip_bad', False):
@@ -273,9 +290,10 @@ def run_training(args, run, data, output_dir: Path | None) -> dict:
             if skipped:
                 print(f'epoch {epoch}: skipped {skipped} unreadable training images (--skip-bad-images)')
         alpha = getattr(run.base_criterion, 'alpha', None)
-        evaluated = epoch == args.epochs - 1 or (epoch + 1) % args.eval_every == 0
+        final = epoch == args.epochs - 1
+        evaluated = final or (epoch + 1) % args.eval_every == 0
         if evaluated:
-            test_stats = evaluate_run(args, run, data, dist_sum)
+            test_stats = evaluate_run(args, run, data, dist_sum, final=final)
         # timm's plateau schedule watches the metric it is given (as timm's train.py); without it DeiT's call
         # never lowers the lr. Time-based schedules ignore it.
         run.lr_scheduler.step(epoch + 1, test_stats['acc1'] if evaluated else None)
@@ -287,6 +305,7 @@ def run_training(args, run, data, output_dir: Path | None) -> dict:
                **{f'train_{k}': v for k, v in train_stats.items()},  # test_* only when measured this epoch
                **({f'test_{k}': v for k, v in test_stats.items()} if evaluated else {}),
                'n_parameters': run.n_parameters}
+        run.last_log, run.last_test_stats = log, test_stats
         if output_dir:
             save_epoch(args, run, epoch, output_dir, is_best, log, tb, test_stats)
         print(f'epoch {epoch}: alpha {alpha}, lr {train_stats["lr"]:.3g}, '
@@ -297,20 +316,31 @@ def run_training(args, run, data, output_dir: Path | None) -> dict:
     return test_stats
 
 
-def evaluate_run(args, run, data, dist_sum: bool) -> dict:
+def evaluate_run(args, run, data, dist_sum: bool, final: bool = True) -> dict:
+    """The model's (and the EMA's) validation numbers, identical on every rank.
+
+    An EMA kept on the CPU (--model-ema-force-cpu) is evaluated only after the last epoch, on a copy on the
+    training device: evaluating it on the CPU every epoch idled every GPU for minutes (timm skips it). Without
+    --dist-eval every rank evaluates the whole set and rank 0's numbers are taken (a plateau schedule reading
+    each rank's own top-1 could lower the lr on some ranks only).
+    """
     amp = run.amp and run.device.type == 'cuda'
     stats = evaluate(data.loader_val, run.model, amp=amp, distributed_sum=dist_sum, print_freq=args.print_freq)
-    if run.model_ema is not None:  # on the EMA's own device (CPU with --model-ema-force-cpu)
-        ema_stats = evaluate(data.loader_val, run.model_ema.module, amp=amp, distributed_sum=dist_sum,
-                             print_freq=args.print_freq)
+    passes = 1
+    if run.model_ema is not None and (final or not args.model_ema_force_cpu):
+        ema = run.model_ema.module
+        if args.model_ema_force_cpu and run.device.type != 'cpu':
+            ema = copy.deepcopy(ema).to(run.device)
+        ema_stats = evaluate(data.loader_val, ema, amp=amp, distributed_sum=dist_sum, print_freq=args.print_freq)
         stats.update({f'ema_{k}': v for k, v in ema_stats.items()})
+        passes = 2
     if getattr(data.val, 'skip_bad', False):  # --skip-bad-images: say over how many images accuracy was taken
-        passes = 2 if run.model_ema is not None else 1
-        skipped = int(du.all_reduce_sum(torch.tensor(data.val.pop_skipped()))) // passes
+        skipped = torch.tensor(data.val.pop_skipped())
+        skipped = int(du.all_reduce_sum(skipped) if dist_sum else skipped) // passes  # each rank saw all
         stats['skipped_images'] = skipped
         if skipped:
             print(f'evaluation skipped {skipped} unreadable image(s): accuracy is over the other {stats["n"]}')
-    return stats
+    return stats if dist_sum else du.broadcast_object(stats)
 
 
 def save_epoch(args, run, epoch: int, output_dir: Path, is_best: bool, log: dict, tb, test_stats: dict) -> None:
@@ -327,6 +357,19 @@ def save_epoch(args, run, epoch: int, output_dir: Path, is_best: bool, log: dict
         save_atomic(state, output_dir / 'best_checkpoint.pth')
     write_log(output_dir, tb, log, epoch)
     save_atomic(state, output_dir / 'checkpoint.pth')
+
+
+def save_stop(args, run, epoch: int, step: int, output_dir: Path | None, signum: int | None) -> None:
+    """After a stop signal: checkpoint.pth of ``step`` batches into ``epoch`` (every rank's RNG streams, the
+    last completed epoch's log record), then raise :class:`Preempted` on every rank."""
+    rng = du.all_gather_object(rng_state())
+    path = output_dir / 'checkpoint.pth' if output_dir else None
+    if path is not None and du.is_main_process():
+        save_atomic(training_state(args, run, epoch - 1, du.get_world_size(), rng, run.last_log,
+                                   run.last_test_stats, step=step), path)
+    saved = f'saved {path} at epoch {epoch}, step {step}' if path else 'no --output_dir: nothing saved'
+    raise Preempted(f'stopped by a signal: {saved}; run the same command again to resume (exit {REQUEUE_EXIT} '
+                    f'asks a requeue)', signum, str(path) if path else None)
 
 
 def open_tensorboard(output_dir: Path | None):
@@ -393,7 +436,7 @@ def tee_stdout(path: Path):
         f.close()
 
 
-def _run(args, cleanup: contextlib.ExitStack) -> dict:
+def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = None) -> dict:
     check_args(args)
     config = yaml.safe_dump(as_recipe(args), sort_keys=True)  # before any run-time value changes args
     total_batch = resolve_batch(args)
@@ -404,7 +447,8 @@ def _run(args, cleanup: contextlib.ExitStack) -> dict:
     optimizer, lr_scheduler = build_optimization(args, model, total_batch)
     run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, criterion=criterion,
                           base_criterion=base_criterion, schedule=schedule, optimizer=optimizer,
-                          lr_scheduler=lr_scheduler, max_accuracy=0.0, last_test_stats={},
+                          lr_scheduler=lr_scheduler, max_accuracy=0.0, last_test_stats={}, last_log=None,
+                          start_step=0,
                           loss_scaler=LossScaler(device.type, enabled=amp and device.type == 'cuda'),
                           n_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
     print(f'model {args.model}: {run.n_parameters / 1e6:.2f}M parameters, {data.nb_classes} classes')
@@ -438,7 +482,7 @@ def _run(args, cleanup: contextlib.ExitStack) -> dict:
         print(f'{resume_path}: training already finished ({args.epochs} epochs); nothing to do')
         test_stats = run.last_test_stats
     else:
-        test_stats = run_training(args, run, data, output_dir)
+        test_stats = run_training(args, run, data, output_dir, stop_signal)
     checksum = parameter_checksum(model)
     du.print_all(f'[rank {du.get_rank()}] parameter checksum {checksum}')
     if run.model_ema is not None:
@@ -456,6 +500,9 @@ def cli(argv=None) -> int:
     except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
         print(f'error: {e}', file=sys.stderr, flush=True)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
+    except Preempted as e:
+        print(str(e), flush=True)
+        return REQUEUE_EXIT
     return 0
 
 

@@ -6,6 +6,7 @@ as the resume point, and :func:`repair_log` drops the log lines of the epoch tha
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -21,16 +22,24 @@ class RunDirLocked(ValueError):
     """Another live process holds the run folder."""
 
 
+# flock's answers on file systems that cannot lock (Lustre mounted noflock: ENOSYS; some NFS: ENOLCK)
+CANNOT_LOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
+
+
 def lock_run_dir(output_dir: Path):
     """Hold an exclusive lock on ``output_dir`` for this process's lifetime; returns the open lock file.
 
     flock locks die with their process, so the lock of a killed run is simply taken over (with a note).
+    Where the file system cannot flock at all, :func:`_exclusive_lock_file` stands in.
     """
     path = Path(output_dir) / LOCK_NAME
     f = open(path, 'a+')
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno in CANNOT_LOCK:
+            f.close()
+            return _exclusive_lock_file(Path(output_dir), e)
         f.seek(0)
         owner = f.read().strip() or 'another process'
         f.close()
@@ -47,8 +56,56 @@ def lock_run_dir(output_dir: Path):
     return f
 
 
+class _OwnedLockFile:
+    """The lock of :func:`_exclusive_lock_file`: removing the file releases it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _exclusive_lock_file(output_dir: Path, why: OSError) -> _OwnedLockFile:
+    """``.lock.owner`` created with O_EXCL (atomic on every file system), holding host and pid. A file left by
+    a process of this host that no longer runs is taken over; one of another host cannot be checked from here
+    and is named in the refusal."""
+    path = output_dir / (LOCK_NAME + '.owner')
+    me = f'host {socket.gethostname()}, pid {os.getpid()}'
+    print(f'note: {output_dir} cannot be flock-ed ({os.strerror(why.errno)}); using {path.name} as the lock')
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = path.read_text().strip()
+            host, _, pid = owner.removeprefix('host ').partition(', pid ')
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                print(f'note: taking over {path} from a run that is no longer alive ({owner})')
+                path.unlink(missing_ok=True)
+                continue
+            raise RunDirLocked(f'{output_dir} is in use by a running training ({owner or "unknown owner"}, per '
+                               f'{path}); wait for it to finish, choose another --output_dir, or delete {path} '
+                               f'if that run is gone') from None
+        with os.fdopen(fd, 'w') as f:
+            f.write(me + '\n')
+        return _OwnedLockFile(path)
+    raise RunDirLocked(f'{path}: another run took the lock at the same moment; choose another --output_dir')
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def release_run_dir(lock_file) -> None:
-    if lock_file is not None:
+    if isinstance(lock_file, _OwnedLockFile):
+        lock_file.release()
+    elif lock_file is not None:
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.close()

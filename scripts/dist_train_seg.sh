@@ -15,6 +15,10 @@ NNODES=${NNODES:-1}
 cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NGPUS")
 if [[ "$NNODES" -eq 1 && -z "${MASTER_PORT:-}" && -z "${SLURM_JOB_ID:-}" ]]; then
   cmd+=(--standalone)
+elif [[ "$NNODES" -gt 1 ]]; then  # every node must name node 0 and itself, or each waits for a rendezvous alone
+  : "${MASTER_ADDR:?set MASTER_ADDR (host of node 0) for a multi-node run}"
+  cmd+=(--node_rank="${NODE_RANK:?set NODE_RANK (0..NNODES-1) on every node}" --master_addr="$MASTER_ADDR" \
+        --master_port="$(job_port)")
 else
   cmd+=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="$(job_port)")
 fi

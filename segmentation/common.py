@@ -109,12 +109,77 @@ def check_data_root(cfg, split: str) -> None:
 
 
 def init_distributed(cfg, launcher: str) -> None:
-    """Create the process group now (mmengine's Runner then reuses it), so ranks can coordinate before it."""
+    """Create the process group now (mmengine's Runner then reuses it), so ranks can coordinate before it.
+
+    ``--launcher slurm``: the port comes from the job id unless MASTER_PORT is set (mmengine's default is
+    29500 for every job, so two jobs sharing a node collide); gloo gets a routable interface when this host's
+    name resolves to a loopback address (deit.distributed.set_gloo_interface).
+    """
     if launcher == 'none':
         return
     from mmengine.dist import init_dist, is_distributed
+
+    from deit import distributed as du
+    kwargs = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    if launcher == 'slurm':
+        kwargs.setdefault('port', int(du.slurm_port(os.environ)))
+        nodelist = os.environ.get('SLURM_STEP_NODELIST') or os.environ.get('SLURM_NODELIST')
+        if nodelist and 'MASTER_ADDR' not in os.environ:  # mmengine keeps a MASTER_ADDR that is set
+            os.environ['MASTER_ADDR'] = du.first_host(nodelist)
+    du.set_gloo_interface()
     if not is_distributed():
-        init_dist(launcher, **cfg.get('env_cfg', {}).get('dist_cfg', {}))
+        init_dist(launcher, **kwargs)
+
+
+def agree_on_resume(work_dir) -> str | None:
+    """The checkpoint every rank resumes from: rank 0's latest (mmengine's ``last_checkpoint``), or None.
+
+    mmengine writes ``last_checkpoint`` on rank 0 only and lets every rank look for itself, so on work dirs
+    that are not shared between nodes the other nodes started at iteration 0 while rank 0 resumed, and the
+    ranks diverged, then hung. Here rank 0 decides; a rank that cannot read the file receives rank 0's bytes
+    and writes them at the same path on its own disk.
+    """
+    from mmengine.runner import find_latest_checkpoint
+
+    from deit import distributed as du
+    from deit.checkpoint import atomic_open
+    path = find_latest_checkpoint(str(work_dir)) if du.is_main_process() else None
+    path = du.broadcast_object(path)
+    if path is None or all(du.all_gather_object(Path(path).is_file())):
+        return path
+    data = du.broadcast_object(Path(path).read_bytes() if du.is_main_process() else None)
+    if not Path(path).is_file():
+        with atomic_open(path) as f:
+            f.write(data)
+        print(f'{path}: not on this node; wrote rank 0\'s copy ({len(data) / 2 ** 20:.1f} MiB)', flush=True)
+    if du.is_dist():
+        import torch.distributed as dist
+        dist.barrier()
+    return path
+
+
+def set_batch(cfg, world: int, total_batch_size: int | None = None, auto_scale_lr: bool = False) -> str:
+    """Keep the recipe's total batch (16 = 8 GPUs x 2, as mmseg's 8xb2 configs) on any GPU count, or scale the
+    lr to the batch that runs (mmengine's ``auto_scale_lr``); returns the line to print.
+
+    Without either, the per-GPU batch of the config times the GPU count runs with the config's lr and
+    iterations: on 4 GPUs that is another recipe, which the returned line says.
+    """
+    base = cfg.get('auto_scale_lr', {}).get('base_batch_size', 16)
+    loader = cfg.train_dataloader
+    if total_batch_size:
+        if total_batch_size % world:
+            raise ValueError(f'--total-batch-size {total_batch_size} is not divisible by {world} process(es)')
+        loader.batch_size = total_batch_size // world
+    total = loader.batch_size * world
+    if auto_scale_lr:
+        cfg.auto_scale_lr = dict(enable=True, base_batch_size=base)
+        return f'batch {loader.batch_size} x {world} = {total}; lr scaled by {total}/{base} (--auto-scale-lr)'
+    if total != base:
+        return (f'warning: batch {loader.batch_size} x {world} process(es) = {total}, but the config\'s lr and '
+                f'schedule are for {base}: pass --total-batch-size {base} to keep the recipe, or '
+                f'--auto-scale-lr to scale the lr')
+    return f'batch {loader.batch_size} x {world} = {total} (the config\'s)'
 
 
 def set_backbone_checkpoint(cfg, source, use_ema: bool = False) -> Path:

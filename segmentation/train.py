@@ -14,10 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deit.distributed import get_world_size  # noqa: E402
 from segmentation.common import (  # noqa: E402
     require_segmentation_stack,
-    add_runner_args, check_backbone_weights, check_data_root, init_distributed, load_config,
-    set_backbone_checkpoint, trust_runner_checkpoints)
+    add_runner_args, agree_on_resume, check_backbone_weights, check_data_root, init_distributed, load_config,
+    set_backbone_checkpoint, set_batch, trust_runner_checkpoints)
 
 
 def main(argv=None) -> int:
@@ -29,12 +30,21 @@ def main(argv=None) -> int:
     ap.add_argument('--use-ema', action='store_true', help='take the EMA weights of a training checkpoint')
     ap.add_argument('--resume', action='store_true', help='resume from the latest checkpoint in work-dir')
     ap.add_argument('--amp', action='store_true')
+    ap.add_argument('--total-batch-size', type=int, default=None,
+                    help='images per iteration over all GPUs (per-GPU batch = this / GPUs); the configs\' '
+                         'recipe is 16')
+    ap.add_argument('--auto-scale-lr', action='store_true',
+                    help='scale the lr by (GPUs x per-GPU batch) / 16 (mmengine auto_scale_lr, as mmseg\'s flag)')
     add_runner_args(ap)
     a = ap.parse_args(argv)
     try:
         cfg = load_config(a.config, a.cfg_options, a.work_dir, a.launcher)
         check_data_root(cfg, 'train')
         init_distributed(cfg, a.launcher)
+        print(set_batch(cfg, get_world_size(), a.total_batch_size, a.auto_scale_lr))
+        if a.resume and not cfg.get('load_from'):  # rank 0 decides; None: nothing yet, all ranks start fresh
+            cfg.load_from = agree_on_resume(cfg.work_dir)
+            a.resume = cfg.load_from is not None
         if a.backbone_checkpoint:
             set_backbone_checkpoint(cfg, a.backbone_checkpoint, a.use_ema)
         check_backbone_weights(cfg)

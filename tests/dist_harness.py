@@ -12,7 +12,10 @@ Options: ``--legacy-spec SPEC`` the GPU backend spec to imitate (default: the pr
 every rank exits when it enters epoch E (a requeue after epoch E-1, deterministically); ``--kill-after-write N``
 the process dies (exit 137, as SIGKILL) right after its N-th run-folder write (checkpoint saves and log
 lines, in order); ``--rank-local-output``
-ranks > 0 get ``<output_dir>.rank<r>`` (an output dir that is not shared between nodes).
+ranks > 0 get ``<output_dir>.rank<r>`` (an output dir that is not shared between nodes); ``--nan-loss R:N`` the
+loss of rank R's N-th criterion call (from 0) is NaN; ``--eval-offset R:D`` rank R's evaluation reports top-1
++ D (ranks that disagree, as GPUs may). With ``$EXIT_LOG`` set, each rank writes the error that ends its training
+loop, when raised (before torchrun's teardown can kill it), to ``$EXIT_LOG/rank<r>.error``.
 """
 from __future__ import annotations
 
@@ -92,6 +95,50 @@ def kill_after_write(n: int) -> None:
     deit.main.write_log = counted(deit.main.write_log)
 
 
+def nan_loss(rank: int, call: int) -> None:
+    import deit.main
+    real = deit.main.setup_criterion
+
+    def setup_criterion(*a, **kw):
+        criterion, base, schedule = real(*a, **kw)
+        if du.get_rank() != rank:
+            return criterion, base, schedule
+        calls = [0]
+
+        def poisoned(*ca, **ckw):
+            loss = criterion(*ca, **ckw)
+            calls[0] += 1
+            return loss * float('nan') if calls[0] - 1 == call else loss
+        return poisoned, base, schedule
+
+    deit.main.setup_criterion = setup_criterion
+
+
+def eval_offset(rank: int, delta: float) -> None:
+    import deit.main
+    real = deit.main.evaluate
+
+    def evaluate(*a, **kw):
+        stats = real(*a, **kw)
+        return {**stats, 'acc1': stats['acc1'] + delta} if du.get_rank() == rank else stats
+
+    deit.main.evaluate = evaluate
+
+
+def record_training_errors(folder: Path) -> None:
+    import deit.main
+    real = deit.main.train_one_epoch
+
+    def train_one_epoch(*a, **kw):
+        try:
+            return real(*a, **kw)
+        except Exception as e:
+            Path(folder, f'rank{du.get_rank()}.error').write_text(f'{type(e).__name__}: {e}')
+            raise
+
+    deit.main.train_one_epoch = train_one_epoch
+
+
 def hide_folder(folder: Path) -> None:
     """Make files below ``folder`` invisible to this process (another node's local disk)."""
     real_is_file = Path.is_file
@@ -110,6 +157,12 @@ def main(argv: list[str]) -> int:
         stop_at_epoch(int(opts[opts.index('--stop-at-epoch') + 1]))
     if '--kill-after-write' in opts:
         kill_after_write(int(opts[opts.index('--kill-after-write') + 1]))
+    if '--nan-loss' in opts:
+        r, n = opts[opts.index('--nan-loss') + 1].split(':')
+        nan_loss(int(r), int(n))
+    if '--eval-offset' in opts:
+        r, d = opts[opts.index('--eval-offset') + 1].split(':')
+        eval_offset(int(r), float(d))
     rank = int(os.environ.get('RANK', '0'))
     if '--rank-local-output' in opts and rank > 0:
         i = argv.index('--output_dir') + 1
@@ -119,6 +172,8 @@ def main(argv: list[str]) -> int:
     du.process_group_backend = lambda use_cuda: simulated_spec(gpu_spec)
     log: dict = {}
     record_collectives(log)
+    if os.environ.get('EXIT_LOG'):
+        record_training_errors(Path(os.environ['EXIT_LOG']))
     from deit.main import cli
     try:
         return cli(argv)

@@ -267,3 +267,93 @@ def test_backbone_is_converted_once_per_node_and_ranks_wait(demo_ckpt, tmp_path)
     assert calls.read_text().split() == ['0']
     assert [o[0] for o in out] == [True, True] and out[0][1] == out[1][1]
     assert not list((tmp_path / 'work').glob('.*tmp*'))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# multi-node: the resume point, the SLURM port, the batch on another GPU count
+# ------------------------------------------------------------------------------------------------------------
+def _resume_rank(rank, world, base, out_dir):
+    """One 'node' per rank (its own folder as cwd); only node 0 has the checkpoint mmengine saved."""
+    import os
+
+    import torch.distributed as dist
+
+    from segmentation.common import agree_on_resume
+    dist.init_process_group('gloo', init_method=f'file://{base}/pg', rank=rank, world_size=world)
+    node = Path(base) / f'node{rank}'
+    os.chdir(node)
+    path = agree_on_resume('work_dirs/cfg')
+    data = Path(path).read_bytes() if path else None
+    dist.destroy_process_group()
+    Path(out_dir, f'rank{rank}.json').write_text(json.dumps({'path': path, 'size': len(data or b''),
+                                                              'same': data == Path(base, 'ckpt').read_bytes()}))
+
+
+def test_resume_point_is_rank_0s_on_work_dirs_not_shared_between_nodes(tmp_path):
+    for r in (0, 1):
+        (tmp_path / f'node{r}' / 'work_dirs' / 'cfg').mkdir(parents=True)
+    ckpt = tmp_path / 'node0' / 'work_dirs' / 'cfg' / 'iter_8.pth'
+    torch.save({'meta': {'iter': 8}, 'state_dict': {'w': torch.arange(5.0)}}, ckpt)
+    (tmp_path / 'ckpt').write_bytes(ckpt.read_bytes())
+    (ckpt.parent / 'last_checkpoint').write_text('work_dirs/cfg/iter_8.pth')  # as mmengine's CheckpointHook
+    out = tmp_path / 'out'
+    out.mkdir()
+    results = run_ranks(_resume_rank, 2, out, 2, str(tmp_path))
+    assert [r['path'] for r in results] == ['work_dirs/cfg/iter_8.pth'] * 2
+    assert all(r['same'] for r in results)
+    assert (tmp_path / 'node1' / 'work_dirs' / 'cfg' / 'iter_8.pth').read_bytes() == ckpt.read_bytes()
+
+
+def test_nothing_to_resume_starts_every_rank_fresh(tmp_path):
+    from segmentation.common import agree_on_resume
+    assert agree_on_resume(tmp_path) is None
+
+
+def test_segmentation_slurm_launcher_port_per_job_and_master_host(monkeypatch):
+    import os
+
+    import mmengine.dist
+
+    from segmentation.common import init_distributed, load_config
+    seen = {}
+    monkeypatch.setattr(mmengine.dist, 'is_distributed', lambda: False)
+    monkeypatch.setattr(mmengine.dist, 'init_dist', lambda launcher, **kw: seen.update(launcher=launcher, **kw))
+    env = {'SLURM_JOB_ID': '123456', 'SLURM_NODELIST': 'gpu[07-08]', 'SLURM_PROCID': '0', 'PATH': '/usr/bin:/bin'}
+    monkeypatch.setattr(os, 'environ', env)
+    init_distributed(load_config(CONFIGS[-1], launcher='slurm'), 'slurm')
+    assert seen['launcher'] == 'slurm' and seen['port'] == 15000 + 123456 % 20000
+    assert env['MASTER_ADDR'] == 'gpu07'
+    env['MASTER_PORT'] = '1234'
+    init_distributed(load_config(CONFIGS[-1], launcher='slurm'), 'slurm')
+    assert seen['port'] == 1234
+
+
+def test_segmentation_batch_keeps_the_recipe_or_scales_the_lr():
+    from segmentation.common import load_config, set_batch
+    cfg = load_config(CONFIGS[-1])
+    assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=16)
+    line = set_batch(cfg, 4)
+    assert line.startswith('warning: batch 2 x 4 process(es) = 8') and '--total-batch-size 16' in line
+    assert 'x 4 = 16' in set_batch(cfg, 4, total_batch_size=16) and cfg.train_dataloader.batch_size == 4
+    cfg = load_config(CONFIGS[-1])
+    assert 'scaled by 8/16' in set_batch(cfg, 4, auto_scale_lr=True)
+    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
+    with pytest.raises(ValueError, match='not divisible by 3'):
+        set_batch(cfg, 3, total_batch_size=16)
+    assert set_batch(load_config(CONFIGS[-1]), 8) == 'batch 2 x 8 = 16 (the config\'s)'
+
+
+def test_train_resume_continues_from_the_checkpoint_rank_0_chose(demo_ckpt, tmp_path, capsys):
+    from segmentation import train as seg_train
+    ade = make_ade(tmp_path / 'ADEChallengeData2016')
+    work = tmp_path / 'work'
+    opts = ['--work-dir', str(work), '--backbone-checkpoint', str(demo_ckpt), '--cfg-options',
+            f'train_dataloader.dataset.data_root={ade}', f'val_dataloader.dataset.data_root={ade}']
+    assert seg_train.main([str(TINY_CFG), '--resume'] + opts) == 0  # nothing to resume yet: a fresh start
+    assert (work / 'iter_4.pth').is_file()
+    assert seg_train.main([str(TINY_CFG), '--resume'] + opts + ['train_cfg.max_iters=6',
+                                                                 'default_hooks.checkpoint.interval=2']) == 0
+    assert (work / 'iter_6.pth').is_file() and not (work / 'iter_2.pth').exists()  # went on from iteration 4
+    meta = torch.load(work / 'iter_6.pth', map_location='cpu', weights_only=False)['meta']
+    assert meta['iter'] == 6
+    assert 'warning: batch 2 x 1 process(es) = 2' in capsys.readouterr().out

@@ -17,18 +17,51 @@ from pathlib import Path
 
 
 class Trainer:
-    """Picklable job: runs deit.main with the given argv; checkpoint() requeues with auto-resume."""
+    """Picklable job running deit.main with ``argv``; :meth:`checkpoint` gives submitit the requeued job.
 
-    def __init__(self, argv: list[str]):
-        self.argv = list(argv)
+    The run folder is fixed when the job first starts, as DeiT's launcher does: without ``--output_dir``
+    deit.main would make a new timestamped folder, and every requeue would start a fresh run. It is the job's
+    own submitit folder (``<job-dir>/<job id>``, the same id after a SLURM requeue).
+
+    Preemption / time limit: submitit's SLURM jobs get USR2 (``slurm_signal_delay_s`` before the limit).
+    deit.main takes the signal over, saves at the next optimizer step and raises Preempted; then submitit's
+    own handler, restored by then, is called: it asks :meth:`checkpoint` for the job to requeue (the same
+    argv, resuming that checkpoint) and requeues it.
+    """
+
+    def __init__(self, argv: list[str], folder: str | None = None):
+        self.argv, self.folder = list(argv), folder  # folder: the job folder template, with %j
 
     def __call__(self):
-        from deit.main import main, parse_args
-        return main(parse_args(self.argv))
+        import signal
 
-    def checkpoint(self):  # called by submitit on preemption/timeout: requeue; deit.main auto-resumes
         import submitit
-        return submitit.helpers.DelayedSubmission(Trainer(self.argv))
+
+        from deit.main import main, parse_args
+        from deit.preemption import Preempted
+        if parse_args(self.argv).output_dir is None:
+            folder = self.folder or str(Path('output/submitit') / '%j')
+            self.argv += ['--output_dir', folder.replace('%j', str(submitit.JobEnvironment().job_id))]
+        try:
+            return main(parse_args(self.argv))
+        except Preempted as e:
+            print(e, flush=True)
+            handler = signal.getsignal(e.signum) if e.signum is not None else None
+            if callable(handler):  # submitit's: checkpoint() + requeue + exit
+                handler(e.signum, None)
+            return {'preempted': True, 'checkpoint': e.checkpoint}
+
+    def checkpoint(self):
+        """The job to requeue: this argv, resuming the run folder's checkpoint when there is one (a --resume
+        given at the start would otherwise be resumed again)."""
+        import submitit
+
+        from deit.main import parse_args
+        argv = [a for i, a in enumerate(self.argv) if a != '--resume' and self.argv[i - 1:i] != ['--resume']]
+        output_dir = parse_args(argv).output_dir
+        if output_dir and (Path(output_dir) / 'checkpoint.pth').is_file():
+            argv += ['--resume', str(Path(output_dir) / 'checkpoint.pth')]
+        return submitit.helpers.DelayedSubmission(Trainer(argv, self.folder))
 
 
 def build_executor(args):
@@ -74,7 +107,7 @@ def main(argv=None):
         print(yaml.safe_dump(vars(parse_args(train)), sort_keys=True), end='')
         return None
     executor = build_executor(args)
-    job = executor.submit(Trainer(train))
+    job = executor.submit(Trainer(train, str(Path(args.job_dir) / '%j')))
     print(f'submitted job {job.job_id}; logs in {args.job_dir}')
     if args.cluster in ('debug', 'local'):  # run it now (submitit's debug jobs run only when waited for)
         result = job.result()

@@ -24,5 +24,8 @@ model = dict(
     auxiliary_head=dict(in_channels=384, num_classes=150))
 
 train_dataloader = dict(batch_size=2, dataset=dict(data_root=data_root))
+# the lr and 160k iterations are for 8 GPUs x 2 = 16 images; train.py --total-batch-size 16 keeps that on any GPU
+# count, --auto-scale-lr turns this on (lr x actual batch / 16)
+auto_scale_lr = dict(enable=False, base_batch_size=16)
 val_dataloader = dict(batch_size=1, dataset=dict(data_root=data_root))
 test_dataloader = val_dataloader

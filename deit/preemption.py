@@ -1,0 +1,71 @@
+"""Stop at a safe point when the cluster says so: save, exit with REQUEUE_EXIT, resume on requeue.
+
+SLURM warns a job before its time limit with the signal asked for in ``#SBATCH --signal`` (our sbatch
+script: USR1, forwarded to the trainers as TERM), and before a preemption with SIGTERM; submitit asks for
+USR2. Killing the trainer there would lose everything since the last epoch's checkpoint. Instead the
+handler only raises a flag; the training loop reads it after the next optimizer step (all ranks agree in the
+per-step status all-reduce, so no rank stops alone), saves a checkpoint of that step and raises
+:class:`Preempted`. The process then exits with :data:`REQUEUE_EXIT` (75, ``EX_TEMPFAIL``: "try again") and
+the requeued job auto-resumes from the same output folder, at the same step.
+
+Repeated signals are ignored: SLURM signals every process of a step and torchrun forwards its own SIGTERM,
+so a trainer may be told twice. SIGINT (Ctrl-C) is left alone. If no safe point comes in time, SLURM's or
+torchrun's SIGKILL ends the process and the last checkpoint stays the resume point.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+REQUEUE_EXIT = 75
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint at a safe point after a stop signal; rerun (requeue) to continue."""
+
+    def __init__(self, message: str, signum: int | None, checkpoint: str | None):
+        super().__init__(message)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class StopSignal:
+    """Context manager: while active, SIGUSR1/SIGUSR2/SIGTERM set :attr:`signum` instead of ending the process.
+
+    The handlers installed before (e.g. submitit's requeue handler) are restored on exit, so a launcher can
+    chain to them once the state is saved. Outside the main thread signals cannot be caught; the object then
+    stays inactive.
+    """
+
+    def __init__(self, signals=SIGNALS):
+        self.signals, self.signum, self.previous = tuple(signals), None, {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            print(f'received {signal.Signals(signum).name}: saving at the next optimizer step, then exiting with '
+                  f'code {REQUEUE_EXIT} for a requeue', flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+        return False
+
+
+def ignore_stop_signals_in_worker(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SLURM signals every process of a job step, loader workers included; a
+    worker that died of it would crash the trainer before it reaches its safe point. The workers end when
+    the trainer shuts its loaders down (or dies), as always."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -1,0 +1,422 @@
+"""Cluster faults that cost GPU-hours, imitated on CPU: stop signals and requeues, DataLoader workers across a
+resume, a non-finite loss on one rank, ranks that disagree, file systems without flock, multi-node plumbing."""
+from __future__ import annotations
+
+import ast
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from deit import distributed as du
+from deit import rundir
+from deit.checkpoint import torch_load
+from deit.preemption import REQUEUE_EXIT
+from tests.conftest import ROOT, TINY, make_imagefolder, run_module
+
+HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node={n}', 'tests/dist_harness.py']
+CHECKSUM = r'\[rank (\d)\] {} checksum ([-+.e0-9]+/[-+.e0-9]+)'
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def _checksums(text, what='parameter'):
+    return dict(re.findall(CHECKSUM.format(what), text))
+
+
+def _harness(n: int, opts=(), args=(), **kw):
+    return run_module([a.format(n=n) for a in HARNESS] + list(opts) + ['--'] + list(args), **kw)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / 'log.txt').read_text().splitlines()]
+
+
+def _stream_until(cmd, env_extra, marker: str, action, timeout: float = 300):
+    """Run ``cmd``; call ``action(proc)`` once a line starts with ``marker``; return (exit code, output)."""
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **env_extra}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, fired = [], False
+    for line in proc.stdout:
+        seen.append(line)
+        if not fired and line.startswith(marker):
+            action(proc)
+            fired = True
+    proc.wait(timeout=timeout)
+    assert fired, ''.join(seen[-30:])
+    return proc.returncode, ''.join(seen)
+
+
+@pytest.fixture(scope='module')
+def folder64(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp('p') / 'data', n_classes=3, n_train=32, n_val=4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# stop signal -> save at the next step -> exit 75 -> resume at that step, bit-identically
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigusr1_saves_mid_epoch_exits_for_requeue_and_resumes_bit_identically(folder64, tmp_path):
+    common = TINY + ['--data-set', 'FOLDER', '--data-path', str(folder64), '--epochs', '2', '--batch-size', '8',
+                     '--print-freq', '1', '--num_workers', '2', '--mixup', '0.8', '--aa', 'rand-m9-mstd0.5',
+                     '--reprob', '0.25', '--model-ema', '--model-ema-decay', '0.9', '--drop-path', '0.1']
+    out = tmp_path / 'stopped'
+    rc, text = _stream_until([sys.executable, '-m', 'deit.main', *common, '--output_dir', str(out)], {},
+                             'Epoch: [1] [ 3/', lambda p: p.send_signal(signal.SIGUSR1))
+    assert rc == REQUEUE_EXIT, text[-3000:]
+    assert 'received SIGUSR1: saving at the next optimizer step' in text
+    ckpt = torch_load(out / 'checkpoint.pth')
+    assert ckpt['epoch'] == 0 and 4 <= ckpt['step'] < 12, (ckpt['epoch'], ckpt['step'])
+    assert ckpt['log']['epoch'] == 0 and [r['epoch'] for r in _log(out)] == [0]
+    assert f'saved {out / "checkpoint.pth"} at epoch 1, step {ckpt["step"]}' in text
+    resumed = _ok(run_module(['-m', 'deit.main', *common, '--output_dir', str(out)]))
+    assert f'starting at epoch 1, step {ckpt["step"]}' in resumed
+    full = _ok(run_module(['-m', 'deit.main', *common, '--output_dir', str(tmp_path / 'full')]))
+    for what in ('parameter', 'ema'):
+        assert _checksums(resumed, what) == _checksums(full, what), what
+    assert [r['epoch'] for r in _log(out)] == [0, 1]
+
+
+def test_stop_signal_is_a_flag_and_handlers_come_back():
+    from deit.preemption import StopSignal
+    before = signal.getsignal(signal.SIGUSR2)
+    with StopSignal() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal changes nothing, and does not end the process
+        assert stop.requested and stop.signum == signal.SIGUSR2
+    assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_loader_workers_ignore_the_step_wide_signals():
+    from deit.preemption import ignore_stop_signals_in_worker
+    code = ('import os, signal; from deit.preemption import ignore_stop_signals_in_worker as f; f(0); '
+            'os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1); print("alive")')
+    r = run_module(['-c', code])
+    assert r.returncode == 0 and r.stdout.strip() == 'alive', r.stderr
+    assert callable(ignore_stop_signals_in_worker)
+
+
+@pytest.mark.slow
+def test_sbatch_script_forwards_the_time_limit_signal_and_requeues(folder64, tmp_path):
+    """SLURM imitated: USR1 to the batch script -> scancel --signal=TERM to the step -> the trainer saves and
+    exits 75 -> scontrol requeue; the requeued script resumes the same OUTPUT_DIR and finishes."""
+    bin_ = tmp_path / 'bin'
+    bin_.mkdir()
+    calls = tmp_path / 'calls.txt'
+    (bin_ / 'srun').write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                               f'echo $$ > {tmp_path}/step.pid\nexec "$@"\n')
+    (bin_ / 'scancel').write_text(f'#!/usr/bin/env bash\necho "scancel $*" >> {calls}\n'
+                                  f'kill -"${{1#--signal=}}" "$(cat {tmp_path}/step.pid)"\n')
+    (bin_ / 'scontrol').write_text(f'#!/usr/bin/env bash\nif [[ $1 == requeue ]]; then echo "scontrol $*" >> {calls}; '
+                                   'else echo node1; fi\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {'PATH': f'{bin_}:{os.environ["PATH"]}', 'SLURM_JOB_ID': '4242', 'SLURM_JOB_NODELIST': 'node1',
+           'NGPUS': '1', 'DATA_PATH': str(folder64), 'OUTPUT_DIR': str(tmp_path / 'run'),
+           'PYTHON': sys.executable}
+    args = TINY + ['--data-set', 'FOLDER', '--model', 'deit_demo_patch4_32', '--input-size', '32',
+                   '--total-batch-size', '8', '--epochs', '2', '--print-freq', '1', '--warmup-epochs', '0',
+                   '--dist-eval', '--drop-path', '0']
+    cmd = ['bash', 'scripts/slurm_train.sbatch', *args]
+
+    def usr1_to_the_batch_script(proc):
+        proc.send_signal(signal.SIGUSR1)
+
+    rc, text = _stream_until(cmd, env, 'Epoch: [0] [ 3/', usr1_to_the_batch_script)
+    assert rc == REQUEUE_EXIT, text[-3000:]
+    assert calls.read_text().splitlines() == ['scancel --signal=TERM 4242', 'scontrol requeue 4242']
+    ckpt = torch_load(tmp_path / 'run' / 'checkpoint.pth')
+    assert ckpt['epoch'] == -1 and ckpt['step'] >= 4
+    calls.unlink()
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1', **env}, capture_output=True,
+                       text=True, timeout=600)  # the requeued job: same script, same environment
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f'starting at epoch 0, step {ckpt["step"]}' in r.stdout and not calls.exists()
+    assert [e['epoch'] for e in _log(tmp_path / 'run')] == [0, 1]
+
+
+def test_sbatch_script_asks_for_a_signal_and_requeue():
+    text = (ROOT / 'scripts' / 'slurm_train.sbatch').read_text()
+    assert re.search(r'^#SBATCH --signal=B:USR1@\d+$', text, re.M)
+    assert re.search(r'^#SBATCH --requeue$', text, re.M) and re.search(r'^#SBATCH --open-mode=append$', text, re.M)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# submitit: the requeued job continues the job's own folder
+# ------------------------------------------------------------------------------------------------------------
+def test_submitit_requeue_continues_the_same_folder_at_the_next_step(tmp_path, monkeypatch):
+    pytest.importorskip('submitit')
+    import deit.main as dm
+    from tools.run_with_submitit import main
+    real, sent = dm.train_one_epoch, []
+
+    def preempted_in_epoch_1(*a, **kw):  # submitit's SLURM jobs get USR2 before the time limit
+        if a[5] == 1 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGUSR2))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(dm, 'train_one_epoch', preempted_in_epoch_1)
+    job = main(['--cluster', 'debug', '--ngpus', '1', '--job-dir', str(tmp_path / 'jobs'), '--'] + TINY +
+               ['--data-set', 'DEMO', '--epochs', '2', '--max-steps-per-epoch', '3', '--resume', ''])
+    first = job.result()
+    folder = tmp_path / 'jobs' / str(job.job_id)
+    assert first == {'preempted': True, 'checkpoint': str(folder / 'checkpoint.pth')}
+    ckpt = torch_load(folder / 'checkpoint.pth')
+    assert (ckpt['epoch'], ckpt['step']) == (0, 1)
+    requeued = job.submission().function.checkpoint()
+    assert requeued.function.argv[-2:] == ['--resume', str(folder / 'checkpoint.pth')]
+    assert requeued.function.argv.count('--resume') == 1
+    second = requeued.result()
+    assert second['test']['n'] == 450 and [r['epoch'] for r in _log(folder)] == [0, 1]
+    assert not list(tmp_path.glob('output*')) and not (ROOT / 'output' / 'submitit' / str(job.job_id)).exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DataLoader workers: the augmentations of a sample do not depend on workers or resumes
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_kill_after_epoch_0_with_workers_resumes_to_the_uninterrupted_weights(nproc, tiny_imagefolder, tmp_path):
+    common = TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--batch-size', '4',
+                     '--epochs', '2', '--num_workers', '2', '--aa', 'rand-m9-mstd0.5', '--reprob', '0.25',
+                     '--mixup', '0.8']
+    full = _ok(_harness(nproc, args=common + ['--output_dir', str(tmp_path / 'full')]))
+    out = tmp_path / 'requeued'
+    assert _harness(nproc, ['--stop-at-epoch', '1'], common + ['--output_dir', str(out)]).returncode == 0
+    resumed = _ok(_harness(nproc, args=common + ['--output_dir', str(out)]))
+    assert 'starting at epoch 1' in resumed
+    a, b = _checksums(full), _checksums(resumed)
+    assert set(a) == {str(r) for r in range(nproc)} and a == b
+
+
+def test_sample_seeds_depend_on_position_not_on_workers_or_skips():
+    from deit.samplers import SeededDataset, SeededSampler
+
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            import random
+
+            import numpy as np
+            return torch.tensor([i, torch.rand(()).item(), random.random(), np.random.rand()])
+
+    def run(workers, skip=0, epoch=0, rank=0):
+        sampler = SeededSampler(torch.utils.data.SequentialSampler(range(12)), seed=5, rank=rank)
+        sampler.set_epoch(epoch)
+        sampler.skip(skip)
+        loader = torch.utils.data.DataLoader(SeededDataset(Draw()), sampler=sampler, batch_size=3,
+                                             num_workers=workers, generator=torch.Generator())
+        return torch.cat(list(loader))
+
+    base = run(0)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    assert torch.equal(run(0), base)
+    assert torch.equal(torch.get_rng_state(), state)  # loading in this process leaves its streams alone
+    assert torch.equal(run(2), base)
+    assert torch.equal(run(2, skip=6), base[6:])
+    assert not torch.equal(run(0, epoch=1)[:, 1:], base[:, 1:])
+    assert not torch.equal(run(0, rank=1)[:, 1:], base[:, 1:])
+    assert len(base[:, 1:].flatten().unique()) == 36
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one rank's fault stops every rank together; every rank reports the same numbers
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_nan_loss_on_one_rank_stops_both_at_once_with_one_message(tiny_imagefolder, tmp_path):
+    exits = tmp_path / 'exits'
+    exits.mkdir()
+    args = TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--batch-size', '4',
+                   '--epochs', '2', '--output_dir', str(tmp_path / 'run')]
+    start = time.monotonic()
+    r = _harness(2, ['--nan-loss', '1:2'], args, env_extra={'EXIT_LOG': str(exits)}, timeout=300)
+    elapsed = time.monotonic() - start
+    assert r.returncode != 0 and elapsed < 120
+    message = 'loss is not finite on rank 1 at epoch 0, step 2: stopping training on every rank'
+    assert [(exits / f'rank{k}.error').read_text().split(' (')[0] for k in (0, 1)] == \
+        [f'NonFiniteLossError: {message}'] * 2
+    assert f'error: {message}' in r.stdout + r.stderr
+    assert not (tmp_path / 'run' / 'checkpoint.pth').exists()
+
+
+def test_step_status_names_every_non_finite_rank_and_the_stop_request():
+    from deit.engine import step_status
+    assert step_status(torch.tensor(2.5), False) == (2.5, [], False)
+    loss, bad, stop = step_status(torch.tensor(float('inf')), True)
+    assert bad == [0] and stop and loss != loss
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_skipped_val_images_and_on_the_plateau_metric(tmp_path):
+    from data.build_zip_cache import main as build_zip
+    from tests.test_cluster import _corrupt_first_member
+    src = make_imagefolder(tmp_path / 'src', n_classes=3, n_train=8, n_val=5)
+    assert build_zip(['--src', str(src), '--dst', str(tmp_path / 'cache')]) == 0
+    _corrupt_first_member(tmp_path / 'cache' / 'val.zip')
+    args = TINY + ['--data-set', 'IMNET', '--data-path', str(tmp_path / 'cache'), '--cache', '--skip-bad-images',
+                   '--batch-size', '4', '--epochs', '3', '--no-repeated-aug', '--sched', 'plateau',
+                   '--patience-epochs', '0', '--decay-rate', '0.1', '--output_dir', str(tmp_path / 'run')]
+    text = _ok(_harness(2, ['--eval-offset', '1:50'], args))  # rank 1 "sees" another top-1 every epoch
+    logs = _log(tmp_path / 'run')
+    assert [r['test_skipped_images'] for r in logs] == [1, 1, 1]  # without --dist-eval: not x world size
+    sums = _checksums(text)
+    assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
+
+
+# ------------------------------------------------------------------------------------------------------------
+# EMA: no device-to-host copy that may still be running; no CPU evaluation every epoch
+# ------------------------------------------------------------------------------------------------------------
+def _non_blocking_calls(tree) -> list[int]:
+    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg == 'non_blocking']
+
+
+def test_no_copy_in_the_trainer_is_non_blocking_towards_the_host(monkeypatch):
+    for path in sorted((ROOT / 'deit').glob('*.py')) + sorted((ROOT / 'data').glob('*.py')):
+        lines = _non_blocking_calls(ast.parse(path.read_text()))
+        allowed = path.name == 'device_aug.py' and len(lines) == 1  # the one helper, to_device
+        assert not lines or allowed, f'{path.name}:{lines}: use deit.device_aug.to_device'
+    from deit.device_aug import DeviceBatches
+    from deit.engine import evaluate
+    real, seen = torch.Tensor.to, []
+
+    def to(self, *a, **kw):
+        dest = torch.device(a[0]) if a and isinstance(a[0], (str, torch.device)) else None
+        if kw.get('non_blocking') and dest is not None and dest.type == 'cpu':
+            raise AssertionError('non-blocking copy towards the host')
+        seen.append(dest)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, 'to', to)
+    batches = [(torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2))
+    loader = DeviceBatches(batches, 'cpu', (0.5,) * 3, (0.2,) * 3)
+    stats = evaluate(loader, model, device=torch.device('cpu'), print_freq=0)
+    assert stats['n'] == 4 and torch.device('cpu') in seen
+
+
+def test_an_ema_kept_on_the_cpu_is_evaluated_once_after_the_last_epoch(tmp_path, monkeypatch):
+    import deit.main as dm
+    calls = []
+    real = dm.evaluate
+
+    def counting(loader, model, **kw):
+        calls.append(model)
+        return real(loader, model, **kw)
+
+    monkeypatch.setattr(dm, 'evaluate', counting)
+    args = dm.parse_args(TINY + ['--data-set', 'DEMO', '--epochs', '2', '--max-steps-per-epoch', '2',
+                                 '--model-ema', '--model-ema-force-cpu', '--output_dir', str(tmp_path)])
+    dm.main(args)
+    logs = _log(tmp_path)
+    assert 'test_ema_acc1' not in logs[0] and 'test_acc1' in logs[0]
+    assert 'test_ema_acc1' in logs[1] and len(calls) == 3  # model, model, model + EMA
+    assert 'evaluated only after the last epoch' in ' '.join(dm.get_args_parser().format_help().split())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# run-folder lock on file systems that cannot flock
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('code', [errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP])
+def test_no_flock_falls_back_to_an_exclusive_lock_file(code, tmp_path, monkeypatch, capsys):
+    def no_flock(*a):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(rundir.fcntl, 'flock', no_flock)
+    lock = rundir.lock_run_dir(tmp_path)
+    assert 'cannot be flock-ed' in capsys.readouterr().out
+    owner = tmp_path / '.lock.owner'
+    assert owner.read_text() == f'host {socket.gethostname()}, pid {os.getpid()}\n'
+    with pytest.raises(rundir.RunDirLocked, match=r'in use by a running training \(host .*, per .*\.lock\.owner\)'):
+        rundir.lock_run_dir(tmp_path)  # held by a live process: refused
+    rundir.release_run_dir(lock)
+    assert not owner.exists()
+    owner.write_text(f'host {socket.gethostname()}, pid 999999999\n')  # left by a run that died
+    lock = rundir.lock_run_dir(tmp_path)
+    assert 'taking over' in capsys.readouterr().out
+    rundir.release_run_dir(lock)
+    owner.write_text('host another-node, pid 1\n')  # cannot be checked from here
+    with pytest.raises(rundir.RunDirLocked, match='delete .*lock.owner if that run is gone'):
+        rundir.lock_run_dir(tmp_path)
+
+
+def test_a_flock_held_by_another_process_is_still_refused(tmp_path):
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; from pathlib import Path; '
+                               'from deit.rundir import lock_run_dir; '
+                               f'held = lock_run_dir(Path({str(tmp_path)!r})); print("ok", flush=True); '
+                               'time.sleep(60)'], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'ok'
+        with pytest.raises(rundir.RunDirLocked, match='in use by a running training'):
+            rundir.lock_run_dir(tmp_path)
+    finally:
+        holder.kill()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# multi-node plumbing: gloo's interface, the segmentation launcher
+# ------------------------------------------------------------------------------------------------------------
+def test_gloo_interface_is_chosen_only_where_gloo_would_bind_loopback():
+    ifaces = lambda: {'lo': '127.0.0.1', 'ib0': '10.1.0.5', 'eth0': '192.0.2.7'}  # noqa: E731
+    route = lambda host, port: '10.1.0.5'  # noqa: E731
+    choose = lambda env, own='127.0.1.1': du.gloo_interface(  # noqa: E731
+        env, hostname_address=lambda: own, route=route, interfaces=ifaces)
+    env = {'MASTER_ADDR': '10.1.0.1', 'MASTER_PORT': '29500'}
+    assert choose(env) == 'ib0'  # the interface that routes to the master
+    assert choose({**env, 'NCCL_SOCKET_IFNAME': 'eth'}) == 'eth0'  # NCCL's prefix, an interface of this host
+    assert choose({**env, 'NCCL_SOCKET_IFNAME': '^docker'}) == 'ib0'  # exclusion lists are NCCL's only
+    assert choose({**env, 'GLOO_SOCKET_IFNAME': 'eth0'}) is None  # the user's choice stands
+    assert choose(env, own='10.1.0.5') is None  # the host name resolves to a routable address: gloo is fine
+    assert choose({'MASTER_ADDR': '127.0.0.1'}) is None  # one node
+    assert du.interface_addresses().get('lo') == '127.0.0.1'  # the real table of this host
+
+
+def test_set_gloo_interface_exports_the_choice(monkeypatch):
+    monkeypatch.setattr(du, 'gloo_interface', lambda env: 'ib0')
+    env = {}
+    assert du.set_gloo_interface(env) == 'ib0' and env == {'GLOO_SOCKET_IFNAME': 'ib0'}
+
+
+def test_segmentation_launcher_refuses_multi_node_without_rendezvous():
+    env = {'PATH': '/usr/bin:/bin', 'PYTHON': 'python3', 'DRY_RUN': '1', 'NNODES': '2'}
+    run = lambda **kw: subprocess.run(['bash', 'scripts/dist_train_seg.sh', 'cfg.py', '8'], cwd=ROOT,  # noqa
+                                      env={**env, **kw}, capture_output=True, text=True)
+    r = run()
+    assert r.returncode != 0 and 'set MASTER_ADDR' in r.stderr and 'torch.distributed.run' not in r.stdout
+    r = run(MASTER_ADDR='node0')
+    assert r.returncode != 0 and 'set NODE_RANK' in r.stderr
+    r = run(MASTER_ADDR='node0', NODE_RANK='1')
+    assert r.returncode == 0 and '--node_rank=1' in r.stdout and '--master_addr=node0' in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the GPU check's assertions, run on the CPU
+# ------------------------------------------------------------------------------------------------------------
+def test_gpu_check_assertions_pass_on_good_numbers_and_fail_on_bad(tmp_path):
+    r = run_module(['-m', 'benchmarks.gpu_asserts', 'maxsup-amp', '--device', 'cpu'])
+    assert r.returncode == 0 and 'maxsup-amp: OK' in r.stdout, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])['logits_dtype'] == 'torch.bfloat16'
+    run_dir = tmp_path / 'run'
+    _ok(run_module(['-m', 'deit.main', *TINY, '--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '2',
+                    '--model-ema', '--model-ema-decay', '0.5', '--output_dir', str(run_dir)]))
+    r = run_module(['-m', 'benchmarks.gpu_asserts', 'ema', str(run_dir)])
+    assert r.returncode == 0 and 'ema: OK' in r.stdout, r.stdout + r.stderr
+    log = json.loads((run_dir / 'log.txt').read_text())
+    (run_dir / 'log.txt').write_text(json.dumps({**log, 'test_ema_acc1': log['test_ema_acc1'] + 1.0}) + '\n')
+    r = run_module(['-m', 'benchmarks.gpu_asserts', 'ema', str(run_dir)])
+    assert r.returncode == 1 and 'ema: FAILED' in r.stdout
