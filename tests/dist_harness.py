@@ -13,14 +13,16 @@ every rank exits when it enters epoch E (a requeue after epoch E-1, deterministi
 the process dies (exit 137, as SIGKILL) right after its N-th run-folder write (checkpoint saves and log
 lines, in order); ``--rank-local-output``
 ranks > 0 get ``<output_dir>.rank<r>`` (an output dir that is not shared between nodes); ``--nan-loss R:N`` the
-loss of rank R's N-th criterion call (from 0) is NaN; ``--eval-offset R:D`` rank R's evaluation reports top-1
-+ D (ranks that disagree, as GPUs may). With ``$EXIT_LOG`` set, each rank writes the error that ends its training
+loss of rank R's N-th criterion call (from 0) is NaN; ``--eval-trend R:D`` the n-th evaluation reports top-1
+50 + n D on rank R and 50 - n D on the others (ranks that disagree, as GPUs may, in opposite directions);
+``--signal-at R:N`` rank R sends itself SIGUSR1 during its N-th criterion call (a stop signal seen by one rank). With ``$EXIT_LOG`` set, each rank writes the error that ends its training
 loop, when raised (before torchrun's teardown can kill it), to ``$EXIT_LOG/rank<r>.error``.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -95,7 +97,8 @@ def kill_after_write(n: int) -> None:
     deit.main.write_log = counted(deit.main.write_log)
 
 
-def nan_loss(rank: int, call: int) -> None:
+def at_criterion_call(rank: int, call: int, act) -> None:
+    """``act(loss)`` replaces the loss of rank ``rank``'s ``call``-th criterion call (from 0)."""
     import deit.main
     real = deit.main.setup_criterion
 
@@ -105,22 +108,32 @@ def nan_loss(rank: int, call: int) -> None:
             return criterion, base, schedule
         calls = [0]
 
-        def poisoned(*ca, **ckw):
+        def wrapped(*ca, **ckw):
             loss = criterion(*ca, **ckw)
             calls[0] += 1
-            return loss * float('nan') if calls[0] - 1 == call else loss
-        return poisoned, base, schedule
+            return act(loss) if calls[0] - 1 == call else loss
+        return wrapped, base, schedule
 
     deit.main.setup_criterion = setup_criterion
 
 
-def eval_offset(rank: int, delta: float) -> None:
+def nan_loss(loss):
+    return loss * float('nan')
+
+
+def signal_self(loss):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return loss
+
+
+def eval_trend(rank: int, delta: float) -> None:
     import deit.main
-    real = deit.main.evaluate
+    real, calls = deit.main.evaluate, [0]
 
     def evaluate(*a, **kw):
-        stats = real(*a, **kw)
-        return {**stats, 'acc1': stats['acc1'] + delta} if du.get_rank() == rank else stats
+        calls[0] += 1
+        sign = 1 if du.get_rank() == rank else -1
+        return {**real(*a, **kw), 'acc1': 50 + sign * calls[0] * delta}
 
     deit.main.evaluate = evaluate
 
@@ -157,12 +170,13 @@ def main(argv: list[str]) -> int:
         stop_at_epoch(int(opts[opts.index('--stop-at-epoch') + 1]))
     if '--kill-after-write' in opts:
         kill_after_write(int(opts[opts.index('--kill-after-write') + 1]))
-    if '--nan-loss' in opts:
-        r, n = opts[opts.index('--nan-loss') + 1].split(':')
-        nan_loss(int(r), int(n))
-    if '--eval-offset' in opts:
-        r, d = opts[opts.index('--eval-offset') + 1].split(':')
-        eval_offset(int(r), float(d))
+    for opt, act in (('--nan-loss', nan_loss), ('--signal-at', signal_self)):
+        if opt in opts:
+            r, n = opts[opts.index(opt) + 1].split(':')
+            at_criterion_call(int(r), int(n), act)
+    if '--eval-trend' in opts:
+        r, d = opts[opts.index('--eval-trend') + 1].split(':')
+        eval_trend(int(r), float(d))
     rank = int(os.environ.get('RANK', '0'))
     if '--rank-local-output' in opts and rank > 0:
         i = argv.index('--output_dir') + 1

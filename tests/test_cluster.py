@@ -103,7 +103,7 @@ def test_gpu_style_process_group_runs_every_collective(bad_cache, tmp_path):
     assert legacy.returncode != 0
     assert 'No backend type associated with device type cpu' in legacy.stdout + legacy.stderr
     logs = tmp_path / 'collectives'
-    logs.mkdir()
+    (logs / 'stop').mkdir(parents=True)
     text = _ok(run_module(HARNESS + ['--'] + args, env_extra={'COLLECTIVE_LOG': str(logs)}))
     sums = _checksums(text)
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
@@ -112,9 +112,16 @@ def test_gpu_style_process_group_runs_every_collective(bad_cache, tmp_path):
     log = json.loads((tmp_path / 'run' / 'log.txt').read_text().splitlines()[0])
     assert log['train_skipped_images'] == 1 and log['test_skipped_images'] == 1
     assert log['test_n'] == 14  # 15 val images, one unreadable: exact over both ranks, reported
+    # a stop signal that only rank 0 receives: both ranks stop at the same step and save together
+    stopped = run_module(HARNESS + ['--signal-at', '0:2', '--'] + args[:-1] + [str(tmp_path / 'stopped')],
+                         env_extra={'COLLECTIVE_LOG': str(logs / 'stop')})
+    assert stopped.returncode != 0 and 'stopped by a signal: saved' in stopped.stdout
+    ckpt = torch.load(tmp_path / 'stopped' / 'checkpoint.pth', weights_only=False)
+    assert (ckpt['epoch'], ckpt['step']) == (-1, 3) and len(ckpt['rng']) == 2
     seen = set()
-    for rank in (0, 1):
-        seen |= set(json.loads((logs / f'rank{rank}.json').read_text()))
+    for log_dir in (logs, logs / 'stop'):
+        for rank in (0, 1):
+            seen |= set(json.loads((log_dir / f'rank{rank}.json').read_text()))
     expected = collective_call_sites()
     assert expected - seen == set(), f'collectives never exercised: {sorted(expected - seen)}'
     for site in ('deit/logger.py:synchronize_between_processes', 'deit/engine.py:evaluate',

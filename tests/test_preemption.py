@@ -270,11 +270,15 @@ def test_ranks_agree_on_skipped_val_images_and_on_the_plateau_metric(tmp_path):
     assert build_zip(['--src', str(src), '--dst', str(tmp_path / 'cache')]) == 0
     _corrupt_first_member(tmp_path / 'cache' / 'val.zip')
     args = TINY + ['--data-set', 'IMNET', '--data-path', str(tmp_path / 'cache'), '--cache', '--skip-bad-images',
-                   '--batch-size', '4', '--epochs', '3', '--no-repeated-aug', '--sched', 'plateau',
-                   '--patience-epochs', '0', '--decay-rate', '0.1', '--output_dir', str(tmp_path / 'run')]
-    text = _ok(_harness(2, ['--eval-offset', '1:50'], args))  # rank 1 "sees" another top-1 every epoch
+                   '--batch-size', '4', '--epochs', '4', '--no-repeated-aug', '--sched', 'plateau',
+                   '--warmup-epochs', '1', '--patience-epochs', '0', '--decay-rate', '0.1',
+                   '--output_dir', str(tmp_path / 'run')]
+    # rank 1 'sees' its top-1 rise every epoch, rank 0 sees it fall: read per rank, the plateau schedule
+    # would lower the lr on rank 0 only and the weights would part
+    text = _ok(_harness(2, ['--eval-trend', '1:10'], args))
     logs = _log(tmp_path / 'run')
-    assert [r['test_skipped_images'] for r in logs] == [1, 1, 1]  # without --dist-eval: not x world size
+    assert [r['test_skipped_images'] for r in logs] == [1] * 4  # without --dist-eval: not x world size
+    assert logs[3]['lr'] < logs[2]['lr']  # rank 0's falling top-1 lowered the lr
     sums = _checksums(text)
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
 
