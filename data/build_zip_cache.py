@@ -40,6 +40,13 @@ def _images_under(folder: Path) -> list[str]:
         for fn in filenames:
             if fn.lower().endswith(IMG_EXTENSIONS):
                 out.append(Path(dirpath, fn).relative_to(folder).as_posix())
+    for name in out:  # zip names are UTF-8; a Latin-1 file name decodes to surrogates, which have none
+        try:
+            name.encode('utf-8')
+        except UnicodeEncodeError:
+            raw = os.fsencode(folder / name)
+            raise CacheError(f'{raw.decode("utf-8", "replace")}: file name is not valid UTF-8 ({raw!r}); rename '
+                             f'it (e.g. convmv -f latin1 -t utf8) and build again') from None
     return sorted(out)
 
 

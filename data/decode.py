@@ -41,12 +41,36 @@ def jpeg_decoder() -> str:
     return f'PIL {Image.__version__}'
 
 
+# what PIL raises on bytes it cannot use; DecompressionBombError (over 2 x Image.MAX_IMAGE_PIXELS) is none of
+# the others, and escaped --skip-bad-images
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_image_file(path) -> bytes:
+    """A file's bytes; a file that cannot be read (permissions, a broken link, a vanished file) is an
+    unreadable image like a corrupt one: an error naming it, or skipped with --skip-bad-images."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as e:
+        raise CorruptImageError(f'{path}: cannot read the file ({e.strerror or e})') from None
+
+
+def check_pixel_count(width: int, height: int, name: str) -> None:
+    """PIL's decompression-bomb limit, applied from the header before any decoder allocates the image (a
+    20000 x 20000 JPEG took 3.5 GB in simplejpeg before PIL's check could run)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > 2 * limit:
+        raise CorruptImageError(f'{name}: {width} x {height} pixels is over PIL\'s decompression-bomb limit '
+                                f'({2 * limit} pixels; PIL.Image.MAX_IMAGE_PIXELS)')
+
+
 def _pil_decode(data: bytes, name: str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
         return img.convert('RGB')
-    except (OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise CorruptImageError(f'{name}: cannot decode image ({e})') from e
 
 
@@ -67,7 +91,7 @@ def decode_image(data: bytes, name: str, lazy: bool = False) -> Image.Image | La
         if lazy:
             try:
                 return LazyJpeg(data, name, Image.open(io.BytesIO(data)))
-            except (OSError, SyntaxError, ValueError) as e:
+            except DECODE_ERRORS as e:
                 raise CorruptImageError(f'{name}: cannot decode image ({e})') from e
         return decode_reduced(LazyJpeg(data, name, None), 1)
     return _pil_decode(data, name)
@@ -79,6 +103,11 @@ def decode_reduced(jpeg: LazyJpeg, reduce: int) -> Image.Image:
     Each side becomes ceil(side / reduce), as both decoders scale; the cost falls roughly with the pixels."""
     if _use_simplejpeg():
         w, h = jpeg.header.size if jpeg.header is not None else (0, 0)
+        try:
+            height, width = simplejpeg.decode_jpeg_header(jpeg.data)[:2]
+        except ValueError:  # not a header it can read: PIL decides below (and applies the same limit)
+            height = width = 0
+        check_pixel_count(width, height, jpeg.name)
         try:  # it picks the smallest scale (n/8) keeping these minimums: exactly 1/reduce
             return Image.fromarray(simplejpeg.decode_jpeg(jpeg.data, colorspace='RGB', min_width=-(-w // reduce),
                                                           min_height=-(-h // reduce)))
@@ -90,5 +119,5 @@ def decode_reduced(jpeg: LazyJpeg, reduce: int) -> Image.Image:
             img.draft(img.mode, (-(-img.width // reduce), -(-img.height // reduce)))
         img.load()
         return img.convert('RGB')
-    except (OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise CorruptImageError(f'{jpeg.name}: cannot decode image ({e})') from e

@@ -127,7 +127,7 @@ class ZipIndex:
 
     def __init__(self, zip_path, arrays: dict, index_path: Path | None = None):
         self.path, self.index_path = Path(zip_path), index_path
-        self._arrays, self._mm = arrays, None
+        self._arrays, self._mm, self._belongs = arrays, None, None
 
     def __getattr__(self, name):  # offsets, sizes, methods, crcs, rows, labels, name_starts, name_blob
         arrays = self.__dict__.get('_arrays')
@@ -158,13 +158,34 @@ class ZipIndex:
         bytes inside a JPEG often still decode, into wrong pixels. Cost: ~1.5-2 % of a JPEG decode, <0.5 % of
         decode + DeiT train transform (benchmarks/bench_zip_loader.py)."""
         off, size = int(self.offsets[k]), int(self.sizes[k])
-        raw = self.mm[off:off + size]
+        mm = self.mm
+        if off + size > mm.size():  # mm.size() is the file's size now (fstat): reading past it is SIGBUS
+            raise CacheError(f'{self.path}: the file shrank to {mm.size()} bytes while in use (member '
+                             f'{self.member_name(k)!r} ends at byte {off + size}); was it rewritten or truncated? '
+                             f'Restore it, then resume the run')
+        raw = mm[off:off + size]
         if self.methods[k] == zipfile.ZIP_DEFLATED:
             raw = zlib.decompress(raw, -15)
         if check_crc and zlib.crc32(raw) != int(self.crcs[k]):
+            self.check_belongs_to_zip(k)
             raise CorruptImageError(f'{self.path.name}@/{self.member_name(k)}: CRC-32 mismatch (the stored bytes '
                                     f'are corrupted; rebuild the cache or restore the file)')
         return raw
+
+    def check_belongs_to_zip(self, k: int) -> None:
+        """After a CRC mismatch: is member ``k``'s entry (offset, size, CRC) the zip's own? An index copied from
+        another zip (same size, mtime and end record) reads every member at the wrong place; that is no bad
+        image to skip but a wrong file, and an error. Checked once per process (the first mismatch)."""
+        if self.__dict__.get('_belongs') is None:
+            table = read_central_directory(self.path)
+            ours = (table['offsets'], table['sizes'], table['crcs'])
+            theirs = (self.offsets, self.sizes, self.crcs)
+            self._belongs = k < len(ours[0]) and all(int(a[k]) == int(b[k]) for a, b in zip(ours, theirs)) and \
+                len(ours[0]) == len(theirs[0])
+        if not self._belongs:
+            where = self.index_path or 'the index in memory'
+            raise CacheError(f'{where} does not belong to {self.path}: its member table differs from the zip\'s '
+                             f'central directory (copied from another cache?); delete it and it is made again')
 
     def warm(self, members=None, chunk: int = 64 << 20) -> None:
         """Bring pages into the page cache: the whole file, or only the given member indices.

@@ -111,7 +111,7 @@ def read_central_directory(path: str | os.PathLike) -> dict:
             extra = bytes(cd[s + CD_SIZE + nlen[k]:s + CD_SIZE + nlen[k] + xlen[k]])
             usize[k], csize[k], local[k] = _zip64_extra(extra, int(usize[k]), int(csize[k]), int(local[k]))
         local += concat  # header offsets count from the archive's start
-        blob, starts_out = _name_blob(cd, nlen, xlen + _u(cd, starts + 32, 2).astype(np.int64), flags)
+        blob, starts_out = _name_blob(cd, nlen, xlen + _u(cd, starts + 32, 2).astype(np.int64), flags, path)
         is_file = cd[starts + CD_SIZE + nlen - 1] != ord('/') if n else np.zeros(0, bool)
         if np.any(local + LOCAL_SIZE > len(mm)):
             raise CacheError(f'{path}: a member header lies past the end of the file (truncated zip)')
@@ -137,10 +137,10 @@ def read_central_directory(path: str | os.PathLike) -> dict:
                 'name_blob': blob, 'name_starts': starts_out, 'eocd': eocd}
     finally:
         del buf, cd  # release the exported buffer before closing the map
-        mm.close()
+        _close(mm)
 
 
-def _name_blob(cd: np.ndarray, nlen: np.ndarray, tail: np.ndarray, flags: np.ndarray):
+def _name_blob(cd: np.ndarray, nlen: np.ndarray, tail: np.ndarray, flags: np.ndarray, path: Path):
     """All names as one UTF-8 blob, each followed by '\\n', and the start of each (plus the end).
 
     The records are contiguous (checked by _record_starts): one boolean mask, repeated from each record's
@@ -151,9 +151,9 @@ def _name_blob(cd: np.ndarray, nlen: np.ndarray, tail: np.ndarray, flags: np.nda
     lengths = np.stack([np.full(n, CD_SIZE), nlen, tail], 1).ravel()
     raw = cd[np.repeat(np.tile(np.array([False, True, False]), n), lengths)]
     ends = np.cumsum(nlen)
-    if raw.size and raw.max() >= 0x80 and not (flags & 0x800).all():
-        names = [bytes(raw[e - ln:e]).decode('utf-8' if f & 0x800 else 'cp437')
-                 for e, ln, f in zip(ends.tolist(), nlen.tolist(), flags.tolist())]
+    if raw.size and raw.max() >= 0x80 and not ((flags & 0x800).all() and _is_utf8(raw)):
+        names = [_decode_name(bytes(raw[e - ln:e]), f, k, path)
+                 for k, (e, ln, f) in enumerate(zip(ends.tolist(), nlen.tolist(), flags.tolist()))]
         return join_names(names)
     blob = np.empty(raw.size + len(nlen), np.uint8)
     seps = ends + np.arange(len(nlen))  # position of each '\\n'
@@ -164,6 +164,24 @@ def _name_blob(cd: np.ndarray, nlen: np.ndarray, tail: np.ndarray, flags: np.nda
     starts = np.zeros(len(nlen) + 1, np.int64)
     starts[1:] = seps + 1
     return blob, starts
+
+
+def _is_utf8(raw: np.ndarray) -> bool:
+    try:
+        raw.tobytes().decode('utf-8')
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _decode_name(raw: bytes, flags: int, k: int, path: Path) -> str:
+    """A member name as the zip's UTF-8 flag says (cp437 without it, which decodes any bytes)."""
+    try:
+        return raw.decode('utf-8' if flags & 0x800 else 'cp437')
+    except UnicodeDecodeError as e:
+        raise CacheError(f'{path}: member {k + 1} of the central directory: its name {raw!r} is not UTF-8 though '
+                         f'its UTF-8 flag is set ({e.reason} at byte {e.start}); rebuild the cache with '
+                         f'python -m data.build_zip_cache') from None
 
 
 def join_names(names: list[str]):
@@ -202,6 +220,16 @@ def _record_starts(cd: np.ndarray, n: int, path: Path) -> np.ndarray:
     return np.asarray(starts, np.int64)
 
 
+def _close(mm: mmap.mmap) -> None:
+    """Close a map unless an error on its way out still holds a view of it (its traceback keeps the frame's
+    arrays alive): then the map closes when they are freed, and the error itself is what the user sees,
+    not ``BufferError: cannot close exported pointers exist``."""
+    try:
+        mm.close()
+    except BufferError:
+        pass
+
+
 def input_signature(path: Path, eocd: bytes | None = None) -> dict:
     st = Path(path).stat()
     sig = {'name': Path(path).name, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
@@ -217,7 +245,7 @@ def zip_tail(path: Path) -> bytes:
         try:
             return _end_records(mm, path)[4]
         finally:
-            mm.close()
+            _close(mm)
 
 
 def write_index(path: Path, inputs: dict, arrays: dict[str, np.ndarray]) -> None:

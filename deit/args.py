@@ -177,15 +177,59 @@ def as_recipe(args) -> dict:
 
 
 def read_recipe(path, parser) -> dict:
+    """The recipe's values, each checked against its flag (type, choices, on/off, list) now: a wrong value
+    found after the data and model are built would stop the run late, with args.yaml already written."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f'error: recipe not found: {path}')
-    values = yaml.safe_load(path.read_text()) or {}
-    dests = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - dests)
-    if not isinstance(values, dict) or unknown:
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f':{mark.line + 1}' if mark is not None else ''
+        raise SystemExit(f'error: {path}{where}: not valid YAML ({getattr(e, "problem", None) or e})') from None
+    if not isinstance(values, dict):
+        raise SystemExit(f'error: {path}: a recipe is a mapping of flag names to values, not a '
+                         f'{type(values).__name__}')
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
         raise SystemExit(f'error: {path}: unknown keys {unknown} (keys are deit.main flag names with _ for -)')
-    return values
+    return {k: _recipe_value(path, k, v, actions[k]) for k, v in values.items()}
+
+
+def _recipe_value(path: Path, key: str, value, action: argparse.Action):
+    """``value`` as the flag would have parsed it; SystemExit naming file, key and what was expected."""
+    def bad(expected: str):
+        return SystemExit(f'error: {path}: {key}: {value!r} is not {expected}')
+
+    if value is None:
+        return None
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # on/off flags
+        if not isinstance(value, bool):
+            raise bad('true or false')
+        return value
+    items = value if action.nargs in ('+', '*') or isinstance(action.nargs, int) else [value]
+    if items is value and not isinstance(value, list):
+        raise bad('a list')
+    convert = action.type or str
+    kind = {int: 'an int', float: 'a number', str: 'a string'}.get(convert, 'a valid value')
+    out = []
+    for item in items:
+        if isinstance(item, (dict, list)) or (isinstance(item, bool) and convert is not str):
+            raise bad(kind)
+        if convert is int and isinstance(item, float):  # 224.0 is 224; 2.5 is no epoch count
+            if not item.is_integer():
+                raise bad(kind)
+            item = int(item)
+        try:  # as from the command line (YAML reads 1e-3 as a string; float() takes it)
+            item = convert(str(item))
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise bad(kind) from None
+        if action.choices is not None and item not in action.choices:
+            raise bad(f'one of {list(action.choices)}')
+        out.append(item)
+    return out if items is value else out[0]
 
 
 def check_args(args) -> None:

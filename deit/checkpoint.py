@@ -11,7 +11,9 @@ import os
 import pickle
 import random
 import secrets
+import shutil
 import socket
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +47,58 @@ def atomic_open(path: str | os.PathLike, mode: str = 'wb', file_mode: int | None
             tmp.unlink()
 
 
+class SaveError(CheckpointError):
+    """A checkpoint could not be written (full disk, quota, read-only folder); the previous file is intact."""
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save through :func:`atomic_open`."""
-    with atomic_open(path) as f:
-        torch.save(obj, f)
+    """torch.save through :func:`atomic_open`. A failed write (e.g. a full disk: torch reports it as an
+    ``enforce fail at inline_container.cc``) is one :class:`SaveError` line with the space numbers."""
+    path = Path(path)
+    try:
+        with atomic_open(path) as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:
+        cause = next((c for c in _chain(e) if isinstance(c, OSError) and c.errno), None)
+        why = os.strerror(cause.errno) if cause else str(e).splitlines()[0]
+        try:
+            free = f'{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free there'
+        except OSError:
+            free = 'free space unknown'
+        raise SaveError(f'{path}: could not write the checkpoint ({why}); it needs about '
+                        f'{_tensor_bytes(obj) / 2 ** 20:.0f} MiB, {free}. The previous {path.name} (if any) is '
+                        f'unchanged') from None
+
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
+    """Fail now, in one line, if ``path`` (a file to write, or with ``folder`` a folder to write into) cannot
+    be written, instead of after the work that produces it."""
+    path = Path(path)
+    target = path if folder else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(target / '.write-test')
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot write there ({e.strerror or e})') from None
+    return path
 
 
 def temp_path(path: Path) -> Path:
@@ -68,6 +118,7 @@ def torch_load(path: str | os.PathLike, map_location='cpu'):
     kind = sniff_file(path)
     if kind:
         raise CheckpointError(f'{path}: {kind}, not a PyTorch checkpoint (torch.save output or .safetensors)')
+    verify_container(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -78,6 +129,23 @@ def torch_load(path: str | os.PathLike, map_location='cpu'):
                                   f'execute them): {msg}') from e
         raise CheckpointError(f'{path}: cannot read checkpoint (truncated or corrupted torch file): '
                               f'{type(e).__name__}: {msg}') from e
+
+
+def verify_container(path: Path) -> None:
+    """Check the CRC-32 of every member of a torch.save zip (one sequential read, ~1 s per GB): a flipped byte
+    in a weight otherwise loads silently. Files saved with torch's CRCs switched off (all zero) are skipped;
+    the legacy pickle format carries no checksums."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+            if not any(m.CRC for m in members if m.file_size):
+                return
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f'{path}: cannot read checkpoint (truncated or corrupted torch file): {e}') from None
+    if bad is not None:
+        raise CheckpointError(f'{path}: member {bad} fails its CRC-32 check: the file is corrupted (restore it or '
+                              f'use an earlier checkpoint)')
 
 
 def sniff_file(path: Path) -> str | None:
@@ -206,6 +274,9 @@ def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, worl
         done = restore_rng(ckpt.get('rng'), rank, world, reseed=args.seed + 1000 * args.start_epoch)
         if done != 'restored':
             print(f'note: RNG streams {done}')
+    else:
+        print(f'note: {path} holds weights but no training state (optimizer, epoch): training starts at epoch '
+              f'{args.start_epoch} from these weights')
     if ckpt.get('world_size', world) != world:
         print(f'note: checkpoint written with {ckpt["world_size"]} process(es), resuming with {world}: the '
               f'lr schedule continues from the checkpoint; data order and RNG streams differ')
@@ -251,7 +322,7 @@ def read_resume_checkpoint(args, output_dir: Path | None):
     if path is None:
         return None, None
     if all(du.all_gather_object(Path(path).is_file())):
-        return path, torch_load(path)
+        return path, _resumable(torch_load(path), path)
     ckpt, error = None, None
     if du.is_main_process():
         try:
@@ -262,7 +333,15 @@ def read_resume_checkpoint(args, output_dir: Path | None):
     if error:
         raise CheckpointError(error)
     print(f'{path} is not readable on every rank: rank 0 sent its copy')
-    return path, ckpt
+    return path, _resumable(ckpt, path)
+
+
+def _resumable(ckpt, path: str) -> dict:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
+        what = f'a {type(ckpt).__name__}' if not isinstance(ckpt, dict) else f'a dict with {sorted(ckpt)[:8]}'
+        raise CheckpointError(f'{path}: {what}, not a checkpoint with weights ({{"model": ...}}); resume from a '
+                              f'training checkpoint or start from weights with --finetune')
+    return ckpt
 
 
 def restore_weights(model, ckpt: dict, path: str, name: str) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 
-from data.decode import decode_image
+from data.decode import decode_image, read_image_file
 from data.zip_cache import SkipCounter
 from deit.transforms import DraftRandomResizedCrop
 
@@ -67,7 +67,7 @@ class CheckedImageFolder(SkipCounter, datasets.ImageFolder):
 
     def __getitem__(self, i: int):
         path, target = self.samples[i]
-        return self._sample(lambda: decode_image(Path(path).read_bytes(), path, lazy=self.lazy_decode), target)
+        return self._sample(lambda: decode_image(read_image_file(path), path, lazy=self.lazy_decode), target)
 
 
 def _folder(root: Path, split_names: tuple[str, ...], transform, skip_bad: bool = False) -> datasets.ImageFolder:
@@ -231,8 +231,9 @@ def build_transform(is_train: bool, args, uint8: bool | None = None):
                               color_jitter=None if on_device else args.color_jitter,
                               interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
                               re_count=args.recount, use_prefetcher=uint8)
-        if size <= 32:  # small images: replace RandomResizedCrop by pad + random crop (as DeiT)
-            tf.transforms[0] = transforms.RandomCrop(size, padding=4)
+        if size <= 32:  # small images: replace RandomResizedCrop by pad + random crop (as DeiT); an image
+            # smaller than the crop is padded up to it (DeiT's RandomCrop would fail on it)
+            tf.transforms[0] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
         elif getattr(args, 'jpeg_draft', False):
             rrc = tf.transforms[0]
             tf.transforms[0] = DraftRandomResizedCrop(size, rrc.scale, rrc.ratio, args.train_interpolation)

@@ -297,6 +297,7 @@ def run_training(args, run, data, output_dir: Path | None, stop_signal: StopSign
         # timm's plateau schedule watches the metric it is given (as timm's train.py); without it DeiT's call
         # never lowers the lr. Time-based schedules ignore it.
         run.lr_scheduler.step(epoch + 1, test_stats['acc1'] if evaluated else None)
+        check_finite(run, epoch, test_stats if evaluated else {}, output_dir)
         is_best = evaluated and test_stats['acc1'] > run.max_accuracy
         if evaluated:
             run.max_accuracy = max(run.max_accuracy, test_stats['acc1'])
@@ -314,6 +315,22 @@ def run_training(args, run, data, output_dir: Path | None, stop_signal: StopSign
         tb.close()
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return test_stats
+
+
+def check_finite(run, epoch: int, test_stats: dict, output_dir: Path | None) -> None:
+    """Stop before saving an epoch whose weights (or EMA) or evaluation are not finite: with a too high lr the
+    training loss can stay finite while the weights blow up, and saving would make every resume start from
+    the wreck. Weights are identical on every rank and the numbers are rank 0's: all ranks stop together."""
+    models = [run.model_without_ddp] + ([run.model_ema.module] if run.model_ema is not None else [])
+    weights_ok = bool(torch.stack([torch.isfinite(p).all() for m in models for p in m.parameters()]).all())
+    bad = [k for k in ('loss', 'ece', 'ema_loss') if k in test_stats and not np.isfinite(test_stats[k])]
+    if weights_ok and not bad:
+        return
+    what = ', '.join((['weights'] if not weights_ok else []) + [f'evaluation {k} {test_stats[k]}' for k in bad])
+    kept = f'{output_dir / "checkpoint.pth"} (epoch {epoch - 1}) stays the resume point' if output_dir and \
+        epoch > 0 else 'nothing was saved'
+    raise NonFiniteLossError(f'epoch {epoch} diverged (not finite: {what}); it was not saved and {kept} '
+                             f'(try a lower --lr, --clip-grad, or --no-amp)')
 
 
 def evaluate_run(args, run, data, dist_sum: bool, final: bool = True) -> dict:
@@ -469,7 +486,7 @@ def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = N
             print(f'evaluating {resume_path} (epoch {ckpt.get("epoch", "?")})')
         else:
             restore_training_state(args, run, ckpt, resume_path, du.get_rank(), du.get_world_size())
-            if args.output_dir and du.is_main_process():  # the log ends where the checkpoint does
+            if 'epoch' in ckpt and args.output_dir and du.is_main_process():  # the log ends where the ckpt does
                 repair_log(Path(args.output_dir), ckpt['epoch'], ckpt.get('log'))
         del ckpt
     lr_scheduler.step(args.start_epoch)
@@ -493,12 +510,21 @@ def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = N
     return {'test': test_stats, 'max_accuracy': run.max_accuracy, 'param_checksum': checksum}
 
 
+def error_line(e: BaseException) -> str:
+    """The message of ``e``; for an error a DataLoader worker raised, the worker's own message (torch re-raises
+    it as "Caught X in DataLoader worker process N" followed by the worker's whole traceback)."""
+    text = str(e).strip()
+    if 'Original Traceback' in text:
+        text = text.splitlines()[-1].split(': ', 1)[-1]
+    return text
+
+
 def cli(argv=None) -> int:
     args = parse_args(argv)
     try:
         main(args)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
+    except (ValueError, OSError, NonFiniteLossError) as e:  # OSError: e.g. no space left for log.txt
+        print(f'error: {error_line(e)}', file=sys.stderr, flush=True)
         return 2 if not isinstance(e, NonFiniteLossError) else 3
     except Preempted as e:
         print(str(e), flush=True)

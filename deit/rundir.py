@@ -122,11 +122,30 @@ def remove_stale_temp_files(output_dir: Path) -> list[str]:
     return removed
 
 
+def _log_records(path: Path, lines: list[str]) -> list[dict]:
+    """The JSON records of log.txt's lines. A torn last line (an append cut short by a kill or a full disk)
+    is dropped with a note; a bad line before it is not ours to guess at: an error naming it."""
+    records = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+            if record is not None and not isinstance(record, dict):
+                raise ValueError(f'a JSON {type(record).__name__}, not an epoch record')
+        except ValueError as e:
+            if n == len(lines):
+                print(f'note: {path}:{n}: dropping a torn last line ({e})')
+                records.append(None)
+                continue
+            raise ValueError(f'{path}:{n}: not a log record ({e}); fix or remove that line, then resume') from None
+        records.append(record)
+    return records
+
+
 def repair_log(output_dir: Path, epoch: int, record: dict | None) -> None:
     """Make ``log.txt`` end at ``epoch``: drop lines of later (re-trained) epochs, restore a missing line."""
     path = Path(output_dir) / 'log.txt'
     lines = path.read_text().splitlines() if path.is_file() else []
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get('epoch', -1) <= epoch]
+    kept = [ln for ln, r in zip(lines, _log_records(path, lines)) if r is not None and r.get('epoch', -1) <= epoch]
     if record is not None and not any(json.loads(ln).get('epoch') == epoch for ln in kept):
         kept.append(json.dumps(record))
     if kept != lines:

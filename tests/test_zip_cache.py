@@ -8,6 +8,8 @@ import os
 import pickle
 import re
 import struct
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -23,7 +25,7 @@ from data.zip_cache import (CacheError, CorruptImageError, ShardSampler, ZipImag
                             check_labels, check_split_labels, class_folder, collate_skip_bad, open_index,
                             parse_map_file, train_class_index, write_map_file)
 from deit.main import cli
-from tests.conftest import TINY, make_image, make_imagefolder
+from tests.conftest import ROOT, TINY, make_image, make_imagefolder
 
 
 @pytest.fixture(scope='module')
@@ -670,3 +672,92 @@ def test_val_index_is_checked_again_when_the_train_map_changes(tmp_path):
     with pytest.raises(CacheError, match="val_map.txt:1: 'a/s p/v.jpg' has label 0, but class folder 'a' is "
                                          "label 1 in train"):
         open_index(root / 'val.zip', root / 'val_map.txt', False, root / 'train_map.txt')
+
+
+def test_an_index_of_another_zip_is_named_as_such_not_as_corrupt_bytes(tmp_path):
+    from data.zip_cache import CacheError, ZipImageDataset
+    from data.zip_index import read_index, write_index
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    a.mkdir(), b.mkdir()
+    za, ma = _zip_with(a, {'a/x.jpg': _jpeg(0), 'b/y.jpg': _jpeg(1)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    zb, mb = _zip_with(b, {'a/x.jpg': _jpeg(2, 5) + b'pad' * 40, 'b/y.jpg': _jpeg(3, 6)}, 'a/x.jpg\t0\nb/y.jpg\t1\n')
+    ZipImageDataset(za, ma), ZipImageDataset(zb, mb)  # both indexes written
+    idx_a = za.with_name('train.zip.idx')
+    header = json.loads(idx_a.read_bytes()[22:22 + int.from_bytes(idx_a.read_bytes()[14:22], 'little')])
+    foreign = read_index(zb.with_name('train.zip.idx'), None, check_inputs=False)
+    write_index(idx_a, header['inputs'], {k: np.array(v) for k, v in foreign.items()})  # forged: a's signature
+    for skip_bad in (False, True):  # a wrong index is no bad image to skip
+        ds = ZipImageDataset(za, ma, skip_bad=skip_bad)
+        with pytest.raises(CacheError, match=r'train\.zip\.idx does not belong to .*a/train\.zip: its member '
+                                             r'table differs .* delete it and it is made again'):
+            ds[0]
+    idx_a.unlink()
+    raw = bytearray(za.read_bytes())  # a genuinely flipped byte inside a member is still called corruption
+    raw[60] ^= 0xFF
+    za.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match='CRC-32 mismatch'):
+        ZipImageDataset(za, ma)[0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# corrupt or unusual zips and names; a zip truncated while a reader maps it
+# ------------------------------------------------------------------------------------------------------------
+def test_a_corrupt_central_directory_record_is_the_error_not_a_buffer_error(tmp_path):
+    from data.zip_index import read_central_directory
+    zp, _ = _two_classes(tmp_path)
+    raw = bytearray(zp.read_bytes())
+    cd = raw.rindex(b'PK\x01\x02')  # the last member's central record loses its signature
+    raw[cd + 3] = 9
+    zp.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match=rf'{zp}: corrupt central directory at byte \d+'):
+        read_central_directory(zp)  # (raised where a view of the map is alive: closing it failed instead)
+
+
+def test_a_member_name_that_is_not_utf8_despite_its_flag_is_named(tmp_path, capsys):
+    from data.build_zip_cache import main as build_main
+    zp, mp_ = _zip_with(tmp_path, {'a/caf\u00e9.jpg': _jpeg(0), 'b/y.jpg': _jpeg(1)},
+                        'a/caf\u00e9.jpg\t0\nb/y.jpg\t1\n')
+    zp.write_bytes(zp.read_bytes().replace('\u00e9'.encode(), b'\xc3\x28'))  # flag set, bytes not UTF-8
+    with pytest.raises(CacheError, match=r"member 1 of the central directory: its name b'a/caf\\xc3\(\.jpg' is "
+                                         r"not UTF-8 though its UTF-8 flag is set"):
+        ZipImageDataset(zp, mp_)
+    (tmp_path / 'val.zip').write_bytes(zp.read_bytes())
+    (tmp_path / 'val_map.txt').write_bytes(mp_.read_bytes())
+    assert build_main(['--verify', '--dst', str(tmp_path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'is not UTF-8 though its UTF-8 flag is set' in err
+
+
+def test_a_latin1_source_file_name_is_named_by_the_builder(tmp_path, capsys):
+    from data.build_zip_cache import main as build_main
+    for split in ('train', 'val'):
+        for c in ('a', 'b'):
+            (tmp_path / 'src' / split / c).mkdir(parents=True)
+            make_image(0, 0).save(tmp_path / 'src' / split / c / '0.jpg')
+    bad = os.path.join(os.fsencode(tmp_path / 'src' / 'train' / 'a'), b'caf\xe9.jpg')  # Latin-1 bytes on disk
+    with open(bad, 'wb') as f:
+        f.write(_jpeg(0))
+    assert build_main(['--src', str(tmp_path / 'src'), '--dst', str(tmp_path / 'cache')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "file name is not valid UTF-8 (b'" in err and 'caf\\xe9.jpg' in err
+    assert not (tmp_path / 'cache' / 'train.zip').exists()
+
+
+def test_a_zip_truncated_under_a_running_reader_stops_it_with_one_line(tmp_path):
+    """A child maps the zip and reads; the zip is cut in place meanwhile; its next read must not die of
+    SIGBUS (exit -7, no message) but raise an error naming the zip."""
+    zp, mp_ = _zip_with(tmp_path, {f'a/{i}.jpg': _jpeg(0, i) for i in range(8)},
+                        ''.join(f'a/{i}.jpg\t0\n' for i in range(8)))
+    ZipImageDataset(zp, mp_)  # index stored
+    code = ('import sys; from data.zip_cache import ZipImageDataset\n'
+            f'ds = ZipImageDataset({str(zp)!r}, {str(mp_)!r})\n'
+            'ds.index.read(0); print("ready", flush=True); sys.stdin.readline()\n'
+            'try:\n    ds.index.read(7)\nexcept Exception as e:\n    print(type(e).__name__, e, flush=True)\n')
+    child = subprocess.Popen([sys.executable, '-c', code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == 'ready'
+    with open(zp, 'r+b') as f:  # cut in place (what a second `build_zip_cache` or a full copy-over does)
+        f.truncate(zp.stat().st_size // 3)
+    out, err = child.communicate('go\n', timeout=60)
+    assert child.returncode == 0, (child.returncode, err)
+    assert out.startswith(f'CacheError {zp}: the file shrank to ') and "member 'a/7.jpg'" in out

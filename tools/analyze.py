@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from deit import analysis, localization
-from deit.checkpoint import CheckpointError, load_model
+from deit.checkpoint import CheckpointError, check_writable, load_model
 from deit.datasets import (DATA_SETS, DEFAULT_CROP_RATIO, DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN,
                            IMAGENET_DEFAULT_STD, eval_data_set, eval_loader, eval_split)
 from deit.metrics import feature_variation
@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument('--out', type=Path, default=Path('analysis_out'))
     args = ap.parse_args(argv)
     try:
+        check_writable(args.out / args.command, folder=True)
         ckpts = parse_ckpts(args.ckpt)
         loaded = {n: load_model(p, args.model, args.num_classes, input_size=args.input_size)
                   for n, p in ckpts.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from deit.checkpoint import CheckpointError, load_model
+from deit.checkpoint import CheckpointError, check_writable, load_model
 from deit.datasets import DATA_SETS, eval_data_set, eval_loader
 from deit.engine import evaluate
 
@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument('--out', default='eval_out')
     a = ap.parse_args(argv)
     try:
+        check_writable(a.out, folder=True)
         s = run(a.checkpoint, a.data_set, a.data_path, a.split, a.cache, a.out, a.input_size, a.batch_size,
                 a.num_workers, a.use_ema, a.model, a.num_classes)
     except (CheckpointError, FileNotFoundError, ValueError) as e:

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from deit.checkpoint import CheckpointError, load_model
+from deit.checkpoint import CheckpointError, check_writable, load_model
 
 
 def export_safetensors(model, info: dict, out: Path) -> Path:
@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     ap.add_argument('--direction', choices=('zip2folder', 'folder2zip'), default='zip2folder')
     args = ap.parse_args(argv)
     try:
+        if args.export:
+            check_writable(args.export)
         model, info = load_model(args.checkpoint, args.model, args.num_classes, args.reset_head, args.use_ema)
         print(f'{args.checkpoint}: {info["format"]} checkpoint -> {info["model"]} with {info["num_classes"]} classes'
               f'{" (new head)" if info["head_reset"] else ""}; missing keys {info["missing"] or "none"}, '

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from deit.checkpoint import CheckpointError  # noqa: E402
+from deit.checkpoint import CheckpointError, check_writable  # noqa: E402
 from segmentation.deit_to_mmseg import convert_checkpoint  # noqa: E402
 
 
@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument('--use-ema', action='store_true')
     a = ap.parse_args(argv)
     try:
+        check_writable(a.dst)
         state = convert_checkpoint(a.src, a.dst, a.width, a.depth, a.img_size, a.use_ema)
     except (CheckpointError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
