@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,33 @@ def run_ranks(target, world: int, out_dir: Path, *args, timeout: float = 120) ->
         if p.is_alive():  # a rank stuck in teardown must not outlive the test
             p.terminate()
     return [json.loads((Path(out_dir) / f'rank{r}.json').read_text()) for r in range(world)]
+
+
+CHECKSUM = r'\[rank (\d)\] {} checksum ([-+.e0-9]+/[-+.e0-9]+)'
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    """A finished subprocess's output; fails the test with the output's tail when it did not exit 0."""
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def checksums(text: str, what: str = 'parameter') -> dict:
+    """rank -> the trainer's printed ``[rank r] parameter|ema checksum`` in ``text``."""
+    return dict(re.findall(CHECKSUM.format(what), text))
+
+
+def corrupt_first_member(zip_path: Path) -> str:
+    """Truncate the first image of a built cache zip (keeps the zip readable, the JPEG not)."""
+    import zipfile
+    with zipfile.ZipFile(zip_path) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    victim = sorted(members)[0]
+    members[victim] = members[victim][:100]
+    with zipfile.ZipFile(zip_path, 'w', zipfile.ZIP_STORED) as zf:
+        for k, v in members.items():
+            zf.writestr(k, v)
+    return victim
 
 
 def run_module(args, env_extra=None, timeout=600, **kw) -> subprocess.CompletedProcess:

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import threading
-import zipfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -22,32 +21,11 @@ import torch
 from data.build_zip_cache import main as build_zip
 from deit import distributed as du
 from deit.checkpoint import restore_rng, rng_state, save_atomic, temp_path
-from tests.conftest import ROOT, TINY, make_imagefolder, run_module, run_ranks
+from tests.conftest import (ROOT, TINY, checksums, corrupt_first_member, make_imagefolder, ok, run_module,
+                            run_ranks)
 from tests.dist_harness import COLLECTIVES, HELPERS, simulated_spec
 
 HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'tests/dist_harness.py']
-CHECKSUM = r'\[rank (\d)\] {} checksum ([-+.e0-9]+/[-+.e0-9]+)'
-
-
-def _ok(r):
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout + r.stderr
-
-
-def _checksums(text, what='parameter'):
-    return dict(re.findall(CHECKSUM.format(what), text))
-
-
-def _corrupt_first_member(zip_path: Path) -> str:
-    """Truncate the first image of a built cache zip (keeps the zip readable, the JPEG not)."""
-    with zipfile.ZipFile(zip_path) as zf:
-        members = {i.filename: zf.read(i) for i in zf.infolist()}
-    victim = sorted(members)[0]
-    members[victim] = members[victim][:100]
-    with zipfile.ZipFile(zip_path, 'w', zipfile.ZIP_STORED) as zf:
-        for k, v in members.items():
-            zf.writestr(k, v)
-    return victim
 
 
 @pytest.fixture(scope='module')
@@ -57,7 +35,7 @@ def bad_cache(tmp_path_factory):
     src = make_imagefolder(root / 'src', n_classes=3, n_train=8, n_val=5)
     assert build_zip(['--src', str(src), '--dst', str(root / 'cache')]) == 0
     for split in ('train', 'val'):
-        _corrupt_first_member(root / 'cache' / f'{split}.zip')
+        corrupt_first_member(root / 'cache' / f'{split}.zip')
     return root / 'cache'
 
 
@@ -104,10 +82,10 @@ def test_gpu_style_process_group_runs_every_collective(bad_cache, tmp_path):
     assert 'No backend type associated with device type cpu' in legacy.stdout + legacy.stderr
     logs = tmp_path / 'collectives'
     (logs / 'stop').mkdir(parents=True)
-    text = _ok(run_module(HARNESS + ['--'] + args, env_extra={'COLLECTIVE_LOG': str(logs)}))
-    sums = _checksums(text)
+    text = ok(run_module(HARNESS + ['--'] + args, env_extra={'COLLECTIVE_LOG': str(logs)}))
+    sums = checksums(text)
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
-    ema = _checksums(text, 'ema')
+    ema = checksums(text, 'ema')
     assert set(ema) == {'0', '1'} and ema['0'] == ema['1']
     log = json.loads((tmp_path / 'run' / 'log.txt').read_text().splitlines()[0])
     assert log['train_skipped_images'] == 1 and log['test_skipped_images'] == 1
@@ -136,18 +114,18 @@ def test_requeue_on_unshared_output_dir_resumes_every_rank_bit_identically(tiny_
     common = TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--batch-size', '4',
                      '--epochs', '2', '--model-ema', '--model-ema-decay', '0.9', '--mixup', '0.8',
                      '--aa', 'rand-m9-mstd0.5', '--reprob', '0.25']
-    full = _ok(run_module(HARNESS + ['--'] + common + ['--output_dir', str(tmp_path / 'full')]))
+    full = ok(run_module(HARNESS + ['--'] + common + ['--output_dir', str(tmp_path / 'full')]))
     out = tmp_path / 'requeued'
     first = run_module(HARNESS + ['--stop-at-epoch', '1', '--'] + common + ['--output_dir', str(out)])
     assert first.returncode == 0 and json.loads((out / 'log.txt').read_text())['epoch'] == 0
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=False)
     assert isinstance(ckpt['rng'], list) and len(ckpt['rng']) == 2
     assert not torch.equal(ckpt['rng'][0]['torch'], ckpt['rng'][1]['torch'])
-    resumed = _ok(run_module(HARNESS + ['--rank-local-output', '--'] + common + ['--output_dir', str(out)]))
+    resumed = ok(run_module(HARNESS + ['--rank-local-output', '--'] + common + ['--output_dir', str(out)]))
     assert 'not readable on every rank: rank 0 sent its copy' in resumed
     assert 'starting at epoch 1' in resumed
     for what in ('parameter', 'ema'):
-        a, b = _checksums(full, what), _checksums(resumed, what)
+        a, b = checksums(full, what), checksums(resumed, what)
         assert set(a) == set(b) == {'0', '1'}
         assert a['0'] == a['1'] == b['0'] == b['1'], what
 

@@ -11,7 +11,7 @@ import torch
 
 from deit.distributed import dist_env, expand_nodelist
 from deit.samplers import DistributedEvalSampler, RASampler
-from tests.conftest import ROOT, TINY, make_imagefolder, run_module
+from tests.conftest import ROOT, TINY, make_imagefolder, ok, run_module
 
 TORCHRUN = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'deit.main']
 
@@ -22,11 +22,6 @@ def odd_folder(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp('dd'), n_classes=3, n_train=16, n_val=5)
 
 
-def _ok(r):
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout + r.stderr
-
-
 def _acc(text):
     return [float(x) for x in re.findall(r'\* Acc@1 ([\d.]+)', text)]
 
@@ -35,7 +30,7 @@ def _acc(text):
 def test_torchrun_two_ranks_identical_weights_rank0_files_exact_dist_eval(odd_folder, tmp_path):
     out = tmp_path / 'ddp'
     common = TINY + ['--data-set', 'FOLDER', '--data-path', str(odd_folder), '--batch-size', '8']
-    text = _ok(run_module(TORCHRUN + common + ['--epochs', '2', '--loss', 'maxsup', '--mixup', '0.8',
+    text = ok(run_module(TORCHRUN + common + ['--epochs', '2', '--loss', 'maxsup', '--mixup', '0.8',
                                                 '--cutmix', '1.0', '--dist-eval', '--output_dir', str(out)]))
     sums = dict(re.findall(r'\[rank (\d)\] parameter checksum ([-+.e0-9]+/[-+.e0-9]+)', text))
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
@@ -46,10 +41,10 @@ def test_torchrun_two_ranks_identical_weights_rank0_files_exact_dist_eval(odd_fo
     assert [json.loads(x)['epoch'] for x in (out / 'log.txt').read_text().splitlines()] == [0, 1]
     # dist-eval over 2 ranks == single-process eval of the same checkpoint, on 15 (odd) images
     ck = ['--eval', '--resume', str(out / 'checkpoint.pth')]
-    single = _acc(_ok(run_module(['-m', 'deit.main'] + common + ck)))
-    dist = _acc(_ok(run_module(TORCHRUN + common + ck + ['--dist-eval'])))
+    single = _acc(ok(run_module(['-m', 'deit.main'] + common + ck)))
+    dist = _acc(ok(run_module(TORCHRUN + common + ck + ['--dist-eval'])))
     assert single and dist and single[-1] == dist[-1]
-    n = re.findall(r'\(n=(\d+)\)', _ok(run_module(TORCHRUN + common + ck + ['--dist-eval'])))
+    n = re.findall(r'\(n=(\d+)\)', ok(run_module(TORCHRUN + common + ck + ['--dist-eval'])))
     assert n[-1] == '15'
 
 
@@ -62,8 +57,8 @@ def test_resume_across_world_sizes(odd_folder, tmp_path):
     one, two = ([a.format(n) for a in harness] for n in (1, 2))
     for first, second, name in ((one, two, 'one_to_two'), (two, one, 'two_to_one')):
         out = tmp_path / name
-        _ok(run_module(first + ['--stop-at-epoch', '1', '--'] + common + ['--output_dir', str(out)]))
-        text = _ok(run_module(second + ['--'] + common + ['--output_dir', str(out)]))
+        ok(run_module(first + ['--stop-at-epoch', '1', '--'] + common + ['--output_dir', str(out)]))
+        text = ok(run_module(second + ['--'] + common + ['--output_dir', str(out)]))
         assert 'auto-resuming' in text and 'starting at epoch 1' in text
         log = [json.loads(x) for x in (out / 'log.txt').read_text().splitlines()]
         assert [r['epoch'] for r in log] == [0, 1]

@@ -21,21 +21,9 @@ from deit import distributed as du
 from deit import rundir
 from deit.checkpoint import torch_load
 from deit.preemption import REQUEUE_EXIT
-from tests.conftest import ROOT, TINY, make_imagefolder, run_module
+from tests.conftest import ROOT, TINY, checksums, corrupt_first_member, make_imagefolder, ok, run_module
 
 HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node={n}', 'tests/dist_harness.py']
-CHECKSUM = r'\[rank (\d)\] {} checksum ([-+.e0-9]+/[-+.e0-9]+)'
-
-
-def _ok(r):
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout + r.stderr
-
-
-def _checksums(text, what='parameter'):
-    return dict(re.findall(CHECKSUM.format(what), text))
-
-
 def _harness(n: int, opts=(), args=(), **kw):
     return run_module([a.format(n=n) for a in HARNESS] + list(opts) + ['--'] + list(args), **kw)
 
@@ -81,11 +69,11 @@ def test_sigusr1_saves_mid_epoch_exits_for_requeue_and_resumes_bit_identically(f
     assert ckpt['epoch'] == 0 and 4 <= ckpt['step'] < 12, (ckpt['epoch'], ckpt['step'])
     assert ckpt['log']['epoch'] == 0 and [r['epoch'] for r in _log(out)] == [0]
     assert f'saved {out / "checkpoint.pth"} at epoch 1, step {ckpt["step"]}' in text
-    resumed = _ok(run_module(['-m', 'deit.main', *common, '--output_dir', str(out)]))
+    resumed = ok(run_module(['-m', 'deit.main', *common, '--output_dir', str(out)]))
     assert f'starting at epoch 1, step {ckpt["step"]}' in resumed
-    full = _ok(run_module(['-m', 'deit.main', *common, '--output_dir', str(tmp_path / 'full')]))
+    full = ok(run_module(['-m', 'deit.main', *common, '--output_dir', str(tmp_path / 'full')]))
     for what in ('parameter', 'ema'):
-        assert _checksums(resumed, what) == _checksums(full, what), what
+        assert checksums(resumed, what) == checksums(full, what), what
     assert [r['epoch'] for r in _log(out)] == [0, 1]
 
 
@@ -193,12 +181,12 @@ def test_kill_after_epoch_0_with_workers_resumes_to_the_uninterrupted_weights(np
     common = TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--batch-size', '4',
                      '--epochs', '2', '--num_workers', '2', '--aa', 'rand-m9-mstd0.5', '--reprob', '0.25',
                      '--mixup', '0.8']
-    full = _ok(_harness(nproc, args=common + ['--output_dir', str(tmp_path / 'full')]))
+    full = ok(_harness(nproc, args=common + ['--output_dir', str(tmp_path / 'full')]))
     out = tmp_path / 'requeued'
     assert _harness(nproc, ['--stop-at-epoch', '1'], common + ['--output_dir', str(out)]).returncode == 0
-    resumed = _ok(_harness(nproc, args=common + ['--output_dir', str(out)]))
+    resumed = ok(_harness(nproc, args=common + ['--output_dir', str(out)]))
     assert 'starting at epoch 1' in resumed
-    a, b = _checksums(full), _checksums(resumed)
+    a, b = checksums(full), checksums(resumed)
     assert set(a) == {str(r) for r in range(nproc)} and a == b
 
 
@@ -265,21 +253,20 @@ def test_step_status_names_every_non_finite_rank_and_the_stop_request():
 @pytest.mark.slow
 def test_ranks_agree_on_skipped_val_images_and_on_the_plateau_metric(tmp_path):
     from data.build_zip_cache import main as build_zip
-    from tests.test_cluster import _corrupt_first_member
     src = make_imagefolder(tmp_path / 'src', n_classes=3, n_train=8, n_val=5)
     assert build_zip(['--src', str(src), '--dst', str(tmp_path / 'cache')]) == 0
-    _corrupt_first_member(tmp_path / 'cache' / 'val.zip')
+    corrupt_first_member(tmp_path / 'cache' / 'val.zip')
     args = TINY + ['--data-set', 'IMNET', '--data-path', str(tmp_path / 'cache'), '--cache', '--skip-bad-images',
                    '--batch-size', '4', '--epochs', '4', '--no-repeated-aug', '--sched', 'plateau',
                    '--warmup-epochs', '1', '--patience-epochs', '0', '--decay-rate', '0.1',
                    '--output_dir', str(tmp_path / 'run')]
     # rank 1 'sees' its top-1 rise every epoch, rank 0 sees it fall: read per rank, the plateau schedule
     # would lower the lr on rank 0 only and the weights would part
-    text = _ok(_harness(2, ['--eval-trend', '1:10'], args))
+    text = ok(_harness(2, ['--eval-trend', '1:10'], args))
     logs = _log(tmp_path / 'run')
     assert [r['test_skipped_images'] for r in logs] == [1] * 4  # without --dist-eval: not x world size
     assert logs[3]['lr'] < logs[2]['lr']  # rank 0's falling top-1 lowered the lr
-    sums = _checksums(text)
+    sums = checksums(text)
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1']
 
 
@@ -416,7 +403,7 @@ def test_gpu_check_assertions_pass_on_good_numbers_and_fail_on_bad(tmp_path):
     assert r.returncode == 0 and 'maxsup-amp: OK' in r.stdout, r.stderr
     assert json.loads(r.stdout.splitlines()[0])['logits_dtype'] == 'torch.bfloat16'
     run_dir = tmp_path / 'run'
-    _ok(run_module(['-m', 'deit.main', *TINY, '--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '2',
+    ok(run_module(['-m', 'deit.main', *TINY, '--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '2',
                     '--model-ema', '--model-ema-decay', '0.5', '--output_dir', str(run_dir)]))
     r = run_module(['-m', 'benchmarks.gpu_asserts', 'ema', str(run_dir)])
     assert r.returncode == 0 and 'ema: OK' in r.stdout, r.stdout + r.stderr
