@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA paths in one run (< 10 min on one GPU); its numbers go into the README ("Data loading speed").
 #   bash benchmarks/gpu_check.sh          PYTHON=python3  WORK=/tmp/gpu_check (a fresh folder below it per run)
-# 1. AMP (fp16 + GradScaler) train steps of DeiT-S 224, batch 128: MaxSup vs CE, img/s
+# 1. AMP train steps of DeiT-S 224, batch 128, MaxSup vs CE, img/s: fp16 + GradScaler, bf16, bf16 + compile;
+#    ResNet-50 fp16 with and without channels-last
 # 2. fused MaxSup under CUDA fp16 autocast equals the fp32 reference (asserted)
 # 3. the input pipeline feeding the GPU from every core: default vs --device-aug, img/s
 # 4. the trainer itself, in a new folder: one AMP epoch on a ZIP cache with the EMA kept on the CPU
@@ -16,6 +17,14 @@ print("torch", torch.__version__, "timm", timm.__version__, "PIL", PIL.__version
 echo "== 1. AMP train steps: DeiT-S, batch 128, MaxSup vs CE"
 "$PY" -m benchmarks.bench_train_step --model deit_small_patch16_224 --input-size 224 --batch 128 --amp \
     --steps 10 --rounds 3
+for row in "--amp-dtype bfloat16" "--amp-dtype bfloat16 --torchcompile"; do
+  "$PY" -m benchmarks.bench_train_step --model deit_small_patch16_224 --input-size 224 --batch 128 --amp $row \
+      --steps 10 --rounds 3
+done
+echo "== 1b. ResNet-50, batch 128: fp16 vs fp16 + channels-last"
+for row in "" "--channels-last"; do
+  "$PY" -m benchmarks.bench_train_step --model resnet50 --input-size 224 --batch 128 --amp $row --steps 10 --rounds 3
+done
 echo "== 2. fused MaxSup under fp16 autocast vs the fp32 reference"
 "$PY" -m benchmarks.gpu_asserts maxsup-amp --device cuda
 echo "== 3. input pipeline -> GPU"

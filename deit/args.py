@@ -30,6 +30,10 @@ def _model(p) -> None:
       help='keep the EMA on the CPU (saves GPU memory); it is then evaluated only after the last epoch, on a '
            'copy on the training device, not every epoch on the CPU while the GPUs wait (as timm)')
     g('--finetune', default='', help='initialise from this checkpoint (head reset / pos-embed resize as needed)')
+    g('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+      help="torch.compile the model (timm's flag; BACKEND default inductor); the checkpoint keeps plain names")
+    g('--channels-last', action='store_true', help="channels-last memory format for model and batches (timm's "
+                                                   "flag; faster convolutions, e.g. ResNet-50 under AMP)")
 
 
 def _optimizer(p) -> None:
@@ -40,6 +44,8 @@ def _optimizer(p) -> None:
     g('--clip-grad', type=float, default=None, help='max grad norm (off when unset)')
     g('--momentum', type=float, default=0.9, help='SGD momentum')
     g('--weight-decay', type=float, default=0.05, help='weight decay')
+    g('--fused-opt', action='store_true',
+      help="torch's fused optimizer kernel (adam, adamw, sgd, momentum: one kernel for all parameters)")
     g('--lr', type=float, default=5e-4, help='base learning rate, for a total batch of 512 (see --unscale-lr)')
     g('--unscale-lr', action='store_true', help='use --lr as is, not lr * batch * world * accum / 512')
     g('--batch-size', default=64, type=int, help='per-process batch size')
@@ -148,6 +154,9 @@ def _run(p) -> None:
     g('--eval-every', default=1, type=int, help='evaluate every N epochs (and always after the last)')
     g('--dist-eval', action='store_true', help='shard evaluation over ranks (exact)')
     g('--amp', action=argparse.BooleanOptionalAction, default=None, help='mixed precision (default: on for CUDA)')
+    g('--amp-dtype', choices=('float16', 'bfloat16'), default=None,
+      help="timm's flag: float16 (with loss scaling; the CUDA default) or bfloat16 (no scaling; the CPU's only "
+           "choice); the losses compute in float32 either way")
     g('--print-freq', default=50, type=int, help='log every N steps (0: epoch summaries only)')
     g('--max-steps-per-epoch', default=None, type=int, help='cap steps per epoch (smoke tests)')
 

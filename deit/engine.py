@@ -61,7 +61,8 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
                     print_freq: int = 50,
                     max_steps: int | None = None, set_training_mode: bool = True,
                     batches_may_be_empty: bool = False, accum_iter: int = 1, start_step: int = 0,
-                    stop_signal=None) -> dict:
+                    stop_signal=None, amp_dtype: torch.dtype | None = None,
+                    memory_format: torch.memory_format | None = None) -> dict:
     """Train one epoch. ``criterion(inputs, outputs, targets)`` is a DistillationLoss wrapper. A NaN/inf loss
     on any rank raises NonFiniteLossError on every rank, naming ranks, epoch and step (as DeiT: it would
     spread through weights and EMA).
@@ -73,6 +74,8 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
     ``start_step``: steps of this epoch trained before a requeue (the loader already leaves them out).
     ``stop_signal`` (deit.preemption.StopSignal): once requested on any rank, every rank stops after the next
     optimizer step and the stats carry ``stopped_at_step`` (the steps of this epoch now trained).
+    ``amp_dtype``: autocast's dtype (default: float16 on CUDA, bfloat16 on the CPU); ``memory_format``:
+    e.g. ``torch.channels_last`` for the batches (``--channels-last``).
     """
     model.train(set_training_mode)  # DeiT's --no-train-mode keeps dropout / drop-path off while training
     logger = MetricLogger()
@@ -92,12 +95,14 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
             skipped_steps += 1
             continue
         samples, targets = to_device(samples, device), to_device(targets, device)
+        if memory_format is not None and samples.dim() == 4:
+            samples = samples.contiguous(memory_format=memory_format)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         update = (step + 1) % accum_iter == 0 or step == last
         no_sync = model.no_sync() if not update and hasattr(model, 'no_sync') else nullcontext()
         with no_sync:  # the forward too: DDP prepares its gradient all-reduce there
-            with autocast(device, amp):
+            with autocast(device, amp, amp_dtype):
                 outputs = model(samples)
                 loss = criterion(samples, outputs, targets)
             loss_value, bad_ranks, stop = step_status(loss, stop_signal is not None and stop_signal.requested)
@@ -132,7 +137,8 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
 
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bins: int = 15,
-             distributed_sum: bool = False, print_freq: int = 50, reliability: bool = False) -> dict:
+             distributed_sum: bool = False, print_freq: int = 50, reliability: bool = False,
+             amp_dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None) -> dict:
     """Top-1/top-5 accuracy (%), mean CE loss and ECE (n_bins equal-width bins).
 
     With ``distributed_sum`` every rank evaluates its own disjoint shard and the *sums* are all-reduced,
@@ -150,7 +156,9 @@ def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bin
         # a blocking copy when it goes to the host (an EMA kept on the CPU): a non-blocking device-to-host
         # copy may still be running when the model reads it (PyTorch's docs); to_device blocks there
         images, target = to_device(images, device), to_device(target, device)
-        with autocast(device, amp):
+        if memory_format is not None and images.dim() == 4:
+            images = images.contiguous(memory_format=memory_format)
+        with autocast(device, amp, amp_dtype):
             output = model(images)
         output = output.float()
         c1, c5 = topk_correct(output, target, (1, 5))

@@ -11,6 +11,7 @@ import copy
 import csv
 import datetime
 import functools
+import inspect
 import json
 import os
 import random
@@ -24,7 +25,7 @@ import PIL
 import torch
 import yaml
 from timm.data import Mixup
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
@@ -146,6 +147,13 @@ def setup_device(args) -> tuple[torch.device, bool]:
     return device, amp
 
 
+def amp_dtype(args, device: torch.device) -> torch.dtype:
+    """--amp-dtype, else timm's default float16 on CUDA; the CPU's autocast is bfloat16."""
+    if args.amp_dtype:
+        return getattr(torch, args.amp_dtype)
+    return torch.float16 if device.type == 'cuda' else torch.bfloat16
+
+
 def build_data(args, device):
     dataset_train, nb_classes = build_dataset(True, args)
     dataset_val, nb_val = build_dataset(False, args)
@@ -192,6 +200,8 @@ def build_model(args, nb_classes: int, device) -> torch.nn.Module:
         ok = max(patch[0], args.input_size // patch[0] * patch[0])
         raise ValueError(f'--input-size {args.input_size} is not a multiple of {args.model}\'s patch size '
                          f'{patch[0]}: pixels would be cut off; use e.g. --input-size {ok}')
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model.to(device)
 
 
@@ -228,6 +238,12 @@ def build_optimization(args, model, total: int):
     opt_kwargs = {'eps': args.opt_eps} if args.opt_eps is not None else {}
     if args.opt_betas:
         opt_kwargs['betas'] = tuple(args.opt_betas)
+    if args.fused_opt:
+        opt_kwargs['fused'] = True
+        opt_class = get_optimizer_info(args.opt).opt_class
+        if 'fused' not in inspect.signature(opt_class).parameters:
+            raise ValueError(f'--fused-opt: torch has no fused kernel for --opt {args.opt} ({opt_class.__name__}); '
+                             f'use adam, adamw, sgd or momentum, or drop --fused-opt')
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **opt_kwargs)
     # timm appends --cooldown-epochs to the schedule; like DeiT we train exactly --epochs
@@ -240,7 +256,7 @@ def build_optimization(args, model, total: int):
 
 
 def wrap_model(args, model, device):
-    """DDP (its constructor broadcasts rank 0's weights), then the EMA from those synced weights.
+    """DDP (its constructor broadcasts rank 0's weights), torch.compile, then the EMA from the synced weights.
 
     Creating the EMA before DDP would start each rank's EMA from its own random init (seed + rank).
     """
@@ -248,6 +264,8 @@ def wrap_model(args, model, device):
     if args.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
                                                         else None)
+    if args.torchcompile:  # after DDP, as timm; the EMA and the saved weights stay the plain module
+        ddp = torch.compile(ddp, backend=args.torchcompile)
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
@@ -275,7 +293,8 @@ def run_training(args, run, data, output_dir: Path | None, stop_signal: StopSign
         data.sampler_train.skip(start_step * args.batch_size)
         train_stats = train_one_epoch(
             run.model, run.criterion, data.loader_train, run.optimizer, run.device, epoch, run.loss_scaler,
-            amp=run.amp, max_norm=args.clip_grad, model_ema=run.model_ema, mixup_fn=data.mixup_fn,
+            amp=run.amp, amp_dtype=run.amp_dtype, memory_format=run.memory_format, max_norm=args.clip_grad,
+            model_ema=run.model_ema, mixup_fn=data.mixup_fn,
             print_freq=args.print_freq,
             max_steps=args.max_steps_per_epoch, set_training_mode=args.train_mode,
             batches_may_be_empty=getattr(data.train, 'skip_bad', False), accum_iter=args.accum_iter,
@@ -294,10 +313,10 @@ def run_training(args, run, data, output_dir: Path | None, stop_signal: StopSign
         evaluated = final or (epoch + 1) % args.eval_every == 0
         if evaluated:
             test_stats = evaluate_run(args, run, data, dist_sum, final=final)
+        check_finite(run, epoch, test_stats if evaluated else {}, output_dir)
         # timm's plateau schedule watches the metric it is given (as timm's train.py); without it DeiT's call
         # never lowers the lr. Time-based schedules ignore it.
         run.lr_scheduler.step(epoch + 1, test_stats['acc1'] if evaluated else None)
-        check_finite(run, epoch, test_stats if evaluated else {}, output_dir)
         is_best = evaluated and test_stats['acc1'] > run.max_accuracy
         if evaluated:
             run.max_accuracy = max(run.max_accuracy, test_stats['acc1'])
@@ -322,7 +341,8 @@ def check_finite(run, epoch: int, test_stats: dict, output_dir: Path | None) -> 
     training loss can stay finite while the weights blow up, and saving would make every resume start from
     the wreck. Weights are identical on every rank and the numbers are rank 0's: all ranks stop together."""
     models = [run.model_without_ddp] + ([run.model_ema.module] if run.model_ema is not None else [])
-    weights_ok = bool(torch.stack([torch.isfinite(p).all() for m in models for p in m.parameters()]).all())
+    weights_ok = all(bool(torch.stack([torch.isfinite(p).all() for p in m.parameters()]).all())
+                     for m in models)  # per model: an EMA kept on the CPU lives on another device
     bad = [k for k in ('loss', 'ece', 'ema_loss') if k in test_stats and not np.isfinite(test_stats[k])]
     if weights_ok and not bad:
         return
@@ -342,13 +362,14 @@ def evaluate_run(args, run, data, dist_sum: bool, final: bool = True) -> dict:
     each rank's own top-1 could lower the lr on some ranks only).
     """
     amp = run.amp and run.device.type == 'cuda'
-    stats = evaluate(data.loader_val, run.model, amp=amp, distributed_sum=dist_sum, print_freq=args.print_freq)
+    kw = dict(amp=amp, amp_dtype=run.amp_dtype, distributed_sum=dist_sum, print_freq=args.print_freq)
+    stats = evaluate(data.loader_val, run.model, memory_format=run.memory_format, **kw)
     passes = 1
     if run.model_ema is not None and (final or not args.model_ema_force_cpu):
         ema = run.model_ema.module
         if args.model_ema_force_cpu and run.device.type != 'cpu':
             ema = copy.deepcopy(ema).to(run.device)
-        ema_stats = evaluate(data.loader_val, ema, amp=amp, distributed_sum=dist_sum, print_freq=args.print_freq)
+        ema_stats = evaluate(data.loader_val, ema, **kw)
         stats.update({f'ema_{k}': v for k, v in ema_stats.items()})
         passes = 2
     if getattr(data.val, 'skip_bad', False):  # --skip-bad-images: say over how many images accuracy was taken
@@ -462,13 +483,21 @@ def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = N
     model = build_model(args, data.nb_classes, device)
     criterion, base_criterion, schedule = setup_criterion(args, data.nb_classes, data.mixup_fn, device)
     optimizer, lr_scheduler = build_optimization(args, model, total_batch)
-    run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, criterion=criterion,
+    dtype = amp_dtype(args, device)
+    run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, amp_dtype=dtype, criterion=criterion,
                           base_criterion=base_criterion, schedule=schedule, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, max_accuracy=0.0, last_test_stats={}, last_log=None,
                           start_step=0,
-                          loss_scaler=LossScaler(device.type, enabled=amp and device.type == 'cuda'),
+                          memory_format=torch.channels_last if args.channels_last else None,
+                          # loss scaling only where float16 needs it (bfloat16 has float32's range)
+                          loss_scaler=LossScaler(device.type, enabled=amp and device.type == 'cuda' and
+                                                 dtype == torch.float16),
                           n_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    print(f'model {args.model}: {run.n_parameters / 1e6:.2f}M parameters, {data.nb_classes} classes')
+    extras = ([f'AMP {str(dtype).removeprefix("torch.")}'] if amp else []) + \
+        (['channels-last'] if args.channels_last else []) + \
+        ([f'torch.compile({args.torchcompile})'] if args.torchcompile else []) + (['fused optimizer'] if args.fused_opt else [])
+    print(f'model {args.model}: {run.n_parameters / 1e6:.2f}M parameters, {data.nb_classes} classes'
+          f'{"; " + ", ".join(extras) if extras else ""}')
     output_dir = claim_output_dir(args, cleanup)
     resume_path, ckpt = read_resume_checkpoint(args, output_dir)
     if ckpt is not None and not args.resume and not args.eval:

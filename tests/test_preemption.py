@@ -411,3 +411,45 @@ def test_gpu_check_assertions_pass_on_good_numbers_and_fail_on_bad(tmp_path):
     (run_dir / 'log.txt').write_text(json.dumps({**log, 'test_ema_acc1': log['test_ema_acc1'] + 1.0}) + '\n')
     r = run_module(['-m', 'benchmarks.gpu_asserts', 'ema', str(run_dir)])
     assert r.returncode == 1 and 'ema: FAILED' in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------
+# timm's GPU training flags: bf16 autocast, torch.compile, channels-last, a fused optimizer
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bf16_compile_channels_last_fused_train_stop_and_resume(tmp_path):
+    args = TINY + ['--data-set', 'DEMO', '--epochs', '2', '--max-steps-per-epoch', '2', '--amp', '--amp-dtype',
+                   'bfloat16', '--torchcompile', '--channels-last', '--fused-opt', '--output_dir', str(tmp_path)]
+    first = _harness(1, ['--stop-at-epoch', '1'], args, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert 'AMP bfloat16, channels-last, torch.compile(inductor), fused optimizer' in first.stdout
+    ckpt = torch_load(tmp_path / 'checkpoint.pth')
+    assert ckpt['epoch'] == 0 and not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
+    assert ckpt['optimizer']['param_groups'][0]['fused'] is True
+    recorded = (tmp_path / 'args.yaml').read_text()
+    for line in ('amp_dtype: bfloat16', 'torchcompile: inductor', 'channels_last: true', 'fused_opt: true'):
+        assert line in recorded.splitlines()
+    resumed = ok(_harness(1, args=['-c', str(tmp_path / 'args.yaml'), '--output_dir', str(tmp_path)], timeout=900))
+    assert 'starting at epoch 1' in resumed and [r['epoch'] for r in _log(tmp_path)] == [0, 1]
+
+
+def test_fused_opt_is_refused_where_torch_has_no_fused_kernel():
+    import deit.main as dm
+    args = dm.parse_args(TINY + ['--opt', 'lamb', '--fused-opt'])
+    with pytest.raises(ValueError, match='--fused-opt: torch has no fused kernel for --opt lamb'):
+        dm.build_optimization(args, torch.nn.Linear(2, 2), 16)
+
+
+@pytest.mark.parametrize('name', ['ce', 'ls', 'maxsup', 'ls_reg_only', 'ls_err_only', 'ols', 'zipf', 'logit_penalty'])
+def test_every_loss_computes_in_float32_under_bf16_autocast(name):
+    from deit.engine import autocast
+    from deit.losses import create_criterion
+    torch.manual_seed(0)
+    logits = (torch.randn(16, 10) * 3).bfloat16()
+    target = torch.randint(10, (16,))
+    crit = create_criterion(loss=name, nb_classes=10)
+    reference = crit(logits.float(), target)
+    with autocast(torch.device('cpu'), True, torch.bfloat16):
+        low = crit(logits, target)
+    assert low.dtype == torch.float32
+    assert torch.allclose(low, reference, rtol=1e-5, atol=1e-6), (float(low), float(reference))
