@@ -215,10 +215,10 @@ def device_side_cost(n: int = 64) -> float:
     return statistics.median(t) / n * 1e6
 
 
-def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str = 'cpu',
+def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str | None = 'cpu',
                 batch_size: int = 32) -> float:
     """images/s of a DataLoader with ``workers`` workers and, for uint8 rows, the device-side steps on
-    ``device`` (with ``device_aug``: RandAugment there too)."""
+    ``device`` (with ``device_aug``: RandAugment there too; None: the loader alone)."""
     import torch
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -227,14 +227,14 @@ def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str 
     ds = make_dataset(root, **opts)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          drop_last=True, persistent_workers=True, pin_memory=device != 'cpu')
-    if opts.get('uint8', True):
+    if opts.get('uint8', True) and device is not None:
         ra = device_rand_augment(recipe_args()) if opts.get('device_aug') else None
         loader = DeviceBatches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=0.25,
                                rand_augment=ra)
     it = iter(loader)
     for _ in range(min(workers, len(loader) - 1)):  # every worker started and delivering
         next(it)
-    sync = torch.cuda.synchronize if device != 'cpu' else (lambda: None)
+    sync = torch.cuda.synchronize if device not in ('cpu', None) else (lambda: None)
     t0, seen = time.perf_counter(), 0
     for _ in range(batches):
         try:
@@ -245,6 +245,23 @@ def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str 
         seen += len(x)
     sync()
     return seen / (time.perf_counter() - t0)
+
+
+def scaling_table(root: Path, workers: list[int], batches: int, batch_size: int = 32) -> None:
+    """The default pipeline's DataLoader alone (workers -> uint8 batches, nothing after) for each worker count:
+    img/s and img/s per worker, against one worker. A per-worker rate that falls as workers are added is the
+    host's limit (shared cores, hyper-threads, memory bandwidth, clocks under all-core load), not the code's."""
+    print(f'\nworker scaling, default pipeline, loader alone (batch {batch_size}; {os.cpu_count()} logical CPUs):')
+    print(f'  {"workers":>7s} {"img/s":>8s} {"per worker":>10s} {"vs 1 worker":>11s}')
+    first = None
+    for w in workers:
+        code = (f'import json; from benchmarks.bench_input_pipeline import loader_rate, ROWS; '
+                f'from pathlib import Path; print(json.dumps(loader_rate(Path({str(root)!r}), ROWS[{DEFAULT}][2], '
+                f'{w}, {batches}, None, {batch_size})))')
+        rate = float(subprocess.run([sys.executable, '-c', code], env=row_env(ROWS[DEFAULT][1]), check=True,
+                                    capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        first = first or rate / w
+        print(f'  {w:7d} {rate:8.0f} {rate / w:10.0f} {rate / w / first:10.2f}x', flush=True)
 
 
 def gpu_report(root: Path, batches: int) -> None:
@@ -277,6 +294,9 @@ def main(argv=None) -> None:
     ap.add_argument('--loader-batches', type=int, default=24)
     ap.add_argument('--workdir', type=Path, default=Path(tempfile.gettempdir()) / 'inputbench')
     ap.add_argument('--gpu', action='store_true', help='only the DataLoader -> CUDA report (benchmarks/gpu_check.sh)')
+    ap.add_argument('--scaling', type=int, nargs='*', default=None, metavar='WORKERS',
+                    help='only the worker-scaling table, for these worker counts (default: 1, 2, 4, ... up to the '
+                         'logical CPUs less one)')
     ap.add_argument('--child', type=Path, help=argparse.SUPPRESS)
     ap.add_argument('--rows', help=argparse.SUPPRESS)
     ap.add_argument('--out', type=Path, help=argparse.SUPPRESS)
@@ -288,8 +308,13 @@ def main(argv=None) -> None:
     root = a.workdir
     root.mkdir(parents=True, exist_ok=True)
     info = make_caches(root, a.images)
+    if a.scaling is not None:
+        cpus = os.cpu_count() or 2
+        counts = a.scaling or sorted({min(2 ** k, max(cpus - 1, 1)) for k in range(8) if 2 ** k < 2 * cpus})
+        return scaling_table(root, counts, a.loader_batches)
     if a.gpu:
-        return gpu_report(root, a.loader_batches)
+        gpu_report(root, a.loader_batches)
+        return scaling_table(root, [1, 2, 4, 8, max(1, (os.cpu_count() or 2) - 2)], a.loader_batches, 128)
     print(f'{a.images} ImageNet-like JPEGs (mean {info["mean_kb"]:.0f} KB, {info["large"]} over 150 KB), '
           f'{os.cpu_count()} cores, PIL here {PIL.__version__}; {a.rounds} interleaved rounds, median')
     by_env: dict[tuple, list[int]] = {}

@@ -39,10 +39,22 @@ from deit.device_aug import DeviceBatches
 from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
 from deit.losses import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
-from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, ignore_stop_signals_in_worker
+from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, ignore_stop_signals
 from deit.rundir import (RunDirLocked, lock_run_dir, release_run_dir, remove_stale_temp_files, repair_log,
                          set_aside_log)
 from deit.samplers import DistributedEvalSampler, RASampler, SeededDataset, SeededSampler
+
+
+def init_loader_worker(_worker_id: int) -> None:
+    """Each DataLoader worker: stop signals are the trainer's (deit.preemption), and one thread per BLAS pool
+    (torch sets its own and OpenMP's to one in workers; OpenBLAS sizes its pool by the machine: 16 threads
+    per worker on a 16-core host, for every worker)."""
+    ignore_stop_signals()
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    except ImportError:
+        return
+    threadpool_limits(1)
 
 
 def build_loaders(args, dataset_train, dataset_val):
@@ -64,7 +76,7 @@ def build_loaders(args, dataset_train, dataset_val):
     # generator: the workers' base seed comes from it, not from the training process's torch stream (a new
     # loader iterator after a resume would otherwise shift that stream by one draw)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
-                  persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals_in_worker,
+                  persistent_workers=args.num_workers > 0, worker_init_fn=init_loader_worker,
                   generator=torch.Generator().manual_seed(args.seed))
 
     def collate(ds, keep_even: bool):

@@ -63,9 +63,9 @@ class StopSignal:
         return False
 
 
-def ignore_stop_signals_in_worker(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: SLURM signals every process of a job step, loader workers included; a
-    worker that died of it would crash the trainer before it reaches its safe point. The workers end when
-    the trainer shuts its loaders down (or dies), as always."""
+def ignore_stop_signals() -> None:
+    """For DataLoader workers: SLURM signals every process of a job step, loader workers included; a worker
+    that died of it would crash the trainer before it reaches its safe point. The workers end when the
+    trainer shuts its loaders down (or dies), as always."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)

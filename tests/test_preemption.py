@@ -88,13 +88,14 @@ def test_stop_signal_is_a_flag_and_handlers_come_back():
     assert signal.getsignal(signal.SIGUSR2) is before
 
 
-def test_loader_workers_ignore_the_step_wide_signals():
-    from deit.preemption import ignore_stop_signals_in_worker
-    code = ('import os, signal; from deit.preemption import ignore_stop_signals_in_worker as f; f(0); '
-            'os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1); print("alive")')
-    r = run_module(['-c', code])
-    assert r.returncode == 0 and r.stdout.strip() == 'alive', r.stderr
-    assert callable(ignore_stop_signals_in_worker)
+def test_loader_workers_ignore_the_step_wide_signals_and_use_one_blas_thread():
+    code = ('import json, os, signal, threadpoolctl; from deit.main import init_loader_worker; init_loader_worker(0); '
+            'os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1); '
+            'print(json.dumps({p["internal_api"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}))')
+    r = run_module(['-c', code], env_extra={'OMP_NUM_THREADS': '2'})
+    assert r.returncode == 0, r.stderr
+    pools = json.loads(r.stdout.strip().splitlines()[-1])
+    assert pools and set(pools.values()) == {1}, pools
 
 
 @pytest.mark.slow
