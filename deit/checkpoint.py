@@ -118,7 +118,8 @@ def torch_load(path: str | os.PathLike, map_location='cpu'):
     kind = sniff_file(path)
     if kind:
         raise CheckpointError(f'{path}: {kind}, not a PyTorch checkpoint (torch.save output or .safetensors)')
-    verify_container(path)
+    if kind is None and _is_zip(path):  # torch.save's format; the legacy pickle format has no checksums
+        verify_container(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -131,14 +132,22 @@ def torch_load(path: str | os.PathLike, map_location='cpu'):
                               f'{type(e).__name__}: {msg}') from e
 
 
+def _is_zip(path: Path) -> bool:
+    with open(path, 'rb') as f:
+        return f.read(4) == b'PK\x03\x04'
+
+
 def verify_container(path: Path) -> None:
     """Check the CRC-32 of every member of a torch.save zip (one sequential read, ~1 s per GB): a flipped byte
     in a weight otherwise loads silently. Files saved with torch's CRCs switched off (all zero) are skipped;
-    the legacy pickle format carries no checksums."""
+    the legacy pickle format carries no checksums (not called for it)."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            members = zf.infolist()
-            if not any(m.CRC for m in members if m.file_size):
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # no readable container at all (e.g. truncated): torch.load says what it finds
+    try:
+        with zf:
+            if not any(m.CRC for m in zf.infolist() if m.file_size):
                 return
             bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
@@ -274,9 +283,6 @@ def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, worl
         done = restore_rng(ckpt.get('rng'), rank, world, reseed=args.seed + 1000 * args.start_epoch)
         if done != 'restored':
             print(f'note: RNG streams {done}')
-    else:
-        print(f'note: {path} holds weights but no training state (optimizer, epoch): training starts at epoch '
-              f'{args.start_epoch} from these weights')
     if ckpt.get('world_size', world) != world:
         print(f'note: checkpoint written with {ckpt["world_size"]} process(es), resuming with {world}: the '
               f'lr schedule continues from the checkpoint; data order and RNG streams differ')
@@ -337,10 +343,10 @@ def read_resume_checkpoint(args, output_dir: Path | None):
 
 
 def _resumable(ckpt, path: str) -> dict:
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
-        what = f'a {type(ckpt).__name__}' if not isinstance(ckpt, dict) else f'a dict with {sorted(ckpt)[:8]}'
-        raise CheckpointError(f'{path}: {what}, not a checkpoint with weights ({{"model": ...}}); resume from a '
-                              f'training checkpoint or start from weights with --finetune')
+    """A checkpoint to resume is a dict (whose ``model`` restore_weights checks); anything else is named."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'{path}: a {type(ckpt).__name__}, not a checkpoint (a dict with "model": ...); '
+                              f'resume from a training checkpoint or start from weights with --finetune')
     return ckpt
 
 
