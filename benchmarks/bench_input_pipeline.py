@@ -225,8 +225,14 @@ def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str 
     from deit.datasets import device_rand_augment
     from deit.device_aug import DeviceBatches
     ds = make_dataset(root, **opts)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, persistent_workers=True, pin_memory=device != 'cpu')
+    # one epoch longer than the measurement: with a small set (96 images = 3 batches of 32; the GPU check's
+    # 1,024 = 8 batches of 128) every epoch's end drains the pipeline and a worker beyond the epoch's batch
+    # count has nothing to do, which made workers look up to 3x slower when many run
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True,
+                                             num_samples=(batches + 2 * workers + 2) * batch_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                         drop_last=True, persistent_workers=True,
+                                         pin_memory=device not in ('cpu', None))
     if opts.get('uint8', True) and device is not None:
         ra = device_rand_augment(recipe_args()) if opts.get('device_aug') else None
         loader = DeviceBatches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=0.25,
@@ -237,11 +243,7 @@ def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str 
     sync = torch.cuda.synchronize if device not in ('cpu', None) else (lambda: None)
     t0, seen = time.perf_counter(), 0
     for _ in range(batches):
-        try:
-            x, _ = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x, _ = next(it)
+        x, _ = next(it)
         seen += len(x)
     sync()
     return seen / (time.perf_counter() - t0)
