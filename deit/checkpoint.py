@@ -263,7 +263,7 @@ def training_state(args, run, epoch: int, world_size: int, rng: list, log: dict 
 def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, world: int = 1) -> None:
     """Optimiser, schedule, scaler, EMA, criterion state and this rank's RNG streams from ``ckpt``
     (written by :func:`training_state`); sets args.start_epoch to the epoch after the checkpoint's and
-    run.start_step to the steps of it already trained."""
+    run.start_step to the batches of that epoch already trained (a save at a stop signal)."""
     if 'optimizer' in ckpt and 'epoch' in ckpt:
         run.optimizer.load_state_dict(ckpt['optimizer'])
         load_scheduler_state(run.lr_scheduler, ckpt['lr_scheduler'])
