@@ -102,12 +102,14 @@ def decode_reduced(jpeg: LazyJpeg, reduce: int) -> Image.Image:
 
     Each side becomes ceil(side / reduce), as both decoders scale; the cost falls roughly with the pixels."""
     if _use_simplejpeg():
-        w, h = jpeg.header.size if jpeg.header is not None else (0, 0)
-        try:
-            height, width = simplejpeg.decode_jpeg_header(jpeg.data)[:2]
-        except ValueError:  # not a header it can read: PIL decides below (and applies the same limit)
-            height = width = 0
-        check_pixel_count(width, height, jpeg.name)
+        if jpeg.header is not None:  # opened by PIL (--jpeg-draft), whose Image.open applied the bomb limit
+            w, h = jpeg.header.size
+        else:
+            try:
+                h, w = simplejpeg.decode_jpeg_header(jpeg.data)[:2]
+            except ValueError:  # not a header it can read: PIL decides below (and applies the same limit)
+                h = w = 0
+            check_pixel_count(w, h, jpeg.name)
         try:  # it picks the smallest scale (n/8) keeping these minimums: exactly 1/reduce
             return Image.fromarray(simplejpeg.decode_jpeg(jpeg.data, colorspace='RGB', min_width=-(-w // reduce),
                                                           min_height=-(-h // reduce)))

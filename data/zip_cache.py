@@ -176,7 +176,7 @@ class ZipIndex:
         """After a CRC mismatch: is member ``k``'s entry (offset, size, CRC) the zip's own? An index copied from
         another zip (same size, mtime and end record) reads every member at the wrong place; that is no bad
         image to skip but a wrong file, and an error. Checked once per process (the first mismatch)."""
-        if self.__dict__.get('_belongs') is None:
+        if self._belongs is None:
             table = read_central_directory(self.path)
             ours = (table['offsets'], table['sizes'], table['crcs'])
             theirs = (self.offsets, self.sizes, self.crcs)

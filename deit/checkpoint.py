@@ -118,8 +118,7 @@ def torch_load(path: str | os.PathLike, map_location='cpu'):
     kind = sniff_file(path)
     if kind:
         raise CheckpointError(f'{path}: {kind}, not a PyTorch checkpoint (torch.save output or .safetensors)')
-    if kind is None and _is_zip(path):  # torch.save's format; the legacy pickle format has no checksums
-        verify_container(path)
+    verify_container(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -132,15 +131,10 @@ def torch_load(path: str | os.PathLike, map_location='cpu'):
                               f'{type(e).__name__}: {msg}') from e
 
 
-def _is_zip(path: Path) -> bool:
-    with open(path, 'rb') as f:
-        return f.read(4) == b'PK\x03\x04'
-
-
 def verify_container(path: Path) -> None:
     """Check the CRC-32 of every member of a torch.save zip (one sequential read, ~1 s per GB): a flipped byte
     in a weight otherwise loads silently. Files saved with torch's CRCs switched off (all zero) are skipped;
-    the legacy pickle format carries no checksums (not called for it)."""
+    anything zipfile cannot open (the legacy pickle format, a truncated file) is left to torch.load."""
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
@@ -245,9 +239,9 @@ def training_state(args, run, epoch: int, world_size: int, rng: list, log: dict 
     """Everything a resume needs, in one dict (read back by :func:`restore_training_state`).
 
     ``epoch``: the last completed epoch (-1: none); ``step``: batches of the NEXT epoch already trained (a
-    save at a stop signal, always right after an optimizer step), 0 at an epoch's end. ``rng``: every rank's RNG streams (rank order);
-    ``log``: the log.txt record of ``epoch``, so a resume can restore a log line a kill lost;
-    ``test_stats``: the last evaluation, printed when a finished run is started again.
+    save at a stop signal, always right after an optimizer step), 0 at an epoch's end. ``rng``: every
+    rank's RNG streams (rank order); ``log``: the log.txt record of ``epoch``, so a resume can restore a log
+    line a kill lost; ``test_stats``: the last evaluation, printed when a finished run is started again.
     """
     state = {
         'model': run.model_without_ddp.state_dict(), 'optimizer': run.optimizer.state_dict(),

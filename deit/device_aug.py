@@ -25,12 +25,14 @@ from timm.data.random_erasing import RandomErasing
 _GRAY = (19595 / 65536, 38470 / 65536, 7471 / 65536)  # PIL's "L" conversion weights (ITU-R 601-2)
 
 
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device, memory_format: torch.memory_format | None = None) -> torch.Tensor:
     """``t.to(device)``, non-blocking only towards an accelerator. A non-blocking copy to the host returns
     before the bytes have arrived (PyTorch's "non_blocking and pin_memory" notes), so a CPU consumer could read
-    a half-copied batch; towards the device the stream orders the copy before every kernel that reads it."""
+    a half-copied batch; towards the device the stream orders the copy before every kernel that reads it.
+    ``memory_format`` (e.g. ``torch.channels_last``) applies to image batches (4-D)."""
     device = torch.device(device)
-    return t.to(device, non_blocking=device.type != 'cpu')
+    t = t.to(device, non_blocking=device.type != 'cpu')
+    return t.contiguous(memory_format=memory_format) if memory_format is not None and t.dim() == 4 else t
 
 
 class DeviceBatches:

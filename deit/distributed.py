@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import builtins
 import datetime
+import fcntl
 import itertools
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 
 import torch
@@ -137,8 +139,6 @@ def dist_env(env: dict | None = None) -> dict | None:
 
 def interface_addresses() -> dict[str, str]:
     """IPv4 address of every network interface of this host (``{'lo': '127.0.0.1', 'eth0': ...}``)."""
-    import fcntl
-    import struct
     out = {}
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():

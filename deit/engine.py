@@ -94,9 +94,7 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
         if batches_may_be_empty and any_rank(len(targets) == 0):
             skipped_steps += 1
             continue
-        samples, targets = to_device(samples, device), to_device(targets, device)
-        if memory_format is not None and samples.dim() == 4:
-            samples = samples.contiguous(memory_format=memory_format)
+        samples, targets = to_device(samples, device, memory_format), to_device(targets, device)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         update = (step + 1) % accum_iter == 0 or step == last
@@ -155,9 +153,7 @@ def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bin
             continue
         # a blocking copy when it goes to the host (an EMA kept on the CPU): a non-blocking device-to-host
         # copy may still be running when the model reads it (PyTorch's docs); to_device blocks there
-        images, target = to_device(images, device), to_device(target, device)
-        if memory_format is not None and images.dim() == 4:
-            images = images.contiguous(memory_format=memory_format)
+        images, target = to_device(images, device, memory_format), to_device(target, device)
         with autocast(device, amp, amp_dtype):
             output = model(images)
         output = output.float()

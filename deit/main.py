@@ -27,6 +27,7 @@ import yaml
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
+from threadpoolctl import threadpool_limits
 from timm.utils import ModelEmaV3
 
 from deit import distributed as du
@@ -50,10 +51,6 @@ def init_loader_worker(_worker_id: int) -> None:
     (torch sets its own and OpenMP's to one in workers; OpenBLAS sizes its pool by the machine: 16 threads
     per worker on a 16-core host, for every worker)."""
     ignore_stop_signals()
-    try:
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
-    except ImportError:
-        return
     threadpool_limits(1)
 
 
@@ -505,9 +502,10 @@ def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = N
                           loss_scaler=LossScaler(device.type, enabled=amp and device.type == 'cuda' and
                                                  dtype == torch.float16),
                           n_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    extras = ([f'AMP {str(dtype).removeprefix("torch.")}'] if amp else []) + \
-        (['channels-last'] if args.channels_last else []) + \
-        ([f'torch.compile({args.torchcompile})'] if args.torchcompile else []) + (['fused optimizer'] if args.fused_opt else [])
+    extras = [name for name, on in ((f'AMP {str(dtype).removeprefix("torch.")}', amp),
+                                    ('channels-last', args.channels_last),
+                                    (f'torch.compile({args.torchcompile})', args.torchcompile),
+                                    ('fused optimizer', args.fused_opt)) if on]
     print(f'model {args.model}: {run.n_parameters / 1e6:.2f}M parameters, {data.nb_classes} classes'
           f'{"; " + ", ".join(extras) if extras else ""}')
     output_dir = claim_output_dir(args, cleanup)

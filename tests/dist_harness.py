@@ -15,7 +15,8 @@ lines, in order); ``--rank-local-output``
 ranks > 0 get ``<output_dir>.rank<r>`` (an output dir that is not shared between nodes); ``--nan-loss R:N`` the
 loss of rank R's N-th criterion call (from 0) is NaN; ``--eval-trend R:D`` the n-th evaluation reports top-1
 50 + n D on rank R and 50 - n D on the others (ranks that disagree, as GPUs may, in opposite directions);
-``--signal-at R:N`` rank R sends itself SIGUSR1 during its N-th criterion call (a stop signal seen by one rank). With ``$EXIT_LOG`` set, each rank writes the error that ends its training
+``--signal-at R:N`` rank R sends itself SIGUSR1 during its N-th criterion call (a stop signal seen by one
+rank). With ``$EXIT_LOG`` set, each rank writes the error that ends its training
 loop, when raised (before torchrun's teardown can kill it), to ``$EXIT_LOG/rank<r>.error``.
 """
 from __future__ import annotations
