@@ -18,7 +18,9 @@ Rows, cumulative: official (Swin/DeiT ZipReader: ZipFile.read per sample, PIL de
 this project before #16 (mmap ZIP index + CRC, float transform) -> uint8 workers (prefetcher) ->
 simplejpeg -> pillow-simd = the default install; opt-ins: --jpeg-draft, the --max-size 500 cache, both;
 and --device-aug (RandAugment moves to the GPU: the CPU keeps decode, crop and flip; its device cost is
-measured by benchmarks/gpu_check.sh). Pixel columns compare with the official output for the same random
+measured by benchmarks/gpu_check.sh); last, the workers' half of --gpu-decode (header, crop and flip draws,
+the bytes handed over; its pixels are compared after decoding on this CPU). The closing line turns the
+per-core rates into cores per GPU at DeiT-S's H100 training rate. Pixel columns compare with the official output for the same random
 draws (random erasing off): mean |difference| and the share of values off by more than 2 levels (0-255);
 a 1-level difference of a resize (pillow-simd) can move a pixel across a posterize / solarize threshold,
 so the maximum alone says little. Then a DataLoader with 2 workers, end to end.
@@ -53,8 +55,10 @@ ROWS = [
     ('opt-in cache --max-size 500', {}, dict(cache='small')),
     ('opt-ins on the CPU (draft+max-size)', {}, dict(draft=True, cache='small')),
     ('ALL OPT-INS (+ --device-aug)', {}, dict(draft=True, cache='small', device_aug=True)),
+    ('opt-in --gpu-decode (workers\' half)', {}, dict(gpu_decode=True, device_aug=True)),
 ]
-DEFAULT, ALL = 4, 8
+DEFAULT, ALL, GPU_DECODE = 4, 8, 9
+FEED_RATE = 3600  # DeiT-S img/s on one H100 (bf16 AMP, batch 128; README "Data loading speed")
 
 
 def imagenet_like_jpegs(n: int, seed: int = 0) -> list[tuple[str, bytes]]:
@@ -102,7 +106,8 @@ def recipe_args(**kw) -> Namespace:
     """The DeiT-S training recipe's data flags."""
     a = dict(data_set='IMNET', input_size=224, color_jitter=0.3, aa='rand-m9-mstd0.5-inc1',
              train_interpolation='bicubic', reprob=0.25, remode='pixel', recount=1, ThreeAugment=False, src=False,
-             prefetcher=True, jpeg_draft=False, device_aug=False, cache=True, cache_mode='no', skip_bad_images=False)
+             prefetcher=True, jpeg_draft=False, device_aug=False, gpu_decode=False, cache=True, cache_mode='no',
+             skip_bad_images=False)
     a.update(kw)
     return Namespace(**a)
 
@@ -127,10 +132,11 @@ class OfficialZipReader:
 
 
 def make_dataset(root: Path, reader: str = 'ours', uint8: bool = True, draft: bool = False, cache: str = 'full',
-                 device_aug: bool = False, re_prob: float = 0.25):
+                 device_aug: bool = False, gpu_decode: bool = False, re_prob: float = 0.25):
     from data.zip_cache import ZipImageDataset
     from deit.datasets import build_transform
-    args = recipe_args(prefetcher=uint8, jpeg_draft=draft, device_aug=device_aug, reprob=re_prob)
+    args = recipe_args(prefetcher=uint8, jpeg_draft=draft, device_aug=device_aug, gpu_decode=gpu_decode,
+                       reprob=re_prob)
     tf = build_transform(True, args)
     folder = root / cache
     if reader == 'official':
@@ -139,9 +145,14 @@ def make_dataset(root: Path, reader: str = 'ours', uint8: bool = True, draft: bo
 
 
 def as_pixels(x) -> np.ndarray:
-    """A sample as 0-255 CHW floats (float outputs are un-normalised)."""
+    """A sample as 0-255 CHW floats (float outputs are un-normalised; --gpu-decode's decoded on this CPU)."""
     import torch
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from deit.device_decode import DeviceDecoder, collate_encoded
+    from deit.transforms import EncodedImage
+    if isinstance(x, EncodedImage):
+        x = DeviceDecoder(224, 'cpu')(collate_encoded([(x, 0)]))[0][0]
     if x.dtype == torch.uint8:
         return x.numpy().astype(np.float32)
     mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
@@ -224,7 +235,9 @@ def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str 
 
     from deit.datasets import device_rand_augment
     from deit.device_aug import DeviceBatches
+    from deit.device_decode import DeviceDecoder, collate_encoded
     ds = make_dataset(root, **opts)
+    decode = opts.get('gpu_decode') and device is not None
     # one epoch longer than the measurement: with a small set (96 images = 3 batches of 32; the GPU check's
     # 1,024 = 8 batches of 128) every epoch's end drains the pipeline and a worker beyond the epoch's batch
     # count has nothing to do, which made workers look up to 3x slower when many run
@@ -232,11 +245,12 @@ def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str 
                                              num_samples=(batches + 2 * workers + 2) * batch_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                          drop_last=True, persistent_workers=True,
-                                         pin_memory=device not in ('cpu', None))
+                                         pin_memory=device not in ('cpu', None),
+                                         collate_fn=collate_encoded if opts.get('gpu_decode') else None)
     if opts.get('uint8', True) and device is not None:
         ra = device_rand_augment(recipe_args()) if opts.get('device_aug') else None
         loader = DeviceBatches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=0.25,
-                               rand_augment=ra)
+                               rand_augment=ra, decoder=DeviceDecoder(224, device, ds) if decode else None)
     it = iter(loader)
     for _ in range(min(workers, len(loader) - 1)):  # every worker started and delivering
         next(it)
@@ -274,7 +288,7 @@ def gpu_report(root: Path, batches: int) -> None:
     workers = max(1, (os.cpu_count() or 2) - 2)
     print(f'DataLoader on {workers} workers -> {torch.cuda.get_device_name()}, batch 128, device-side steps on '
           f'the GPU (img/s):')
-    for r in (0, DEFAULT, ALL - 1, ALL):
+    for r in (0, DEFAULT, ALL - 1, ALL, GPU_DECODE):
         print(f'  {ROWS[r][0]:34s} {loader_rate(root, ROWS[r][2], workers, batches, "cuda", 128):8.0f}')
     ra = device_rand_augment(recipe_args())
     x = torch.randint(0, 256, (128, 3, 224, 224), dtype=torch.uint8, device='cuda')
@@ -285,6 +299,41 @@ def gpu_report(root: Path, batches: int) -> None:
         ra(x)
     torch.cuda.synchronize()
     print(f'  --device-aug RandAugment alone on the GPU: {1280 / (time.perf_counter() - t0):.0f} img/s')
+    main_us = device_decode_cost(root)
+    res, _ = run_child(root, [DEFAULT, GPU_DECODE], {}, 0, 2)
+    official, _ = run_child(root, [0], STOCK, 0, 2)
+    cores_per_gpu({**official, **res}, main_us)
+
+
+def device_decode_cost(root: Path, n: int = 128, rounds: int = 5) -> float:
+    """--gpu-decode's device half on the GPU, batch ``n``: prints its img/s; returns the training process's
+    CPU time per image (µs) that it takes (kernel launches, the per-image crop loop)."""
+    import torch
+
+    from deit.device_decode import DeviceDecoder, collate_encoded
+    ds = make_dataset(root, **ROWS[GPU_DECODE][2])
+    batch = collate_encoded([ds[i % len(ds)] for i in range(n)])
+    decoder = DeviceDecoder(224, 'cuda')
+    decoder(batch)
+    torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(rounds):
+        decoder(batch)
+    torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f'  --gpu-decode device half alone: {n * rounds / wall:.0f} img/s, {1e6 * cpu / (n * rounds):.0f} us of '
+          f'the training process\'s CPU per image')
+    return 1e6 * cpu / (n * rounds)
+
+
+def cores_per_gpu(per_core: dict, main_us: float = 0.0, rate: int = FEED_RATE) -> None:
+    """The closing line: cores to feed DeiT-S at ``rate`` img/s, from one-thread img/s per core of the
+    workers, plus for --gpu-decode the training process's CPU time per image for the device half
+    (``main_us``, measured on a GPU host)."""
+    gpu = rate / per_core[GPU_DECODE] + rate * main_us * 1e-6
+    print(f'\ncores per GPU to feed DeiT-S at {rate} img/s: official {rate / per_core[0]:.1f}, default '
+          f'{rate / per_core[DEFAULT]:.1f}, gpu-decode {gpu:.1f}'
+          f'{"" if main_us else " (workers only: the device half is measured with --gpu)"}')
 
 
 def main(argv=None) -> None:
@@ -336,7 +385,7 @@ def main(argv=None) -> None:
     print(f'\n{"pipeline (per core, 1 thread)":34s} {"img/s":>7s} {"ms/img":>7s} {"vs official":>11s} {"step":>6s} '
           f'{"mean diff":>9s} {">2 levels":>9s}')
     for r, (name, _, _) in enumerate(ROWS):
-        prev = med[r - 1] if r and r not in (5, 6, 7) else med[DEFAULT] if r in (5, 6, 7) else med[0]
+        prev = med[DEFAULT] if r in (5, 6, 7, GPU_DECODE) else med[r - 1] if r else med[0]
         d = np.abs(samples[r] - ref)
         diff = (f'{d.mean():9.3f} {100 * (d > 2).mean():8.3f}%' if not ROWS[r][2].get('device_aug')
                 else f'{"(RA on device)":>19s}')
@@ -355,8 +404,9 @@ def main(argv=None) -> None:
                              text=True).stdout.strip().splitlines()[-1]
         lr[r] = float(out)
         print(f'  {ROWS[r][0]:34s} {lr[r]:7.0f} img/s  {lr[r] / lr.get(0, lr[r]):5.2f}x')
-    print(f'\nspeedup per core: default {med[DEFAULT] / med[0]:.2f}x, all opt-ins {med[ALL] / med[0]:.2f}x '
-          f'(vs official)')
+    print(f'\nspeedup per core: default {med[DEFAULT] / med[0]:.2f}x, all opt-ins {med[ALL] / med[0]:.2f}x, '
+          f'--gpu-decode\'s workers {med[GPU_DECODE] / med[0]:.2f}x (vs official)')
+    cores_per_gpu(med)
 
 
 if __name__ == '__main__':

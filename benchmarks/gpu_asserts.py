@@ -3,6 +3,10 @@
     python -m benchmarks.gpu_asserts maxsup-amp [--device cuda]
         fused MaxSup on logits made under autocast (fp16 on CUDA, bf16 on the CPU) equals the fp32
         reference formulation: loss and gradient
+    python -m benchmarks.gpu_asserts gpu-decode CACHE_DIR [--device cuda]
+        --gpu-decode's batch decoded by nvJPEG on the device is the same code's batch decoded by libjpeg-turbo
+        on the CPU (the path the CPU tests check against timm's pipeline), within a few levels: the IDCT and
+        chroma upsampling of the two decoders differ
     python -m benchmarks.gpu_asserts ema RUN_DIR --data-path DATA [--cache]
         the EMA metrics the trainer logged (evaluated on the training device after the last epoch) equal
         those of the checkpoint's EMA evaluated again on the CPU with blocking copies (tools.evaluate)
@@ -43,6 +47,27 @@ def maxsup_under_autocast(device: torch.device, batch: int = 128, classes: int =
     return out
 
 
+def gpu_decode_matches_the_cpu(cache_dir: Path, device: torch.device, n: int = 128) -> dict:
+    from benchmarks.bench_input_pipeline import recipe_args, seeded
+    from data.zip_cache import ZipImageDataset
+    from deit.datasets import build_transform
+    from deit.device_decode import DeviceDecoder, collate_encoded
+    tf = build_transform(True, recipe_args(gpu_decode=True, device_aug=True))
+    ds = ZipImageDataset(cache_dir / 'train.zip', cache_dir / 'train_map.txt', transform=tf, cache_mode='no')
+    samples = []
+    for i in range(min(n, len(ds))):
+        seeded(i)
+        samples.append(ds[i])
+    batch = collate_encoded(samples)
+    on_cpu, _ = DeviceDecoder(224, 'cpu')(batch)
+    on_device, _ = DeviceDecoder(224, device)(batch)
+    d = (on_device.cpu().int() - on_cpu.int()).abs().float()
+    out = {'images': len(samples), 'device': str(device), 'mean_abs_diff': d.mean().item(),
+           'share_over_8_levels': (d > 8).float().mean().item(), 'max_abs_diff': d.max().item()}
+    out['ok'] = out['mean_abs_diff'] < 1.5 and out['share_over_8_levels'] < 0.01
+    return out
+
+
 def ema_matches_a_blocking_evaluation(run_dir: Path, data_path: str, cache: bool, tolerance: float) -> dict:
     from tools.evaluate import run
     logged = json.loads((run_dir / 'log.txt').read_text().splitlines()[-1])
@@ -62,6 +87,9 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest='check', required=True)
     m = sub.add_parser('maxsup-amp')
     m.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g = sub.add_parser('gpu-decode')
+    g.add_argument('cache_dir', type=Path)
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     e = sub.add_parser('ema')
     e.add_argument('run_dir', type=Path)
     e.add_argument('--data-path', default=None, help="default: the run's own data set (e.g. DEMO)")
@@ -71,6 +99,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.check == 'maxsup-amp':
         out = maxsup_under_autocast(torch.device(a.device))
+    elif a.check == 'gpu-decode':
+        out = gpu_decode_matches_the_cpu(a.cache_dir, torch.device(a.device))
     else:
         out = ema_matches_a_blocking_evaluation(a.run_dir, a.data_path, a.cache, a.tolerance)
     print(json.dumps(out))

@@ -4,9 +4,11 @@
 # 1. AMP train steps of DeiT-S 224, batch 128, MaxSup vs CE, img/s: fp16 + GradScaler, bf16, bf16 + compile;
 #    ResNet-50 fp16 with and without channels-last
 # 2. fused MaxSup under CUDA fp16 autocast equals the fp32 reference (asserted)
-# 3. the input pipeline feeding the GPU from every core: default vs --device-aug, img/s
+# 3. the input pipeline feeding the GPU from every core: default vs --device-aug vs --gpu-decode, img/s, and
+#    the cores per GPU each needs; 3b. --gpu-decode's nvJPEG batch equals its CPU decode within a few levels
 # 4. the trainer itself, in a new folder: one AMP epoch on a ZIP cache with the EMA kept on the CPU
 #    (--model-ema-force-cpu); the EMA metrics it logs must equal a blocking CPU evaluation of its checkpoint
+# 5. the trainer with --gpu-decode --device-aug: one AMP epoch
 # Every check that asserts prints "<check>: OK"; the script stops at the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +18,10 @@ WORK=$(mkdir -p "${WORK:-/tmp/gpu_check}" && mktemp -d "${WORK:-/tmp/gpu_check}/
 print("torch", torch.__version__, "timm", timm.__version__, "PIL", PIL.__version__, "|", torch.cuda.get_device_name())'
 echo "== 1. AMP train steps: DeiT-S, batch 128, MaxSup vs CE"
 "$PY" -m benchmarks.bench_train_step --model deit_small_patch16_224 --input-size 224 --batch 128 --amp \
-    --steps 10 --rounds 3
+    --steps 10 --rounds 5
 for row in "--amp-dtype bfloat16" "--amp-dtype bfloat16 --torchcompile"; do
   "$PY" -m benchmarks.bench_train_step --model deit_small_patch16_224 --input-size 224 --batch 128 --amp $row \
-      --steps 10 --rounds 3
+      --steps 10 --rounds 5
 done
 echo "== 1b. ResNet-50, batch 128: fp16 vs fp16 + channels-last"
 for row in "" "--channels-last"; do
@@ -29,6 +31,8 @@ echo "== 2. fused MaxSup under fp16 autocast vs the fp32 reference"
 "$PY" -m benchmarks.gpu_asserts maxsup-amp --device cuda
 echo "== 3. input pipeline -> GPU"
 "$PY" -m benchmarks.bench_input_pipeline --gpu --images 1024 --loader-batches 24 --workdir "$WORK/data"
+echo "== 3b. --gpu-decode: nvJPEG on the GPU vs the same code on the CPU"
+"$PY" -m benchmarks.gpu_asserts gpu-decode "$WORK/data/full" --device cuda
 echo "== 4. trainer: 1 AMP epoch + EMA on the CPU, evaluated on the GPU after the last epoch"
 start=$(date +%s)
 "$PY" -m deit.main --data-set IMNET --cache --data-path "$WORK/data/full" --model deit_small_patch16_224 \
@@ -37,3 +41,9 @@ start=$(date +%s)
     | grep -E "input pipeline|Epoch: \[0\] Total|Test:.*Total|Acc@1|EMA|Final|rror" || true
 echo "trainer run: $(( $(date +%s) - start )) s"
 "$PY" -m benchmarks.gpu_asserts ema "$WORK/run" --data-path "$WORK/data/full" --cache
+echo "== 5. trainer with --gpu-decode --device-aug: 1 AMP epoch, JPEGs decoded on the GPU"
+"$PY" -m deit.main --data-set IMNET --cache --data-path "$WORK/data/full" --model deit_small_patch16_224 \
+    --batch-size 128 --epochs 1 --warmup-epochs 0 --lr 5e-4 --gpu-decode --device-aug \
+    --num_workers "$(( $(nproc) - 2 ))" --output_dir "$WORK/run_gpu_decode" --print-freq 4 2>&1 \
+    | grep -E "input pipeline|Epoch: \[0\] Total|Acc@1|rror"
+test -f "$WORK/run_gpu_decode/checkpoint.pth" && echo "gpu-decode trainer: OK"

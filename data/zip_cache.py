@@ -412,15 +412,22 @@ class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
         return self._sample(lambda: self.load(i), int(self.targets[i]))
 
 
-def collate_skip_bad(batch, keep_even: bool = True):
-    """default_collate without the samples a skip_bad dataset returned as None.
+def kept_count(kept: int, size: int, keep_even: bool = True) -> int:
+    """How many of the ``kept`` readable samples of a batch of ``size`` to use. ``keep_even`` (training):
+    keep the batch even (timm's Mixup needs pairs) by dropping the last sample when a skip made it odd.
+    Evaluation passes False: every readable image is counted."""
+    return kept - 1 if keep_even and kept != size and kept % 2 and size % 2 == 0 else kept
 
-    ``keep_even`` (training): keeps the batch even (timm's Mixup needs pairs) by dropping the last sample when
-    a skip made it odd. Evaluation passes False: every readable image is counted.
-    """
+
+def drop_skipped(batch: list, keep_even: bool = True) -> list:
+    """The samples of ``batch`` a skip_bad dataset did not return as None (see :func:`kept_count`)."""
     kept = [b for b in batch if b is not None]
-    if keep_even and len(kept) != len(batch) and len(kept) % 2 and len(batch) % 2 == 0:
-        kept = kept[:-1]
+    return kept[:kept_count(len(kept), len(batch), keep_even)]
+
+
+def collate_skip_bad(batch, keep_even: bool = True):
+    """default_collate of :func:`drop_skipped`'s samples."""
+    kept = drop_skipped(batch, keep_even)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.utils.data.default_collate(kept)

@@ -135,6 +135,9 @@ def _data(p) -> None:
            'output (same crops; the reduction filter differs)')
     g('--device-aug', '--gpu-aug', dest='device_aug', action='store_true',
       help='RandAugment of the batch on the device (GPU); workers only decode, crop and flip (needs --prefetcher)')
+    g('--gpu-decode', '--device-decode', dest='gpu_decode', action='store_true',
+      help='decode training JPEGs on the device (nvJPEG via torchvision), batched: workers only read the header and '
+           "draw timm's crop and flip (needs --prefetcher; with RandAugment, --device-aug)")
     g('--num_workers', '--num-workers', default=10, type=int, help='DataLoader workers per process')
     g('--pin-mem', action=argparse.BooleanOptionalAction, default=True, help='pinned host memory (CUDA)')
 
@@ -258,6 +261,22 @@ def check_args(args) -> None:
     if args.device_aug and (args.ThreeAugment or args.aa in (None, '', 'none') or not args.aa.startswith('rand')):
         raise ValueError(f'--device-aug moves a RandAugment policy to the device; --aa {args.aa!r}'
                          f'{" with --ThreeAugment" if args.ThreeAugment else ""} has none to move')
+    if args.gpu_decode:  # the workers hand over JPEG bytes + timm's crop and flip: nothing else may need pixels
+        aa = args.aa not in (None, '', 'none')
+        for wrong, why in ((not args.prefetcher, 'it needs --prefetcher'),
+                           (args.data_set == 'DEMO', 'the DEMO set is not read from JPEG files'),
+                           (args.input_size <= 32, f'--input-size {args.input_size}: inputs <= 32 px are padded and '
+                                                   f'cropped, not RandomResizedCrop-ed'),
+                           (args.ThreeAugment, '3-Augment needs the decoded image in the workers'),
+                           (args.jpeg_draft, 'choose one of --jpeg-draft and --gpu-decode'),
+                           (aa and not args.device_aug, 'RandAugment needs the decoded image: add --device-aug'),
+                           (not aa and bool(args.color_jitter), 'colour jitter needs the decoded image: add '
+                                                                '--color-jitter 0'),
+                           (args.train_interpolation not in ('bicubic', 'bilinear', 'nearest', 'random'),
+                            f'--train-interpolation {args.train_interpolation}: the device resizes with bicubic, '
+                            f'bilinear, nearest or random')):
+            if wrong:
+                raise ValueError(f'--gpu-decode: {why}')
     if args.jpeg_draft and args.ThreeAugment:
         raise ValueError('--jpeg-draft replaces the RandomResizedCrop of the RandAugment recipe, not 3-Augment\'s')
     if args.eval:

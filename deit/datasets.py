@@ -19,7 +19,7 @@ from torchvision import datasets, transforms
 
 from data.decode import decode_image, read_image_file
 from data.zip_cache import SkipCounter
-from deit.transforms import DraftRandomResizedCrop
+from deit.transforms import DraftRandomResizedCrop, defer_decoding
 
 DEMO_SIZE = 32  # digits are 8x8; 4x upscaling keeps strokes visible to a patch-4 ViT
 DEMO_MEAN, DEMO_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -234,6 +234,8 @@ def build_transform(is_train: bool, args, uint8: bool | None = None):
         if size <= 32:  # small images: replace RandomResizedCrop by pad + random crop (as DeiT); an image
             # smaller than the crop is padded up to it (DeiT's RandomCrop would fail on it)
             tf.transforms[0] = transforms.RandomCrop(size, padding=4, pad_if_needed=True)
+        elif getattr(args, 'gpu_decode', False):
+            tf = defer_decoding(tf, args.train_interpolation)
         elif getattr(args, 'jpeg_draft', False):
             rrc = tf.transforms[0]
             tf.transforms[0] = DraftRandomResizedCrop(size, rrc.scale, rrc.ratio, args.train_interpolation)

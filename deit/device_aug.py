@@ -37,11 +37,12 @@ def to_device(t: torch.Tensor, device, memory_format: torch.memory_format | None
 
 class DeviceBatches:
     """Wraps a loader of uint8 (B, C, H, W) batches: moves each batch to ``device`` (non-blocking) and runs the
-    device-side steps. ``len()``, ``sampler`` and ``dataset`` are the wrapped loader's."""
+    device-side steps. ``decoder`` (``--gpu-decode``): the loader yields encoded batches that it decodes
+    first. ``len()``, ``sampler`` and ``dataset`` are the wrapped loader's."""
 
     def __init__(self, loader, device, mean, std, re_prob: float = 0.0, re_mode: str = 'pixel', re_count: int = 1,
-                 rand_augment=None):
-        self.loader, self.device = loader, torch.device(device)
+                 rand_augment=None, decoder=None):
+        self.loader, self.device, self.decoder = loader, torch.device(device), decoder
         self.mean = torch.tensor([255 * m for m in mean], device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor([255 * s for s in std], device=self.device).view(1, -1, 1, 1)
         self.random_erasing = (RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=self.device)
@@ -73,7 +74,11 @@ class DeviceBatches:
         return x
 
     def __iter__(self):
-        for images, targets in self.loader:
+        for batch in self.loader:
+            if self.decoder is not None:  # --gpu-decode: JPEG bytes + crop/flip draws (deit.device_decode)
+                images, targets = self.decoder(batch)
+            else:
+                images, targets = batch
             yield self.process(to_device(images, self.device)), to_device(targets, self.device)
 
 

@@ -37,6 +37,7 @@ from deit.checkpoint import (CheckpointError, check_same_run, read_resume_checkp
 from data.decode import jpeg_decoder
 from deit.datasets import build_dataset, device_rand_augment, normalization
 from deit.device_aug import DeviceBatches
+from deit.device_decode import DeviceDecoder, collate_encoded
 from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
 from deit.losses import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
@@ -77,6 +78,8 @@ def build_loaders(args, dataset_train, dataset_val):
                   generator=torch.Generator().manual_seed(args.seed))
 
     def collate(ds, keep_even: bool):
+        if ds is dataset_train and args.gpu_decode:  # JPEG bytes + crop/flip draws, decoded on the device
+            return functools.partial(collate_encoded, keep_even=keep_even)
         if getattr(ds, 'skip_bad', False):
             from data.zip_cache import collate_skip_bad
             return functools.partial(collate_skip_bad, keep_even=keep_even)
@@ -172,10 +175,13 @@ def build_data(args, device):
     sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
     if args.prefetcher:  # uint8 from the workers; normalise, erase (and --device-aug) on the device, batched
         mean, std = normalization(args)
+        decoder = DeviceDecoder(args.input_size, device, dataset_train) if args.gpu_decode else None
         loader_train = DeviceBatches(loader_train, device, mean, std, args.reprob, args.remode, args.recount,
-                                     rand_augment=device_rand_augment(args) if args.device_aug else None)
+                                     rand_augment=device_rand_augment(args) if args.device_aug else None,
+                                     decoder=decoder)
         loader_val = DeviceBatches(loader_val, device, mean, std)
-    print(f'input pipeline: JPEG decode by {jpeg_decoder()}, transforms by PIL {PIL.__version__}, '
+    decode = 'torchvision.io.decode_jpeg on the device (training), ' if args.gpu_decode else ''
+    print(f'input pipeline: JPEG decode by {decode}{jpeg_decoder()}, transforms by PIL {PIL.__version__}, '
           f'{"uint8 workers + device-side normalise/erase" if args.prefetcher else "float workers"}'
           f'{", RandAugment on the device" if args.device_aug else ""}'
           f'{", JPEG draft decoding" if args.jpeg_draft else ""}')

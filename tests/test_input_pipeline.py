@@ -18,13 +18,14 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 
 import data.decode as decode
 from data.build_zip_cache import build
-from data.decode import CorruptImageError, LazyJpeg, decode_image
+from data.decode import CorruptImageError, LazyJpeg, decode_image, read_image_file
 from data.zip_cache import ZipImageDataset, collate_skip_bad
 from deit.args import check_args, parse_args
 from deit.datasets import build_transform, device_rand_augment
 from deit.device_aug import _OPS, DeviceBatches
-from deit.transforms import DraftRandomResizedCrop
-from tests.conftest import TINY, make_imagefolder, run_module
+from deit.device_decode import DeviceDecoder, collate_encoded
+from deit.transforms import DraftRandomResizedCrop, EncodedImage
+from tests.conftest import TINY, checksums, make_imagefolder, run_module
 
 
 def photo(w: int, h: int, quality: int = 90) -> bytes:
@@ -193,6 +194,150 @@ def test_lazy_dataset_skips_a_truncated_jpeg_found_inside_the_draft_crop(tmp_pat
         ds[1]
     ds = ZipImageDataset(*paths, transform=tf, skip_bad=True)
     assert ds[1] is None and ds.pop_skipped() == 1 and ds[0][0].shape == (3, 48, 48)
+
+
+# ---- JPEG decoding on the device (--gpu-decode; on a CPU the same code decodes on the CPU) ---------------
+
+def deferred_pair(**kw):
+    """(default pipeline, --gpu-decode worker transform) for the same recipe."""
+    return build_transform(True, recipe(aa='none', color_jitter=0.0, **kw)), \
+        build_transform(True, recipe(aa='none', color_jitter=0.0, gpu_decode=True, **kw))
+
+
+def pixel_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, int]:
+    """mean |a - b|, share of values off by more than 2 levels, max |a - b| (uint8 images)."""
+    d = (a.int() - b.int()).abs()
+    return d.float().mean().item(), (d > 2).float().mean().item(), d.max().item()
+
+
+# the resize differs (torch's antialiased bicubic in float vs PIL's two uint8 passes); measured: mean 0.14,
+# 0.01 % over 2 levels, max 10 on 32 ImageNet-sized photos
+GPU_DECODE_TOLERANCE = dict(mean=0.3, over_2=0.002, max=24)
+
+
+@pytest.mark.parametrize('interpolation', ['bicubic', 'random'])
+def test_gpu_decode_keeps_timms_crops_and_flips_and_the_default_pixels(interpolation):
+    default, deferred = deferred_pair(train_interpolation=interpolation)
+    images = [photo(w, h) for w, h in ((500, 375), (375, 500), (333, 500), (640, 480), (200, 150), (500, 500))]
+    rrc = default.transforms[0]
+    refs, samples = [], []
+    for k, data in enumerate(images * 3):
+        seeded(k)  # timm's draws, made by hand: crop box, interpolation, flip
+        box = RandomResizedCropAndInterpolation.get_params(decode_image(data, 'a'), rrc.scale, rrc.ratio)
+        interp = random.choice(rrc.interpolation) if interpolation == 'random' else rrc.interpolation
+        flip = bool(torch.rand(1) < 0.5)
+        seeded(k)
+        enc = deferred(decode_image(data, f'img{k}', lazy=True))
+        assert isinstance(enc, EncodedImage) and enc.name == f'img{k}'
+        assert (enc.box, enc.interpolation, enc.flip) == (box, interp.value, flip)
+        seeded(k)
+        refs.append(default(decode_image(data, 'a')))
+        samples.append((enc, k))
+    assert {s.flip for s, _ in samples} == {True, False}
+    images, targets = DeviceDecoder(224, 'cpu')(collate_encoded(samples))
+    assert images.dtype == torch.uint8 and targets.tolist() == list(range(len(samples)))
+    mean, over_2, worst = pixel_gap(images, torch.stack(refs))
+    tol = GPU_DECODE_TOLERANCE
+    assert mean < tol['mean'] and over_2 < tol['over_2'] and worst <= tol['max'], (mean, over_2, worst)
+
+
+def odd_images(root: Path) -> Path:
+    """One class folder with the images the device decoder cannot take, named by kind, and two it can."""
+    d = root / 'train' / 'a'
+    d.mkdir(parents=True)
+    rgb = photo(160, 120)
+    gray, cmyk, png = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.open(io.BytesIO(rgb)).convert('L').save(gray, 'JPEG', quality=90)
+    Image.open(io.BytesIO(rgb)).convert('CMYK').save(cmyk, 'JPEG', quality=90)
+    Image.open(io.BytesIO(rgb)).save(png, 'PNG')
+    sos = rgb.index(b'\xff\xda')  # header intact, scan data broken, end marker present: only decoding finds out
+    broken = rgb[:sos + 20] + b'\xff\x55' * ((len(rgb) - sos - 22) // 2) + b'\xff\xd9'
+    for name, data in (('0_rgb.jpg', rgb), ('1_broken.jpg', broken), ('2_gray.jpg', gray.getvalue()),
+                       ('3_cmyk.jpg', cmyk.getvalue()), ('4_png.png', png.getvalue()),
+                       ('5_truncated.jpg', rgb[:-400])):
+        (d / name).write_bytes(data)
+    return root / 'train'
+
+
+def test_gpu_decode_falls_back_per_image_as_the_cpu_path(tmp_path):
+    from deit.datasets import CheckedImageFolder
+    default, deferred = deferred_pair(input_size=64)
+    folder = odd_images(tmp_path)
+    ds = CheckedImageFolder(str(folder), transform=deferred)
+    kinds = [type(ds[i][0]).__name__ for i in (0, 2, 3, 4)]
+    assert kinds == ['EncodedImage', 'EncodedImage', 'Tensor', 'Tensor']  # RGB and gray to the device
+    with pytest.raises(CorruptImageError, match='5_truncated.jpg'):  # no end marker: the worker's decoder decides
+        ds[5]
+    assert isinstance(ds[1][0], EncodedImage)  # looks complete: found out on the device
+    with pytest.raises(CorruptImageError, match='1_broken.jpg'):
+        DeviceDecoder(64, 'cpu', ds)(collate_encoded([ds[0], ds[1]]))
+
+    good = [0, 2, 3, 4]
+    samples, refs = [], []
+    for k in good:
+        seeded(k)
+        samples.append(ds[k])
+        seeded(k)
+        refs.append(default(decode_image(read_image_file(ds.samples[k][0]), 'a')))
+    images, _ = DeviceDecoder(64, 'cpu', ds)(collate_encoded(samples))
+    assert pixel_gap(images, torch.stack(refs))[1] < GPU_DECODE_TOLERANCE['over_2']
+    assert torch.equal(images[2:], torch.stack(refs[2:]))  # decoded in the worker: the default path itself
+
+    ds = CheckedImageFolder(str(folder), transform=deferred, skip_bad=True)
+    batch = [ds[k] for k in (0, 1, 2, 5)]  # the truncated one is None already; the broken one fails on the device
+    assert batch[3] is None and ds.pop_skipped() == 1
+    images, targets = DeviceDecoder(64, 'cpu', ds)(collate_encoded(batch))
+    assert len(images) == len(targets) == 2 and ds.pop_skipped() == 1  # [rgb, gray]: even, the broken one counted
+
+
+def test_gpu_decode_takes_the_host_decoder_when_the_device_one_rejects_an_image(monkeypatch):
+    """An image nvJPEG cannot decode (e.g. arithmetic coding) is decoded by the host: the same pixels."""
+    import deit.device_decode as dd
+    _, deferred = deferred_pair()
+    samples = []
+    for k, (w, h) in enumerate(((500, 375), (300, 400), (640, 480))):
+        seeded(k)
+        samples.append((deferred(decode_image(photo(w, h), f'img{k}', lazy=True)), k))
+    batch = collate_encoded(samples)
+    expected, _ = DeviceDecoder(224, 'cpu')(batch)
+    real, rejected = dd.decode_jpeg, len(batch.data[batch.offsets[1]:batch.offsets[2]])
+
+    def picky(jpegs, **kw):  # fails on image 1, alone or in a batched call
+        if any(len(j) == rejected for j in (jpegs if isinstance(jpegs, list) else [jpegs])):
+            raise RuntimeError('nvjpeg: unsupported JPEG')
+        return real(jpegs, **kw)
+    monkeypatch.setattr(dd, 'decode_jpeg', picky)
+    images, targets = DeviceDecoder(224, 'cpu')(batch)
+    assert targets.tolist() == [0, 1, 2] and torch.equal(images, expected)
+
+
+def test_gpu_decode_flags_are_checked_and_train_end_to_end_with_workers(tmp_path):
+    for flags, msg in ((['--no-prefetcher'], 'needs --prefetcher'), ([], 'add --device-aug'),
+                       (['--aa', 'none', '--color-jitter', '0.4'], 'add --color-jitter 0'),
+                       (['--device-aug', '--jpeg-draft'], 'choose one'),
+                       (['--device-aug', '--input-size', '32'], 'padded and cropped'),
+                       (['--device-aug', '--train-interpolation', 'lanczos'], 'bicubic, bilinear')):
+        with pytest.raises(ValueError, match=msg):
+            check_args(parse_args(['--data-path', 'x', '--gpu-decode', *flags]))
+    with pytest.raises(ValueError, match='DEMO'):
+        check_args(parse_args(['--data-set', 'DEMO', '--gpu-decode', '--device-aug']))
+    src = make_imagefolder(tmp_path / 'src', n_classes=2, n_train=8, n_val=2, size=64)
+    build(src, tmp_path / 'cache')
+    flags = [f for f in TINY if f not in ('none',)]
+    flags[flags.index('--aa') + 1:flags.index('--aa') + 1] = ['rand-m9-mstd0.5-inc1']
+    runs = {}
+    for workers, data in ((0, ['--cache', '--data-path', str(tmp_path / 'cache')]),
+                          (2, ['--cache', '--data-path', str(tmp_path / 'cache')]),
+                          (2, ['--data-path', str(src)])):
+        out = tmp_path / f'run{len(runs)}'
+        r = run_module(['-m', 'deit.main', '--data-set', 'IMNET', *data, *flags, '--input-size', '48',
+                        '--epochs', '1', '--device-aug', '--gpu-decode', '--reprob', '0.25',
+                        '--num_workers', str(workers), '--output_dir', str(out)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert 'JPEG decode by torchvision.io.decode_jpeg on the device' in r.stdout
+        runs[len(runs)] = checksums(r.stdout)
+    # per-sample seeds: the same crops and flips with or without workers, from the cache or the folder
+    assert runs[0] == runs[1] == runs[2] and runs[0]
 
 
 # ---- RandAugment on the device ----------------------------------------------------------------------------
