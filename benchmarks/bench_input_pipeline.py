@@ -15,7 +15,7 @@ hide pillow-simd / simplejpeg), interleaved round by round; the median round cou
 (uint8 -> normalise -> random erasing, batched) are measured separately, on this CPU.
 
 Rows, cumulative: official (Swin/DeiT ZipReader: ZipFile.read per sample, PIL decode, float transform) ->
-this project before #16 (mmap ZIP index + CRC, float transform) -> uint8 workers (prefetcher) ->
+the mmap ZIP index + CRC check (float transform) -> uint8 workers (prefetcher) ->
 simplejpeg -> pillow-simd = the default install; opt-ins: --jpeg-draft, the --max-size 500 cache, both;
 and --device-aug (RandAugment moves to the GPU: the CPU keeps decode, crop and flip; its device cost is
 measured by benchmarks/gpu_check.sh); last, the workers' half of --gpu-decode (header, crop and flip draws,
@@ -47,7 +47,7 @@ STOCK = {'MAXSUP_STOCK_PILLOW': '1', 'MAXSUP_NO_SIMPLEJPEG': '1'}
 # (name, env, pipeline options): cumulative steps; env hides the optional libraries a row does not use
 ROWS = [
     ('official (zipfile + PIL, float)', STOCK, dict(reader='official', uint8=False)),
-    ('this project before (mmap+CRC)', STOCK, dict(uint8=False)),
+    ('mmap ZIP index + CRC, float', STOCK, dict(uint8=False)),
     ('+ uint8 workers (prefetcher)', STOCK, dict()),
     ('+ simplejpeg decode', {'MAXSUP_STOCK_PILLOW': '1'}, dict()),
     ('+ pillow-simd = DEFAULT', {}, dict()),

@@ -1,4 +1,4 @@
-"""Behaviour users rely on, checked against hand-computed values (#20): metrics on a known batch, the
+"""Behaviour users rely on, checked against hand-computed values: metrics on a known batch, the
 evaluation loop, the effective lr per world size, the lr schedule across a resume, each loss's
 hyper-parameters, and the timm -> mmseg converter block by block against mmseg's own forward."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The input pipeline (#16): uint8 workers + device-side steps, simplejpeg / pillow-simd with their fallbacks,
-the opt-in JPEG draft decoding and downscaled cache, and RandAugment on the device."""
+"""The input pipeline: uint8 workers + device-side steps, simplejpeg / pillow-simd with their fallbacks,
+the opt-in JPEG draft decoding and downscaled cache, RandAugment and JPEG decoding on the device."""
 from __future__ import annotations
 
 import io
