@@ -303,7 +303,8 @@ def check_same_run(args, ckpt: dict, path: str, total_batch: int) -> None:
              if k in saved and k in now and saved[k] != now[k]]
     if diffs:
         raise ValueError(f'{path} belongs to another run; refusing to auto-resume it. Differing arguments: '
-                         f'{"; ".join(diffs)}. Start fresh with another --output_dir (or --no-auto-resume), '
+                         f'{"; ".join(diffs)}. Start fresh with another --output_dir (or --no-auto-resume: that run\'s '
+                         f'files are moved to {Path(path).parent}/previous_run first), '
                          f'or continue that checkpoint on purpose with --resume {path}')
 
 

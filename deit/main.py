@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import datetime
 import functools
 import inspect
@@ -42,8 +41,8 @@ from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoc
 from deit.losses import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
 from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, ignore_stop_signals
-from deit.rundir import (RunDirLocked, lock_run_dir, release_run_dir, remove_stale_temp_files, repair_log,
-                         set_aside_log)
+from deit.rundir import (RunDirLocked, StdoutCopy, append_summary, lock_run_dir, release_run_dir,
+                         remove_stale_temp_files, repair_epoch_files, set_aside_run)
 from deit.samplers import DistributedEvalSampler, RASampler, SeededDataset, SeededSampler
 
 
@@ -116,7 +115,8 @@ def main(args) -> dict:
     du.init_distributed_mode(args)
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(du.cleanup)
-        return _run(args, cleanup, cleanup.enter_context(StopSignal()))
+        stdout = cleanup.enter_context(StdoutCopy()) if du.is_main_process() else None
+        return _run(args, cleanup, cleanup.enter_context(StopSignal()), stdout)
 
 
 def claim_output_dir(args, cleanup: contextlib.ExitStack) -> Path | None:
@@ -131,7 +131,6 @@ def claim_output_dir(args, cleanup: contextlib.ExitStack) -> Path | None:
             output_dir.mkdir(parents=True, exist_ok=True)
             cleanup.callback(release_run_dir, lock_run_dir(output_dir))
             remove_stale_temp_files(output_dir)
-            cleanup.enter_context(tee_stdout(output_dir / 'stdout.log'))
         except (RunDirLocked, OSError) as e:
             error = str(e)
     error = du.broadcast_object(error)  # a refusal on rank 0 must not leave the other ranks waiting
@@ -294,7 +293,7 @@ def run_training(args, run, data, output_dir: Path | None, stop_signal: StopSign
     At a stop signal the epoch in flight ends after its next optimizer step, which is saved with
     :func:`save_stop`; :class:`Preempted` is raised then.
     """
-    tb = open_tensorboard(output_dir)
+    tb = open_tensorboard(output_dir, run.tb_resume)
     dist_sum = args.distributed and args.dist_eval
     print(f'Start training for {args.epochs} epochs (from epoch {args.start_epoch})')
     start_time = time.time()
@@ -425,71 +424,50 @@ def save_stop(args, run, epoch: int, step: int, output_dir: Path | None, signum:
                     f'asks a requeue)', signum, str(path) if path else None)
 
 
-def open_tensorboard(output_dir: Path | None):
+def open_tensorboard(output_dir: Path | None, resume: tuple[int, dict | None] | None = None):
+    """TensorBoard's writer for ``output_dir/tb``. ``resume`` (the checkpoint's epoch and record): the steps from
+    that epoch on are purged (TensorBoard's ``purge_step``: an epoch trained again appears once) and the
+    checkpoint's record is written again, as the other per-epoch files are repaired."""
     if not output_dir or not du.is_main_process():
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-        return SummaryWriter(str(output_dir / 'tb'))
     except ImportError:  # tensorboard is in requirements.txt; keep training without it
         print('tensorboard not installed: no TensorBoard scalars')
         return None
+    if resume is None:
+        return SummaryWriter(str(output_dir / 'tb'))
+    epoch, record = resume
+    tb = SummaryWriter(str(output_dir / 'tb'), purge_step=epoch if record is not None else epoch + 1)
+    if record is not None:
+        tb_scalars(tb, record, epoch)
+    return tb
+
+
+def tb_scalars(tb, log: dict, epoch: int) -> None:
+    for k, v in log.items():
+        group, _, name = k.partition('_')
+        if group in ('train', 'test') and isinstance(v, (int, float)) and name not in ('n', 'skipped_images'):
+            tb.add_scalar(f'{group}/{name}', v, epoch)
+    if log.get('alpha') is not None:
+        tb.add_scalar('train/alpha', log['alpha'], epoch)
+    tb.flush()
 
 
 def write_log(output_dir: Path, tb, log: dict, epoch: int) -> None:
-    """log.txt (DeiT's JSON lines), summary.csv (timm's: one row per epoch), TensorBoard train/ and test/."""
+    """The epoch's record: log.txt (DeiT's JSON lines), summary.csv (timm's: one row per epoch), TensorBoard
+    train/ and test/ (deit.rundir: write order and repair)."""
     with open(output_dir / 'log.txt', 'a') as f:
         f.write(json.dumps(log) + '\n')
         f.flush()
         os.fsync(f.fileno())
-    summary = output_dir / 'summary.csv'
-    if summary.is_file():
-        with open(summary) as f:
-            header = f.readline().rstrip('\n').split(',')
-    else:
-        header = list(log)
-    with open(summary, 'a', newline='') as f:
-        w = csv.DictWriter(f, fieldnames=header, extrasaction='ignore')
-        if not summary.stat().st_size:
-            w.writeheader()
-        w.writerow(log)
+    append_summary(output_dir, log)
     if tb is not None:
-        for k, v in log.items():
-            group, _, name = k.partition('_')
-            if group in ('train', 'test') and isinstance(v, (int, float)) and name not in ('n', 'skipped_images'):
-                tb.add_scalar(f'{group}/{name}', v, epoch)
-        if log.get('alpha') is not None:
-            tb.add_scalar('train/alpha', log['alpha'], epoch)
-        tb.flush()
+        tb_scalars(tb, log, epoch)
 
 
-@contextlib.contextmanager
-def tee_stdout(path: Path):
-    """A copy of this process's stdout in the run folder (timm and DeiT users look for it there)."""
-    f = open(path, 'a', buffering=1)
-    real = sys.stdout
-
-    class Tee:
-        def write(self, s):
-            real.write(s)
-            f.write(s)
-
-        def flush(self):
-            real.flush()
-            f.flush()
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    sys.stdout = Tee()
-    try:
-        yield
-    finally:
-        sys.stdout = real
-        f.close()
-
-
-def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = None) -> dict:
+def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = None,
+         stdout: StdoutCopy | None = None) -> dict:
     check_args(args)
     config = yaml.safe_dump(as_recipe(args), sort_keys=True)  # before any run-time value changes args
     total_batch = resolve_batch(args)
@@ -501,7 +479,7 @@ def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = N
     dtype = amp_dtype(args, device)
     run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, amp_dtype=dtype, criterion=criterion,
                           base_criterion=base_criterion, schedule=schedule, optimizer=optimizer,
-                          lr_scheduler=lr_scheduler, max_accuracy=0.0, last_test_stats={}, last_log=None,
+                          lr_scheduler=lr_scheduler, max_accuracy=0.0, last_test_stats={}, last_log=None, tb_resume=None,
                           start_step=0,
                           memory_format=torch.channels_last if args.channels_last else None,
                           # loss scaling only where float16 needs it (bfloat16 has float32's range)
@@ -519,7 +497,9 @@ def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = N
     if ckpt is not None and not args.resume and not args.eval:
         check_same_run(args, ckpt, resume_path, total_batch)
     if ckpt is None and output_dir and not args.eval and du.is_main_process():
-        set_aside_log(output_dir)
+        set_aside_run(output_dir)  # a fresh start never writes into another run's files
+    if output_dir and stdout is not None:
+        stdout.attach(output_dir / 'stdout.log')
     if output_dir and du.is_main_process():
         (output_dir / 'args.yaml').write_text(config)  # a recipe: `-c args.yaml` runs the same configuration
     print('configuration:\n' + config, end='')
@@ -531,8 +511,9 @@ def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = N
             print(f'evaluating {resume_path} (epoch {ckpt.get("epoch", "?")})')
         else:
             restore_training_state(args, run, ckpt, resume_path, du.get_rank(), du.get_world_size())
-            if 'epoch' in ckpt and args.output_dir and du.is_main_process():  # the log ends where the ckpt does
-                repair_log(Path(args.output_dir), ckpt['epoch'], ckpt.get('log'))
+            if 'epoch' in ckpt and args.output_dir and du.is_main_process():  # the logs end where the ckpt does
+                repair_epoch_files(Path(args.output_dir), ckpt['epoch'], ckpt.get('log'))
+                run.tb_resume = (ckpt['epoch'], ckpt.get('log'))
         del ckpt
     lr_scheduler.step(args.start_epoch)
     if args.eval:

@@ -1,21 +1,30 @@
-"""The run folder (``--output_dir``): one writer at a time, nothing half-written left behind.
+"""The run folder (``--output_dir``): one writer at a time, one run per folder, nothing half-written left behind.
 
-Write order of an epoch (rank 0): ``best_checkpoint.pth`` (when best) -> ``log.txt`` line -> ``checkpoint.pth``.
-``checkpoint.pth`` is what a resume reads, so it is written last: a kill before it leaves the previous epoch
-as the resume point, and :func:`repair_log` drops the log lines of the epoch that is then trained again.
+Write order of an epoch (rank 0): ``best_checkpoint.pth`` (when best) -> the epoch's record (``log.txt`` line,
+``summary.csv`` row, TensorBoard scalars) -> ``checkpoint.pth``. ``checkpoint.pth`` is what a resume reads,
+so it is written last: a kill before it leaves the previous epoch as the resume point, and every per-epoch
+file is then made to end at that epoch with its record (:func:`repair_epoch_files`; TensorBoard by its
+``purge_step``), so the epoch trained again appears once.
+
+A fresh start in a folder that holds another run's files moves them aside first (:func:`set_aside_run`).
 """
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
+import io
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 from deit.checkpoint import atomic_open
 
 LOCK_NAME = '.lock'
+# what a run writes into its folder: a fresh start moves all of it aside together
+RUN_FILES = ('checkpoint.pth', 'best_checkpoint.pth', 'log.txt', 'summary.csv', 'tb', 'args.yaml', 'stdout.log')
 
 
 class RunDirLocked(ValueError):
@@ -141,6 +150,13 @@ def _log_records(path: Path, lines: list[str]) -> list[dict]:
     return records
 
 
+def repair_epoch_files(output_dir: Path, epoch: int, record: dict | None) -> None:
+    """Make ``log.txt`` and ``summary.csv`` end at ``epoch`` (the checkpoint's): drop the rows of later, re-trained
+    epochs and restore the checkpoint's own record where a kill left it out."""
+    repair_log(output_dir, epoch, record)
+    repair_summary(output_dir, epoch, record)
+
+
 def repair_log(output_dir: Path, epoch: int, record: dict | None) -> None:
     """Make ``log.txt`` end at ``epoch``: drop lines of later (re-trained) epochs, restore a missing line."""
     path = Path(output_dir) / 'log.txt'
@@ -154,16 +170,104 @@ def repair_log(output_dir: Path, epoch: int, record: dict | None) -> None:
         print(f'repaired {path}: now ends at epoch {epoch} ({len(lines)} -> {len(kept)} lines)')
 
 
-def set_aside_log(output_dir: Path) -> Path | None:
-    """A run that starts fresh in a folder with a log (of a run that never checkpointed, or one started again
-    with --no-auto-resume) keeps that log as ``log.txt.prev[N]`` instead of appending to it."""
-    path = Path(output_dir) / 'log.txt'
+def append_summary(output_dir: Path, record: dict) -> None:
+    """One ``summary.csv`` row (timm's file: the columns of the first record, in its order)."""
+    path = Path(output_dir) / 'summary.csv'
+    header = _summary_rows(path)[0] if path.is_file() and path.stat().st_size else list(record)
+    with open(path, 'a', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=header, extrasaction='ignore')
+        if not f.tell():
+            w.writeheader()
+        w.writerow(record)
+
+
+def _summary_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    if not rows or 'epoch' not in rows[0]:
+        raise ValueError(f'{path}: not a summary.csv of this trainer (no "epoch" column in its header); move it '
+                         f'away, then resume')
+    return rows[0], rows[1:]
+
+
+def repair_summary(output_dir: Path, epoch: int, record: dict | None) -> None:
+    """``summary.csv`` by :func:`repair_log`'s rule: rows of epochs after ``epoch`` and a torn last row (fewer
+    fields than the header) dropped, the checkpoint's record restored when missing."""
+    path = Path(output_dir) / 'summary.csv'
     if not path.is_file() or not path.stat().st_size:
+        return
+    header, rows = _summary_rows(path)
+    col, kept = header.index('epoch'), []
+    for n, row in enumerate(rows, 2):
+        if len(row) != len(header) and n == len(rows) + 1:
+            print(f'note: {path}:{n}: dropping a torn last row')
+            continue
+        try:
+            if int(row[col]) <= epoch:
+                kept.append(row)
+        except (ValueError, IndexError):
+            raise ValueError(f'{path}:{n}: not an epoch row ({",".join(row)[:80]!r}); fix or remove that line, then '
+                             f'resume') from None
+    if record is not None and not any(int(r[col]) == epoch for r in kept):
+        kept.append([str(record.get(h, '')) for h in header])
+    if kept != rows:
+        text = io.StringIO()
+        csv.writer(text, lineterminator='\r\n').writerows([header] + kept)
+        with atomic_open(path, 'w', newline='') as f:
+            f.write(text.getvalue())
+        print(f'repaired {path}: now ends at epoch {epoch} ({len(rows)} -> {len(kept)} rows)')
+
+
+def set_aside_run(output_dir: Path) -> Path | None:
+    """A fresh start in a folder that holds another run's files (a run that never checkpointed, or a run
+    started again with --no-auto-resume) first moves all of them into ``previous_run[N]/``: nothing of that
+    run is overwritten, appended to, or left behind to be mistaken for the new run's."""
+    output_dir = Path(output_dir)
+    present = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not present:
         return None
-    n, dest = 1, path.with_name('log.txt.prev')
+    n, dest = 1, output_dir / 'previous_run'
     while dest.exists():
         n += 1
-        dest = path.with_name(f'log.txt.prev{n}')
-    os.replace(path, dest)
-    print(f'starting fresh: the existing {path.name} (no checkpoint to resume it from) was moved to {dest.name}')
+        dest = output_dir / f'previous_run{n}'
+    dest.mkdir()
+    for name in present:
+        os.replace(output_dir / name, dest / name)
+    print(f'starting fresh: the files of the run already in {output_dir} ({", ".join(present)}) were moved to '
+          f'{dest}')
     return dest
+
+
+class StdoutCopy:
+    """A copy of this process's stdout in the run folder's ``stdout.log`` (timm and DeiT users look for it
+    there), from the first line: what is printed before the folder is known and claimed (the input pipeline,
+    batch and lr, criterion, parameter count) is held and written when :meth:`attach` names the file."""
+
+    def __init__(self):
+        self.real, self.held, self.file = sys.stdout, io.StringIO(), None
+
+    def write(self, s: str) -> int:
+        self.real.write(s)
+        return (self.file or self.held).write(s)
+
+    def flush(self) -> None:
+        self.real.flush()
+        if self.file is not None:
+            self.file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def attach(self, path: Path) -> None:
+        self.file = open(path, 'a', buffering=1)
+        self.file.write(self.held.getvalue())
+        self.held = None
+
+    def __enter__(self):
+        sys.stdout = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout = self.real
+        if self.file is not None:
+            self.file.close()

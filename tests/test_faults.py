@@ -35,6 +35,68 @@ def folder(tmp_path_factory):
     return make_imagefolder(tmp_path_factory.mktemp('faults'), n_classes=3, n_train=8, n_val=3)
 
 
+def _summary_epochs(out: Path) -> list[int]:
+    import csv
+    with open(out / 'summary.csv', newline='') as f:
+        return [int(r['epoch']) for r in csv.DictReader(f)]
+
+
+def _tb_steps(out: Path, tag: str = 'train/loss') -> list[int]:
+    """The steps TensorBoard shows for ``tag`` (its reader applies the purges of resumed runs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / 'tb'))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+# ---- the run folder: one run per folder, every per-epoch file repaired alike ------------------------------
+def test_a_fresh_start_moves_the_previous_run_aside_whole(tmp_path):
+    out = tmp_path / 'run'
+    common = TINY + ['--data-set', 'DEMO', '--output_dir', str(out)]
+    assert cli(common + ['--epochs', '2']) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != '.lock'}
+    assert cli(common + ['--epochs', '1', '--no-auto-resume', '--lr', '1e-3']) == 0
+    old = out / 'previous_run'
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before  # moved whole, untouched
+    assert (old / 'tb').is_dir() and len(list((out / 'tb').iterdir())) == 1
+    assert torch.load(out / 'checkpoint.pth', weights_only=False)['epoch'] == 0
+    assert torch.load(out / 'best_checkpoint.pth', weights_only=False)['epoch'] == 0  # the new run's
+    assert [x['epoch'] for x in _log(out)] == [0] and _summary_epochs(out) == [0] and _tb_steps(out) == [0]
+    assert 'lr: 0.001' in (out / 'args.yaml').read_text()
+    stdout = (out / 'stdout.log').read_text()  # the new run's, from its first line on
+    assert stdout.count('input pipeline:') == 1 and 'parameters' in stdout and 'Final accuracy' in stdout
+    assert cli(common + ['--epochs', '1', '--no-auto-resume']) == 0  # and again: a second folder
+    assert (out / 'previous_run2' / 'checkpoint.pth').is_file() and (old / 'checkpoint.pth').is_file()
+
+
+def test_resume_cuts_every_per_epoch_file_back_to_the_checkpoint(tmp_path):
+    """log.txt, summary.csv and TensorBoard after a kill between an epoch's record and its checkpoint, and
+    after one inside summary.csv's append (a torn row)."""
+    from deit.main import open_tensorboard, write_log
+    from deit.rundir import repair_epoch_files
+    records = [{'train_loss': 2.0 - e, 'test_acc1': 10.0 * e, 'epoch': e} for e in range(3)]
+    tb = open_tensorboard(tmp_path)
+    for e in range(3):
+        write_log(tmp_path, tb, records[e], e)
+    tb.close()
+    with open(tmp_path / 'summary.csv', 'a') as f:
+        f.write('1.5,3')  # a torn row
+    (tmp_path / 'log.txt').write_text(''.join(json.dumps(r) + '\n' for r in records[:1]))  # epoch 1 lost
+    repair_epoch_files(tmp_path, 1, records[1])  # the checkpoint ends at epoch 1 and carries its record
+    tb = open_tensorboard(tmp_path, (1, records[1]))
+    write_log(tmp_path, tb, {**records[2], 'train_loss': 0.25}, 2)  # epoch 2 trained again
+    tb.close()
+    assert [x['epoch'] for x in _log(tmp_path)] == [0, 1, 2] and _summary_epochs(tmp_path) == [0, 1, 2]
+    assert _tb_steps(tmp_path) == [0, 1, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / 'tb'))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars('train/loss')] == [2.0, 1.0, 0.25]
+    (tmp_path / 'summary.csv').write_text('epoch,loss\n0,1\nzero,2\n1,3\n')
+    with pytest.raises(ValueError, match=r'summary.csv:3: not an epoch row'):
+        repair_epoch_files(tmp_path, 1, None)
+
+
 # ---- kills at each write boundary -----------------------------------------------------------------------
 @pytest.mark.slow
 def test_kill_at_every_write_boundary_resumes_to_the_uninterrupted_end_state(folder, tmp_path):
@@ -53,6 +115,8 @@ def test_kill_at_every_write_boundary_resumes_to_the_uninterrupted_end_state(fol
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         log = _log(out)
         assert [x['epoch'] for x in log] == [0, 1], (n, log)
+        assert _summary_epochs(out) == [0, 1], n
+        assert _tb_steps(out) == [0, 1], n
         got = torch.load(out / 'checkpoint.pth', weights_only=False)
         assert got['epoch'] == 1
         assert all(torch.equal(got['model'][k], want['model'][k]) for k in want['model']), n

@@ -193,7 +193,8 @@ def test_check_same_run_compares_run_defining_args_and_total_batch():
         "ck.pth belongs to another run; refusing to auto-resume it. Differing arguments: "
         "loss: 'maxsup' in the checkpoint, 'ls' now; alpha: 0.1 in the checkpoint, 0.2 now; "
         "total_batch: 128 in the checkpoint, 64 now. Start fresh with another --output_dir (or "
-        "--no-auto-resume), or continue that checkpoint on purpose with --resume ck.pth")
+        "--no-auto-resume: that run's files are moved to ./previous_run first), or continue that checkpoint "
+        "on purpose with --resume ck.pth")
 
 
 # ---------------------------------------------------------------- which file every rank resumes from
