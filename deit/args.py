@@ -7,6 +7,7 @@ that would silently do something else than asked.
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import yaml
@@ -14,7 +15,12 @@ import yaml
 from deit.datasets import DATA_SETS
 from deit.losses import HARD_LABEL_LOSSES, LOSSES
 
-Formatter = argparse.ArgumentDefaultsHelpFormatter
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default shown once: not again after a help text that states its own."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        return text if 'default' in text else super()._get_help_string(action)
 
 
 def _model(p) -> None:
@@ -165,7 +171,9 @@ def _run(p) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser('DeiT training and evaluation with MaxSup', formatter_class=Formatter)
+    p = argparse.ArgumentParser(prog='python -m deit.main', usage='%(prog)s [-c RECIPE.yaml] [flags] (--help: the flags '
+                                'by group)', description='DeiT training and evaluation with MaxSup',
+                                formatter_class=Formatter)
     for group in (_model, _optimizer, _schedule, _augmentation, _loss, _data, _run):
         group(p)
     return p
@@ -179,7 +187,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**read_recipe(known.config, parser))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    if 'batch_size' in given and args.total_batch_size:
+        # the recipe's total would set the per-process batch; a batch on the command line overrides it
+        if 'total_batch_size' in given:
+            parser.error(f'--batch-size {args.batch_size} and --total-batch-size {args.total_batch_size} both given: '
+                         f'choose one (per process, or in total over all processes)')
+        args.total_batch_size = None
+    return args
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The dests set on the command line itself (not by defaults or a recipe)."""
+    probe = copy.deepcopy(parser)
+    probe._defaults.clear()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
 
 
 def as_recipe(args) -> dict:

@@ -122,6 +122,25 @@ def build_dataset(is_train: bool, args, transform=None):
 DATA_SETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'FOLDER', 'DEMO')
 
 
+def check_same_classes(train, val) -> None:
+    """The val split must have train's classes: ImageFolder numbers class folders by sorted name, so a renamed,
+    missing or extra folder would silently shift every label after it. The ZIP cache's val labels are
+    checked against the train map when it is opened; there only the counts are compared."""
+    a, b = getattr(train, 'classes', None), getattr(val, 'classes', None)
+    if a is None or b is None:
+        na, nb = getattr(train, 'num_classes', None), getattr(val, 'num_classes', None)
+        if na is not None and nb is not None and na != nb:
+            raise ValueError(f'train set has {na} classes but val set has {nb}')
+        return
+    if list(a) != list(b):
+        where = f' ({getattr(val, "root", "")} vs {getattr(train, "root", "")})' if hasattr(val, 'root') else ''
+        missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        what = '; '.join(f'{label} {names[:5]}{" ..." if len(names) > 5 else ""}' for label, names in
+                         (('missing in val:', missing), ('not in train:', extra)) if names)
+        raise ValueError(f'the val classes differ from the train classes{where}: {what or "another order"}; '
+                         f'ImageFolder numbers classes by sorted folder name, so the labels would not match')
+
+
 def eval_data_set(given: str | None, cache: bool, recorded: dict | None = None) -> str:
     """The data set a tool evaluates on: the flag, else IMNET with --cache, else the checkpoint's, else FOLDER."""
     if given:

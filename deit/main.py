@@ -34,7 +34,7 @@ from deit.args import as_recipe, check_args, get_args_parser, parse_args  # noqa
 from deit.checkpoint import (CheckpointError, check_same_run, read_resume_checkpoint, read_state_dict,
                              restore_training_state, restore_weights, rng_state, save_atomic, training_state)
 from data.decode import jpeg_decoder
-from deit.datasets import build_dataset, device_rand_augment, normalization
+from deit.datasets import build_dataset, check_same_classes, device_rand_augment, normalization
 from deit.device_aug import DeviceBatches
 from deit.device_decode import DeviceDecoder, collate_encoded
 from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
@@ -167,9 +167,8 @@ def amp_dtype(args, device: torch.device) -> torch.dtype:
 
 def build_data(args, device):
     dataset_train, nb_classes = build_dataset(True, args)
-    dataset_val, nb_val = build_dataset(False, args)
-    if nb_val != nb_classes:
-        raise ValueError(f'train set has {nb_classes} classes but val set has {nb_val}')
+    dataset_val, _ = build_dataset(False, args)
+    check_same_classes(dataset_train, dataset_val)
     args.nb_classes = nb_classes
     sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
     if args.prefetcher:  # uint8 from the workers; normalise, erase (and --device-aug) on the device, batched
@@ -469,8 +468,8 @@ def write_log(output_dir: Path, tb, log: dict, epoch: int) -> None:
 def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = None,
          stdout: StdoutCopy | None = None) -> dict:
     check_args(args)
+    total_batch = resolve_batch(args)  # the per-process batch that runs, so args.yaml records it
     config = yaml.safe_dump(as_recipe(args), sort_keys=True)  # before any run-time value changes args
-    total_batch = resolve_batch(args)
     device, amp = setup_device(args)
     data = build_data(args, device)
     model = build_model(args, data.nb_classes, device)

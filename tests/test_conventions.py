@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
 
 import pytest
 import torch
+import yaml
 
 from deit.main import cli, parse_args
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, make_imagefolder
 
 PAPER = ROOT / 'recipes' / 'deit_s_paper.yaml'
 
@@ -141,6 +144,45 @@ def test_lr_scales_with_the_effective_batch(capsys):
     assert cli(args) == 0
     out = capsys.readouterr().out
     assert 'effective batch size 32 x 1 x 2 accumulation steps = 64; lr 0.000125' in out
+
+
+def test_a_batch_on_the_command_line_overrides_the_recipes_total(tmp_path, capsys):
+    args = parse_args(['-c', str(PAPER), '--batch-size', '8'])
+    assert (args.batch_size, args.total_batch_size) == (8, None)
+    assert parse_args(['-c', str(PAPER)]).total_batch_size == 1024  # the recipe's, when no batch is given
+    with pytest.raises(SystemExit):
+        parse_args(['-c', str(PAPER), '--batch-size', '8', '--total-batch-size', '64'])
+    assert 'both given: choose one' in capsys.readouterr().err
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('total_batch_size: 32\n')
+    out = tmp_path / 'run'
+    tiny = TINY[:TINY.index('--batch-size')] + TINY[TINY.index('--batch-size') + 2:]
+    assert cli(tiny + ['--data-set', 'DEMO', '-c', str(recipe), '--max-steps-per-epoch', '1', '--epochs', '1',
+                       '--output_dir', str(out)]) == 0
+    assert 'effective batch size 32 x 1 = 32' in capsys.readouterr().out
+    saved = yaml.safe_load((out / 'args.yaml').read_text())
+    assert (saved['batch_size'], saved['total_batch_size']) == (32, 32)  # the per-process batch that ran
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert text.startswith('usage: python -m deit.main [-c RECIPE.yaml] [flags]')
+    assert '(default: cuda when available)' in text
+    assert not re.search(r'default[^()]*\) \(default: ', text)  # "(default: x) (default: None)"
+
+
+def test_val_classes_must_be_train_classes_by_name(tmp_path, capsys):
+    root = make_imagefolder(tmp_path / 'data', n_classes=3, n_train=4, n_val=2)
+    base = TINY + ['--data-set', 'FOLDER', '--data-path', str(root), '--epochs', '1', '--output_dir', '']
+    (root / 'val' / 'class_1').rename(root / 'val' / 'class_9')  # renamed: same count, shifted labels
+    assert cli(base) == 2
+    err = capsys.readouterr().err
+    assert "missing in val: ['class_1']" in err and "not in train: ['class_9']" in err
+    shutil.rmtree(root / 'val' / 'class_9')
+    assert cli(base) == 2
+    assert "missing in val: ['class_1']" in capsys.readouterr().err
 
 
 def test_warmup_longer_than_the_run_is_refused(capsys):
