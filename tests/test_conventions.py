@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,6 +54,30 @@ def test_every_launcher_applies_the_recipe_file(tmp_path):
     # submitit
     from tools.run_with_submitit import main as submitit_main
     assert submitit_main(['--dry-run', '--', '-c', str(PAPER), '--data-path', '/data/imagenet']) is None
+
+
+def test_a_users_recipe_replaces_the_launchers_and_keeps_its_own_values(tmp_path):
+    mine = tmp_path / 'my.yaml'
+    mine.write_text(f'loss: ls\nepochs: 3\ndata_path: /data/mine\noutput_dir: {tmp_path / "out"}\n')
+    env = {'PATH': os.environ['PATH'], 'PYTHON': sys.executable, 'DRY_RUN': '1', 'DATA_PATH': '/data/imagenet'}
+    run = lambda cmd, **kw: subprocess.run(cmd, cwd=ROOT, env={**env, **kw}, capture_output=True,  # noqa: E731
+                                           text=True, check=True).stdout
+    from tests.test_cluster import SRUN_EXEC, _fake_slurm_bin
+    bin_ = _fake_slurm_bin(tmp_path, SRUN_EXEC)
+    for out in (run(['bash', 'scripts/train_with_MaxSup.sh', '-c', str(mine)]),
+                run(['bash', 'scripts/train_with_MaxSup.sh', '-c', str(mine)], NGPUS='8'),
+                run(['bash', 'scripts/slurm_train.sbatch', '-c', str(mine)], PATH=f'{bin_}:{env["PATH"]}',
+                    SLURM_JOB_NODELIST='node-a', SLURM_JOB_ID='5', SLURM_SUBMIT_DIR=str(ROOT), NGPUS='8')):
+        argv = _deit_argv(out)
+        assert 'recipes/deit_s_paper.yaml' not in ' '.join(argv)
+        args = parse_args(argv)
+        assert (args.loss, args.epochs, args.data_path, args.output_dir) == ('ls', 3, '/data/mine',
+                                                                            str(tmp_path / 'out'))
+    # an explicit LOSS, or flags, still override the user's recipe, as flags override any recipe
+    args = parse_args(_deit_argv(run(['bash', 'scripts/train_with_MaxSup.sh', '-c', str(mine)], LOSS='maxsup')))
+    assert args.loss == 'maxsup'
+    args = parse_args(_deit_argv(run(['bash', 'scripts/train_with_MaxSup.sh', '-c', str(mine), '--epochs', '5'])))
+    assert (args.loss, args.epochs) == ('ls', 5)
 
 
 def test_recipe_keys_are_checked(tmp_path):
