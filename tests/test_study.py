@@ -17,6 +17,8 @@ def test_quick_grid_report_and_resume(tmp_path, monkeypatch, capsys):
     rows = list(csv.DictReader(open(report.with_suffix('.csv'))))
     assert {(r['loss'], r['seed']) for r in rows} == {('ce', '0'), ('maxsup', '0')}
     assert '| ce |' in text and '| maxsup |' in text and '## The paper' in text
+    claims = text.split("## The paper's claims")[1].split('## Plots')[0]
+    assert 'held' not in claims and 'no verdict' in claims  # one seed x one epoch supports none
     assert (report.with_suffix('') / 'acc1.png').stat().st_size > 0
     for r in rows:
         assert 0 <= float(r['acc1']) <= 100 and 0 <= float(r['ece']) <= 1
@@ -38,3 +40,5 @@ def test_claims_verdicts_follow_the_numbers():
     assert all('held' in line and 'NOT held' not in line for line in lines), lines
     rows['maxsup'], rows['ls'] = rows['ls'], rows['maxsup']
     assert all('NOT held' in line for line in study.claims(rows))
+    single = {k: v[:1] for k, v in rows.items()}  # one seed: no noise estimate, so no verdict at all
+    assert all('single seed: no verdict' in line for line in study.claims(single)), study.claims(single)
