@@ -40,21 +40,21 @@ from deit.device_decode import DeviceDecoder, collate_encoded
 from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
 from deit.losses import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
-from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, ignore_stop_signals
+from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, WorkerSignals
 from deit.rundir import (RunDirLocked, StdoutCopy, append_summary, lock_run_dir, release_run_dir,
                          remove_stale_temp_files, repair_epoch_files, set_aside_run)
 from deit.samplers import DistributedEvalSampler, RASampler, SeededDataset, SeededSampler
 
 
-def init_loader_worker(_worker_id: int) -> None:
+def init_loader_worker(signals: WorkerSignals, _worker_id: int) -> None:
     """Each DataLoader worker: stop signals are the trainer's (deit.preemption), and one thread per BLAS pool
     (torch sets its own and OpenMP's to one in workers; OpenBLAS sizes its pool by the machine: 16 threads
     per worker on a 16-core host, for every worker)."""
-    ignore_stop_signals()
+    signals.install()
     threadpool_limits(1)
 
 
-def build_loaders(args, dataset_train, dataset_val):
+def build_loaders(args, dataset_train, dataset_val, workers: WorkerSignals):
     world, rank = du.get_world_size(), du.get_rank()
     if getattr(dataset_train, 'shard', None) is not None:  # ZIP cache_mode='part': each rank its own shard
         from data.zip_cache import ShardSampler
@@ -73,7 +73,8 @@ def build_loaders(args, dataset_train, dataset_val):
     # generator: the workers' base seed comes from it, not from the training process's torch stream (a new
     # loader iterator after a resume would otherwise shift that stream by one draw)
     common = dict(num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
-                  persistent_workers=args.num_workers > 0, worker_init_fn=init_loader_worker,
+                  persistent_workers=args.num_workers > 0,
+                  worker_init_fn=functools.partial(init_loader_worker, workers),
                   generator=torch.Generator().manual_seed(args.seed))
 
     def collate(ds, keep_even: bool):
@@ -116,7 +117,9 @@ def main(args) -> dict:
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(du.cleanup)
         stdout = cleanup.enter_context(StdoutCopy()) if du.is_main_process() else None
-        return _run(args, cleanup, cleanup.enter_context(StopSignal()), stdout)
+        workers = WorkerSignals()
+        cleanup.callback(workers.release)  # leftover loader workers may then end at exit
+        return _run(args, cleanup, cleanup.enter_context(StopSignal()), stdout, workers)
 
 
 def claim_output_dir(args, cleanup: contextlib.ExitStack) -> Path | None:
@@ -165,12 +168,12 @@ def amp_dtype(args, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == 'cuda' else torch.bfloat16
 
 
-def build_data(args, device):
+def build_data(args, device, workers: WorkerSignals):
     dataset_train, nb_classes = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args)
     check_same_classes(dataset_train, dataset_val)
     args.nb_classes = nb_classes
-    sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val)
+    sampler_train, loader_train, loader_val = build_loaders(args, dataset_train, dataset_val, workers)
     if args.prefetcher:  # uint8 from the workers; normalise, erase (and --device-aug) on the device, batched
         mean, std = normalization(args)
         decoder = DeviceDecoder(args.input_size, device, dataset_train) if args.gpu_decode else None
@@ -465,13 +468,13 @@ def write_log(output_dir: Path, tb, log: dict, epoch: int) -> None:
         tb_scalars(tb, log, epoch)
 
 
-def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal | None = None,
-         stdout: StdoutCopy | None = None) -> dict:
+def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal, stdout: StdoutCopy | None,
+         workers: WorkerSignals) -> dict:
     check_args(args)
     total_batch = resolve_batch(args)  # the per-process batch that runs, so args.yaml records it
     config = yaml.safe_dump(as_recipe(args), sort_keys=True)  # before any run-time value changes args
     device, amp = setup_device(args)
-    data = build_data(args, device)
+    data = build_data(args, device, workers)
     model = build_model(args, data.nb_classes, device)
     criterion, base_criterion, schedule = setup_criterion(args, data.nb_classes, data.mixup_fn, device)
     optimizer, lr_scheduler = build_optimization(args, model, total_batch)
@@ -554,6 +557,12 @@ def cli(argv=None) -> int:
     except Preempted as e:
         print(str(e), flush=True)
         return REQUEUE_EXIT
+    except KeyboardInterrupt:  # Ctrl-C: no traceback, and where the run stands
+        ckpt = Path(args.output_dir) / 'checkpoint.pth' if args.output_dir else None
+        where = (f': the same command resumes from {ckpt} (its last completed epoch)' if ckpt and ckpt.is_file()
+                 else ': no checkpoint was written yet')
+        print(f'\ninterrupted{where}', file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

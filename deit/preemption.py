@@ -14,6 +14,8 @@ torchrun's SIGKILL ends the process and the last checkpoint stays the resume poi
 """
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import signal
 import threading
 
@@ -63,9 +65,27 @@ class StopSignal:
         return False
 
 
-def ignore_stop_signals() -> None:
-    """For DataLoader workers: SLURM signals every process of a job step, loader workers included; a worker
-    that died of it would crash the trainer before it reaches its safe point. The workers end when the
-    trainer shuts its loaders down (or dies), as always."""
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+class WorkerSignals:
+    """The stop signals in DataLoader workers. SLURM signals every process of a job step, loader workers
+    included; a worker that died of it would crash the trainer (torch's SIGCHLD check) before it reaches its
+    safe point, so workers ignore SIGUSR1/SIGUSR2 and SIGTERM. But multiprocessing's exit handler ends
+    leftover daemonic children with SIGTERM and then waits for them: a worker ignoring it for good hangs the
+    trainer's exit forever (workers are left over when an error ends the run mid-epoch). So SIGTERM ends a
+    worker once the trainer has :meth:`release`-d it (a shared flag, set when the run is over)."""
+
+    def __init__(self):
+        self.released = mp.Value('b', 0, lock=False)
+
+    def install(self) -> None:
+        """In each worker (its ``worker_init_fn``)."""
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum, frame) -> None:
+        if self.released.value:
+            os._exit(0)
+
+    def release(self) -> None:
+        """In the trainer, when it is done with its loaders."""
+        self.released.value = 1

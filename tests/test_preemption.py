@@ -88,14 +88,46 @@ def test_stop_signal_is_a_flag_and_handlers_come_back():
     assert signal.getsignal(signal.SIGUSR2) is before
 
 
-def test_loader_workers_ignore_the_step_wide_signals_and_use_one_blas_thread():
-    code = ('import json, os, signal, threadpoolctl; from deit.main import init_loader_worker; init_loader_worker(0); '
+def test_loader_workers_ignore_the_step_wide_signals_until_released_and_use_one_blas_thread():
+    code = ('import json, os, signal, threadpoolctl; from deit.main import init_loader_worker, WorkerSignals; '
+            'w = WorkerSignals(); init_loader_worker(w, 0); '
             'os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1); '
-            'print(json.dumps({p["internal_api"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}))')
+            'print(json.dumps({p["internal_api"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}), '
+            'flush=True); w.release(); os.kill(os.getpid(), signal.SIGTERM); print("not ended")')
     r = run_module(['-c', code], env_extra={'OMP_NUM_THREADS': '2'})
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr  # released: SIGTERM ends the worker as multiprocessing expects
     pools = json.loads(r.stdout.strip().splitlines()[-1])
     assert pools and set(pools.values()) == {1}, pools
+    assert 'not ended' not in r.stdout
+
+
+def test_ctrl_c_is_one_line_naming_the_resume_point(tmp_path):
+    out = tmp_path / 'run'
+    p = subprocess.Popen([sys.executable, '-m', 'deit.main', *TINY, '--data-set', 'DEMO', '--epochs', '30',
+                          '--num_workers', '2', '--output_dir', str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    deadline = time.time() + 120
+    while not (out / 'checkpoint.pth').is_file() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == f'interrupted: the same command resumes from {out / "checkpoint.pth"} ' \
+                                           f'(its last completed epoch)'
+
+
+def test_an_error_with_loader_workers_ends_the_process(tmp_path):
+    """An unreadable image found by a worker mid-epoch: one line, exit 2, and the process ends (its workers
+    ignored the SIGTERM of multiprocessing's exit handler, which then waited for them forever)."""
+    root = make_imagefolder(tmp_path / 'data', n_classes=2, n_train=8, n_val=2)
+    bad = root / 'train' / 'class_0' / '003.jpg'
+    bad.write_bytes(bad.read_bytes()[:200])
+    r = run_module(['-m', 'deit.main', *TINY, '--data-set', 'FOLDER', '--data-path', str(root), '--batch-size', '4',
+                    '--epochs', '1', '--num_workers', '2', '--output_dir', ''], timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f'error: {bad}: cannot decode image (Truncated File Read)'
+    assert 'Traceback' not in r.stderr
 
 
 @pytest.mark.slow
