@@ -350,8 +350,27 @@ def restore_weights(model, ckpt: dict, path: str, name: str) -> None:
         raise CheckpointError(f'{path}: no "model" entry; not a training checkpoint')
     try:
         model.load_state_dict(ckpt['model'])
-    except RuntimeError as e:
-        raise CheckpointError(f'{path} does not fit {name}: {str(e).splitlines()[0]} ...') from e
+    except RuntimeError:
+        saved = ckpt.get('args')
+        saved = vars(saved) if hasattr(saved, '__dict__') else saved if isinstance(saved, dict) else {}
+        hint = (f'; it was trained as --model {saved["model"]} --input-size {saved.get("input_size")}'
+                f'{" with " + str(saved["nb_classes"]) + " classes" if saved.get("nb_classes") else ""}'
+                if saved.get('model') else '')
+        raise CheckpointError(f'{path} does not fit {name}: {state_dict_mismatch(model.state_dict(), ckpt["model"])}'
+                              f'{hint}') from None
+
+
+def state_dict_mismatch(expected: dict, given: dict, show: int = 3) -> str:
+    """What keeps ``given`` from loading into a model whose state dict is ``expected``, in one line."""
+    def names(keys):
+        return ', '.join(keys[:show]) + (f' (+{len(keys) - show} more)' if len(keys) > show else '')
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f'{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)} here' for k in expected
+              if k in given and hasattr(given[k], 'shape') and given[k].shape != expected[k].shape]
+    parts = [f'{len(keys)} {what}: {names(keys)}' for what, keys in
+             (('missing keys', missing), ('unexpected keys', unexpected), ('shapes differ', shapes)) if keys]
+    return '; '.join(parts) or 'the weights do not load'
 
 
 STRIP_PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers
