@@ -535,14 +535,15 @@ def safetensors_metadata(path) -> dict:
 
 
 def load_model(source, model_name: str | None = None, num_classes: int | None = None, reset_head: bool = False,
-               use_ema: bool = False, input_size: int | None = None):
+               use_ema: bool = False, input_size: int | None = None, reset_hint: str = ''):
     """Build the right timm model for a checkpoint and load it strictly.
 
     The model is ``model_name`` if given, else the one the checkpoint records (official names such as
     ``our_patch16_224`` resolve through deit.models.MODEL_ALIASES), else inferred from the keys - also when
     the recorded name is unknown, with a note. Returns (model, info) with info = {model, num_classes,
     checkpoint_classes, format, missing, unexpected, input_size, recorded, args}. A class-count mismatch is
-    an error unless ``reset_head`` (the head is then freshly initialised).
+    an error unless ``reset_head`` (the head is then freshly initialised); ``reset_hint`` ends its message
+    where the caller offers a reset (a tool that only evaluates does not).
     """
     from deit.models import HEAD_KEYS, create_model, is_known_model, resolve_model_name
     obj = load_file(source)
@@ -565,8 +566,8 @@ def load_model(source, model_name: str | None = None, num_classes: int | None = 
     ckpt_classes = state[head_keys[0]].shape[0]
     classes = num_classes or ckpt_classes
     if classes != ckpt_classes and not reset_head:
-        raise CheckpointError(f'{source}: checkpoint has {ckpt_classes} classes, {classes} were asked for; '
-                              f'pass reset_head (--reset-head) to start a new head')
+        raise CheckpointError(f'{source}: checkpoint has {ckpt_classes} classes, {classes} were asked for'
+                              f'{reset_hint or "; its head cannot score other classes: drop --num-classes"}')
     if input_size is None:
         input_size = recorded.get('input_size')
     model = create_model(name, classes, input_size=input_size)

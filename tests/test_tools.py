@@ -80,7 +80,15 @@ def test_own_checkpoint_safetensors_export_and_cli(tmp_path, capsys):
         assert torch.equal(m2(x), model(x))
     assert info2['format'] == 'safetensors'
     assert main([str(ck), '--num-classes', '3']) == 2
-    assert '10 classes, 3 were asked for' in capsys.readouterr().err
+    assert '10 classes, 3 were asked for; pass --reset-head to start a new head' in capsys.readouterr().err
+    from tools.analyze import main as analyze_main
+    from tools.evaluate import main as evaluate_main
+    for tool in (evaluate_main, analyze_main):  # they only evaluate: no reset offered, and none they lack
+        argv = ['--num-classes', '3', '--data-set', 'DEMO']
+        assert tool([str(ck), *argv] if tool is evaluate_main else ['logits', '--ckpt', str(ck), *argv]) == 2
+        err = capsys.readouterr().err
+        assert '10 classes, 3 were asked for; its head cannot score other classes: drop --num-classes' in err
+        assert '--reset-head' not in err
 
 
 def test_bad_checkpoint_files(tmp_path, deit_release):

@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     try:
         if args.export:
             check_writable(args.export)
-        model, info = load_model(args.checkpoint, args.model, args.num_classes, args.reset_head, args.use_ema)
+        model, info = load_model(args.checkpoint, args.model, args.num_classes, args.reset_head, args.use_ema,
+                                 reset_hint='; pass --reset-head to start a new head')
         print(f'{args.checkpoint}: {info["format"]} checkpoint -> {info["model"]} with {info["num_classes"]} classes'
               f'{" (new head)" if info["head_reset"] else ""}; missing keys {info["missing"] or "none"}, '
               f'unexpected keys {info["unexpected"] or "none"}')
