@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data.zip_cache import (CacheError, ZipImageDataset, check_labels, class_folder, check_split_labels, open_index,
                             parse_map_file, write_map_file)
-from deit.checkpoint import atomic_open
+from deit.checkpoint import CheckpointError, atomic_open, check_writable
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps fixed so two builds are byte-identical
 
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
         ap.error(f'--max-size must be >= 1 and --quality within 1..100 (got {args.max_size}, {args.quality})')
     try:
         if args.src:
+            check_writable(args.dst, folder=True)  # now, not after reading the whole source tree
             stats = build(args.src, args.dst, args.val_labels, args.train_map, args.val_map, args.max_size,
                           args.quality)
             print(f'wrote {args.dst}: {stats["classes"]} classes, {stats["train"]} train, {stats["val"]} val images')
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
                 print(f'BAD {b}')
             print(f'verify: {len(bad)} bad member(s)')
             return 1 if bad else 0
-    except (CacheError, FileNotFoundError) as e:
+    except (CacheError, CheckpointError, OSError) as e:  # OSError: e.g. the disk filled up while writing
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -167,6 +167,20 @@ def _flip_inside_jpeg(zip_path: Path) -> str:
     return info.filename
 
 
+def test_build_into_a_place_that_cannot_be_written_is_one_line_before_any_work(folder, tmp_path, capsys,
+                                                                               monkeypatch):
+    (tmp_path / 'file').write_text('')
+    assert build_zip(['--src', str(folder), '--dst', str(tmp_path / 'file' / 'cache')]) == 2
+    assert _err(capsys).strip() == f'error: {tmp_path / "file" / "cache"}: cannot write there (Not a directory)'
+    import data.build_zip_cache as builder  # a write error midway (a full disk): one line too
+
+    def full(*a, **k):
+        raise OSError(28, 'No space left on device', str(tmp_path / 'cache' / 'train.zip'))
+    monkeypatch.setattr(builder, 'write_zip', full)
+    assert build_zip(['--src', str(folder), '--dst', str(tmp_path / 'cache')]) == 2
+    assert 'No space left on device' in _err(capsys)
+
+
 def test_crc_errors_are_found_by_verify_and_the_reader(folder, tmp_path, capsys):
     dst = tmp_path / 'cache'
     assert build_zip(['--src', str(folder), '--dst', str(dst)]) == 0
