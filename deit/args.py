@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 
 import yaml
 
 from deit.datasets import DATA_SETS
 from deit.losses import HARD_LABEL_LOSSES, LOSSES
+
+class UsageError(SystemExit):
+    """A command-line or recipe mistake: its message on stderr, exit code 2 (argparse's, as every other usage
+    error), the message kept as the exception's text."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+        print(message, file=sys.stderr, flush=True)
+
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default shown once: not again after a help text that states its own."""
@@ -218,27 +229,27 @@ def read_recipe(path, parser) -> dict:
     found after the data and model are built would stop the run late, with args.yaml already written."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f'error: recipe not found: {path}')
+        raise UsageError(f'error: recipe not found: {path}')
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f':{mark.line + 1}' if mark is not None else ''
-        raise SystemExit(f'error: {path}{where}: not valid YAML ({getattr(e, "problem", None) or e})') from None
+        raise UsageError(f'error: {path}{where}: not valid YAML ({getattr(e, "problem", None) or e})') from None
     if not isinstance(values, dict):
-        raise SystemExit(f'error: {path}: a recipe is a mapping of flag names to values, not a '
+        raise UsageError(f'error: {path}: a recipe is a mapping of flag names to values, not a '
                          f'{type(values).__name__}')
     actions = {a.dest: a for a in parser._actions}
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise SystemExit(f'error: {path}: unknown keys {unknown} (keys are deit.main flag names with _ for -)')
+        raise UsageError(f'error: {path}: unknown keys {unknown} (keys are deit.main flag names with _ for -)')
     return {k: _recipe_value(path, k, v, actions[k]) for k, v in values.items()}
 
 
 def _recipe_value(path: Path, key: str, value, action: argparse.Action):
     """``value`` as the flag would have parsed it; SystemExit naming file, key and what was expected."""
     def bad(expected: str):
-        return SystemExit(f'error: {path}: {key}: {value!r} is not {expected}')
+        return UsageError(f'error: {path}: {key}: {value!r} is not {expected}')
 
     if value is None:
         return None

@@ -54,6 +54,17 @@ def test_every_launcher_applies_the_recipe_file(tmp_path):
     # submitit
     from tools.run_with_submitit import main as submitit_main
     assert submitit_main(['--dry-run', '--', '-c', str(PAPER), '--data-path', '/data/imagenet']) is None
+    assert submitit_main(['--', '-c', str(PAPER), '--dry-run', '--data-path', '/data/imagenet']) is None  # anywhere
+
+
+def test_submitit_without_slurm_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    submitit = pytest.importorskip('submitit')
+    from tools.run_with_submitit import main as submitit_main
+    monkeypatch.setattr(submitit.AutoExecutor, 'which', staticmethod(lambda: 'local'))
+    with pytest.raises(SystemExit) as e:
+        submitit_main(['--job-dir', str(tmp_path / 'jobs'), '--', '--data-set', 'DEMO'])
+    assert e.value.code == 2 and 'no SLURM here' in capsys.readouterr().err
+    assert not (tmp_path / 'jobs').exists()
 
 
 def test_a_users_recipe_replaces_the_launchers_and_keeps_its_own_values(tmp_path):

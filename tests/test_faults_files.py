@@ -223,7 +223,7 @@ def test_recipe_values_are_checked_when_the_recipe_is_read(text, msg, tmp_path):
         dm.parse_args(['-c', str(recipe)])
     with pytest.raises(SystemExit) as e:
         dm.parse_args(['-c', str(recipe)])
-    assert msg in str(e.value)
+    assert msg in str(e.value) and e.value.code == 2  # a usage error, as argparse's own
     assert not list(tmp_path.glob('**/args.yaml'))
 
 

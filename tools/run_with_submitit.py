@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from deit.args import UsageError
+
 
 class Trainer:
     """Picklable job running deit.main with ``argv``; :meth:`checkpoint` gives submitit the requeued job.
@@ -64,6 +66,17 @@ class Trainer:
         return submitit.helpers.DelayedSubmission(Trainer(argv, self.folder))
 
 
+def check_cluster(args) -> None:
+    """Without SLURM, submitit's auto choice is its local executor: one node and one task. Say so before any
+    folder is made, rather than its "LocalExecutor can use only one node" after."""
+    if args.cluster is None:
+        import submitit
+        if submitit.AutoExecutor.which() != 'slurm' and (args.nodes > 1 or args.ngpus > 1):
+            raise UsageError(f'error: no SLURM here (sbatch not found), and --nodes {args.nodes} --ngpus '
+                             f'{args.ngpus} need it; --cluster debug runs the job in this process (one task), '
+                             f'scripts/train_with_MaxSup.sh runs it on this machine\'s GPUs')
+
+
 def build_executor(args):
     try:
         import submitit
@@ -99,6 +112,8 @@ def main(argv=None):
     ap.add_argument('--cluster', default=None, help='None: auto (slurm if present), or "debug"/"local"')
     ap.add_argument('--dry-run', action='store_true', help='print the configuration deit.main would run; submit nothing')
     args = ap.parse_args(ours)
+    if '--dry-run' in train:  # anywhere, as the launchers: never a submission
+        args.dry_run, train = True, [a for a in train if a != '--dry-run']
     if args.dry_run:
         import yaml
 
@@ -106,6 +121,7 @@ def main(argv=None):
         print('deit.main ' + ' '.join(train))
         print(yaml.safe_dump(vars(parse_args(train)), sort_keys=True), end='')
         return None
+    check_cluster(args)
     executor = build_executor(args)
     job = executor.submit(Trainer(train, str(Path(args.job_dir) / '%j')))
     print(f'submitted job {job.job_id}; logs in {args.job_dir}')
