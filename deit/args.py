@@ -82,7 +82,9 @@ def _schedule(p) -> None:
     g('--min-lr', type=float, default=1e-5, help='lower lr bound of the schedule')
     g('--decay-epochs', type=float, default=30, help='epoch interval of step schedules')
     g('--warmup-epochs', type=int, default=5, help='linear warm-up epochs (must be < --epochs)')
-    g('--cooldown-epochs', type=int, default=10, help='timm cooldown (not appended: DeiT trains exactly --epochs)')
+    g('--cooldown-epochs', type=int, default=0,
+      help="timm's epochs at --min-lr after the schedule: not supported (DeiT's flag of that name is never "
+           "applied either); a run trains exactly --epochs")
     g('--patience-epochs', type=int, default=10, help='plateau scheduler patience')
     g('--decay-rate', '--dr', type=float, default=0.1, help='lr decay rate of step schedules')
 
@@ -315,6 +317,9 @@ def check_args(args) -> None:
                 raise ValueError(f'--gpu-decode: {why}')
     if args.jpeg_draft and args.ThreeAugment:
         raise ValueError('--jpeg-draft replaces the RandomResizedCrop of the RandAugment recipe, not 3-Augment\'s')
+    if args.cooldown_epochs:
+        raise ValueError(f'--cooldown-epochs {args.cooldown_epochs}: not supported; a run trains exactly --epochs '
+                         f'(DeiT defines the flag but never applies it). Add the epochs to --epochs and set --min-lr')
     if args.eval:
         return
     if args.epochs < 1:

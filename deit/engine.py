@@ -87,7 +87,8 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
     last = min(total, max_steps if max_steps is not None else total) - 1
     stopped_at = None
     optimizer.zero_grad(set_to_none=True)
-    batches = logger.log_every(data_loader, print_freq, header, batch_size_fn=lambda b: len(b[1]))
+    batches = logger.log_every(data_loader, print_freq, header, batch_size_fn=lambda b: len(b[1]), start=start_step,
+                               total=last + 1)
     for step, (samples, targets) in enumerate(batches, start=start_step):
         if max_steps is not None and step >= max_steps:
             break

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import time
 from collections import defaultdict, deque
 
@@ -62,21 +63,26 @@ class MetricLogger:
     def __str__(self) -> str:
         return self.delimiter.join(f'{k}: {m}' for k, m in self.meters.items())
 
-    def log_every(self, iterable, print_freq: int, header: str = '', batch_size_fn=None):
-        """Yield from iterable; every print_freq steps print meters, img/s, data/step time and ETA."""
-        total = len(iterable)
-        start = last = time.time()
+    def log_every(self, iterable, print_freq: int, header: str = '', batch_size_fn=None, start: int = 0,
+                  total: int | None = None):
+        """Yield from iterable; every print_freq steps print meters, img/s, data/step time and ETA.
+
+        Steps are numbered from ``start`` (a resumed epoch) up to ``total`` (default: start + len(iterable));
+        iteration ends there (e.g. ``--max-steps-per-epoch``), so the progress line counts the steps that run."""
+        total = start + len(iterable) if total is None else total
+        steps = max(total - start, 0)
+        begin = last = time.time()
         seen_since = 0
         width = len(str(total))
-        for i, obj in enumerate(iterable):
+        for i, obj in enumerate(itertools.islice(iterable, steps)):
             yield obj
             seen_since += batch_size_fn(obj) if batch_size_fn else 1
-            if print_freq and (i % print_freq == 0 or i == total - 1):
+            if print_freq and (i % print_freq == 0 or i == steps - 1):
                 now = time.time()
-                per_step = (now - start) / (i + 1)
-                eta = datetime.timedelta(seconds=int(per_step * (total - i - 1)))
+                per_step = (now - begin) / (i + 1)
+                eta = datetime.timedelta(seconds=int(per_step * (steps - i - 1)))
                 rate = seen_since / max(now - last, 1e-9)
-                print(f'{header} [{i:{width}d}/{total}]  eta: {eta}  {self}  {rate:.1f} img/s', flush=True)
+                print(f'{header} [{start + i:{width}d}/{total}]  eta: {eta}  {self}  {rate:.1f} img/s', flush=True)
                 last, seen_since = now, 0
-        total_time = datetime.timedelta(seconds=int(time.time() - start))
-        print(f'{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)', flush=True)
+        total_time = datetime.timedelta(seconds=int(time.time() - begin))
+        print(f'{header} Total time: {total_time} ({(time.time() - begin) / max(steps, 1):.4f} s / it)', flush=True)

@@ -262,10 +262,9 @@ def build_optimization(args, model, total: int):
                              f'use adam, adamw, sgd or momentum, or drop --fused-opt')
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **opt_kwargs)
-    # timm appends --cooldown-epochs to the schedule; like DeiT we train exactly --epochs
-    lr_scheduler, _ = create_scheduler_v2(
+    lr_scheduler, _ = create_scheduler_v2(  # like DeiT, a run trains exactly --epochs (no cooldown appended)
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
+        patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs, noise=args.lr_noise,
         noise_pct=args.lr_noise_pct, noise_std=args.lr_noise_std, noise_seed=args.seed)
     return optimizer, lr_scheduler
@@ -481,7 +480,7 @@ def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal, stdout: S
     dtype = amp_dtype(args, device)
     run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, amp_dtype=dtype, criterion=criterion,
                           base_criterion=base_criterion, schedule=schedule, optimizer=optimizer,
-                          lr_scheduler=lr_scheduler, max_accuracy=0.0, last_test_stats={}, last_log=None, tb_resume=None,
+                          lr_scheduler=lr_scheduler, max_accuracy=float('-inf'), last_test_stats={}, last_log=None, tb_resume=None,
                           start_step=0,
                           memory_format=torch.channels_last if args.channels_last else None,
                           # loss scaling only where float16 needs it (bfloat16 has float32's range)

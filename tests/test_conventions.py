@@ -221,6 +221,21 @@ def test_val_classes_must_be_train_classes_by_name(tmp_path, capsys):
     assert "missing in val: ['class_1']" in capsys.readouterr().err
 
 
+def test_a_first_evaluation_at_zero_top1_is_still_the_best(tmp_path, monkeypatch):
+    import deit.main as dm
+    real = dm.evaluate_run
+    monkeypatch.setattr(dm, 'evaluate_run', lambda *a, **k: {**real(*a, **k), 'acc1': 0.0})
+    out = tmp_path / 'run'
+    assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '1', '--output_dir',
+                       str(out)]) == 0
+    assert torch.load(out / 'best_checkpoint.pth', weights_only=False)['epoch'] == 0
+
+
+def test_cooldown_epochs_are_refused_not_ignored(capsys):
+    assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '3', '--cooldown-epochs', '10']) == 2
+    assert '--cooldown-epochs 10: not supported; a run trains exactly --epochs' in capsys.readouterr().err
+
+
 def test_warmup_longer_than_the_run_is_refused(capsys):
     assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '3', '--warmup-epochs', '3']) == 2
     assert '--warmup-epochs 3 >= --epochs 3' in capsys.readouterr().err

@@ -4,6 +4,7 @@ hyper-parameters, and the timm -> mmseg converter block by block against mmseg's
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -498,3 +499,13 @@ def test_progress_line_counts_images_not_batches(monkeypatch, capsys):
     monkeypatch.setattr(deit.logger, 'time', SimpleNamespace(time=lambda: next(clock, 1.0)))  # 1 s per step
     _epoch([(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))], print_freq=1)
     assert '  4.0 img/s' in capsys.readouterr().out  # one batch of 4 images in one second
+
+
+def test_progress_line_counts_the_steps_that_run(capsys):
+    batches = [(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]))] * 8
+    _epoch(batches, print_freq=1, max_steps=3)  # --max-steps-per-epoch 3 of 8 batches
+    steps = re.findall(r'Epoch: \[7\] \[(\d+)/(\d+)\]', capsys.readouterr().out)
+    assert steps == [('0', '3'), ('1', '3'), ('2', '3')]
+    _epoch(batches[:5], print_freq=1, start_step=3)  # a resumed epoch: steps 3..7 of 8
+    out = capsys.readouterr().out
+    assert re.findall(r'\[(\d+)/(\d+)\]', out) == [(str(i), '8') for i in range(3, 8)] and 'Total time' in out
