@@ -545,3 +545,27 @@ def test_distillation_defaults_and_flags_reach_the_wrapper():
     args = _trainer_args('--distillation-type', 'soft', '--distillation-alpha', '0.3', '--distillation-tau', '2.5')
     crit = build_criterion(args, 7, teacher=torch.nn.Identity())[0]
     assert (crit.distillation_type, crit.alpha, crit.tau) == ('soft', 0.3, 2.5)
+
+
+@pytest.mark.parametrize('tau', [1.0, 2.0])
+def test_distillation_weighting_and_temperature_against_hand_computed_values(tau):
+    """DeiT Eq. 2 (soft) and Eq. 3 (hard): (1 - alpha) * base + alpha * distillation; the soft term is
+    tau^2 * KL(teacher_tau || student_tau) divided by batch x classes, as DeiT's code (``/ numel``)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g)
+    teacher = torch.nn.Linear(5, 4)
+    cls, dist = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    y = torch.randint(0, 4, (6,), generator=g)
+    base = torch.nn.CrossEntropyLoss()
+    alpha = 0.3
+    with torch.no_grad():
+        t = teacher(x)
+    p_t, log_p_s = torch.softmax(t / tau, 1), torch.log_softmax(dist / tau, 1)
+    kl = (p_t * (torch.log(p_t) - log_p_s)).sum(1).mean()
+    want_soft = (1 - alpha) * F.cross_entropy(cls, y) + alpha * tau ** 2 * kl / 4  # mean over the batch, / 4 classes
+    got = DistillationLoss(base, teacher, 'soft', alpha, tau)(x, (cls, dist), y)
+    assert torch.allclose(got, want_soft, atol=1e-6), (got, want_soft)
+    hard_nll = -torch.log_softmax(dist, 1)[torch.arange(6), t.argmax(1)].mean()
+    want_hard = (1 - alpha) * F.cross_entropy(cls, y) + alpha * hard_nll
+    got = DistillationLoss(base, teacher, 'hard', alpha, tau)(x, (cls, dist), y)
+    assert torch.allclose(got, want_hard, atol=1e-6), (got, want_hard)
