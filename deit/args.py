@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from timm.utils import ParseKwargs
 
 from deit.datasets import DATA_SETS
 from deit.losses import HARD_LABEL_LOSSES, LOSSES
@@ -26,6 +27,27 @@ class UsageError(SystemExit):
         print(message, file=sys.stderr, flush=True)
 
 
+def image_size(values, option: str = '--input-size') -> int:
+    """S from ``[S]`` or timm's ``[3, S, S]``; ValueError otherwise."""
+    values = [values] if isinstance(values, int) else list(values)
+    if len(values) == 1 and values[0] > 0:
+        return values[0]
+    if len(values) == 3 and values[0] == 3 and values[1] == values[2] > 0:
+        return values[1]
+    raise ValueError(f'{option} {" ".join(map(str, values))}: give one side S, or timm\'s 3 S S (square RGB '
+                     f'inputs)')
+
+
+class ImageSize(argparse.Action):
+    """``--input-size S`` (DeiT) or ``--input-size 3 S S`` (timm); stores the side S."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, image_size(values, option_string))
+        except ValueError as e:
+            parser.error(str(e))
+
+
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default shown once: not again after a help text that states its own."""
 
@@ -38,7 +60,10 @@ def _model(p) -> None:
     g = p.add_argument_group('model').add_argument
     g('--model', default='deit_small_patch16_224', help='any timm model, deit_demo_patch4_32, resnet*_blurpool, '
                                                         'or an official MaxSup name (our_patch16_224)')
-    g('--input-size', default=224, type=int, help='image side in pixels')
+    g('--input-size', '--img-size', default=224, type=int, nargs='+', action=ImageSize, metavar='S',
+      help="image side in pixels; timm's form 3 S S (channels, height, width) is taken for square RGB inputs")
+    g('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+      help="timm's: extra keyword arguments of the model's constructor (e.g. qkv_bias=False)")
     g('--drop', type=float, default=0.0, help='dropout rate')
     g('--drop-path', type=float, default=0.1, help='stochastic depth rate')
     g('--model-ema', action=argparse.BooleanOptionalAction, default=False, help='keep an EMA of the weights')
@@ -46,7 +71,12 @@ def _model(p) -> None:
     g('--model-ema-force-cpu', action='store_true',
       help='keep the EMA on the CPU (saves GPU memory); it is then evaluated only after the last epoch, on a '
            'copy on the training device, not every epoch on the CPU while the GPUs wait (as timm)')
-    g('--finetune', default='', help='initialise from this checkpoint (head reset / pos-embed resize as needed)')
+    g('--finetune', '--initial-checkpoint', dest='finetune', default='',
+      help="initialise from this checkpoint (head reset / pos-embed resize as needed; timm's --initial-checkpoint "
+           "loads strictly instead)")
+    g('--pretrained', action='store_true',
+      help="timm's hub download of pretrained weights: not supported (runs start from a file: --finetune PATH)")
+    g('--sync-bn', action='store_true', help="timm's: BatchNorm synchronised across processes (distributed runs)")
     g('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
       help="torch.compile the model (timm's flag; BACKEND default inductor); the checkpoint keeps plain names")
     g('--channels-last', action='store_true', help="channels-last memory format for model and batches (timm's "
@@ -58,14 +88,19 @@ def _optimizer(p) -> None:
     g('--opt', default='adamw', help='timm optimizer name')
     g('--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
     g('--opt-betas', default=None, type=float, nargs='+', help='optimizer betas (default: the optimizer\'s)')
-    g('--clip-grad', type=float, default=None, help='max grad norm (off when unset)')
+    g('--clip-grad', type=float, default=None, help='gradient clipping threshold (off when unset)')
+    g('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
+      help="timm's: what --clip-grad bounds: the global norm, each value, or adaptive (AGC)")
+    g('--layer-decay', type=float, default=None, help="timm's layer-wise lr decay (e.g. 0.65 to fine-tune a ViT)")
+    g('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+      help="timm's: extra keyword arguments of the optimizer (e.g. foreach=False)")
     g('--momentum', type=float, default=0.9, help='SGD momentum')
     g('--weight-decay', type=float, default=0.05, help='weight decay')
     g('--fused-opt', action='store_true',
       help="torch's fused optimizer kernel (adam, adamw, sgd, momentum: one kernel for all parameters)")
     g('--lr', type=float, default=5e-4, help='base learning rate, for a total batch of 512 (see --unscale-lr)')
     g('--unscale-lr', action='store_true', help='use --lr as is, not lr * batch * world * accum / 512')
-    g('--batch-size', default=64, type=int, help='per-process batch size')
+    g('--batch-size', '-b', default=64, type=int, help='per-process batch size')
     g('--total-batch-size', default=None, type=int,
       help='images per optimizer step over all processes; sets --batch-size = total / (world * accum)')
     g('--accum-iter', default=1, type=int, help='micro-batches per optimizer step (gradient accumulation)')
@@ -145,7 +180,7 @@ def _data(p) -> None:
       help="'part': each rank keeps a fixed 1/world shard (the official --cache sampling, no repetition)")
     g('--skip-bad-images', action='store_true',
       help='drop unreadable images (ZIP cache or folders) from their batch, counted and logged, instead of failing')
-    g('--eval-crop-ratio', default=0.875, type=float, help='centre-crop ratio of evaluation')
+    g('--eval-crop-ratio', '--crop-pct', default=0.875, type=float, help='centre-crop ratio of evaluation')
     g('--prefetcher', action=argparse.BooleanOptionalAction, default=True,
       help="timm's prefetcher convention: workers return uint8, normalisation and random erasing run batched on "
            "the device (same augmentations; --no-prefetcher: float tensors from the workers, as DeiT)")
@@ -157,7 +192,7 @@ def _data(p) -> None:
     g('--gpu-decode', '--device-decode', dest='gpu_decode', action='store_true',
       help='decode training JPEGs on the device (nvJPEG via torchvision), batched: workers only read the header and '
            "draw timm's crop and flip (needs --prefetcher; with RandAugment, --device-aug)")
-    g('--num_workers', '--num-workers', default=10, type=int, help='DataLoader workers per process')
+    g('--num_workers', '--num-workers', '-j', default=10, type=int, help='DataLoader workers per process')
     g('--pin-mem', action=argparse.BooleanOptionalAction, default=True, help='pinned host memory (CUDA)')
 
 
@@ -171,6 +206,16 @@ def _run(p) -> None:
     g('--resume', default='', help='checkpoint to resume from on purpose (other run arguments are allowed)')
     g('--auto-resume', action=argparse.BooleanOptionalAction, default=True,
       help='continue from output_dir/checkpoint.pth when its run arguments match')
+    g('--no-resume-opt', action='store_true',
+      help="timm's: a resume restores weights, epoch, EMA and RNG streams, not the optimizer and loss-scaler state")
+    g('--experiment', default='', help="timm's run name: the run folder is output/train/<name> (when no --output_dir)")
+    g('--checkpoint-hist', type=int, default=None,
+      help="timm's count of best checkpoints kept: not supported (checkpoint.pth and best_checkpoint.pth)")
+    g('--eval-metric', default='top1', choices=('top1',),
+      help="timm's metric that picks the best checkpoint: top-1 here, as DeiT")
+    g('--log-wandb', action='store_true',
+      help='not supported: the scalars are in <run>/tb (TensorBoard) and summary.csv; wandb sync-tensorboard '
+           'imports the former')
     g('--start_epoch', '--start-epoch', default=0, type=int, help='first epoch (set by resume)')
     g('--eval', action='store_true', help='evaluate only')
     g('--eval-every', default=1, type=int, help='evaluate every N epochs (and always after the last)')
@@ -255,6 +300,18 @@ def _recipe_value(path: Path, key: str, value, action: argparse.Action):
 
     if value is None:
         return None
+    if isinstance(action, ImageSize):  # 224, or timm's [3, 224, 224]
+        ints = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+            raise bad('an int (or [3, S, S])')
+        try:
+            return image_size(ints, key)
+        except ValueError:
+            raise bad('an int (or [3, S, S])') from None
+    if isinstance(action, ParseKwargs):  # a mapping of keyword arguments
+        if not isinstance(value, dict):
+            raise bad('a mapping of keyword arguments')
+        return value
     if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # on/off flags
         if not isinstance(value, bool):
             raise bad('true or false')
@@ -317,6 +374,14 @@ def check_args(args) -> None:
                 raise ValueError(f'--gpu-decode: {why}')
     if args.jpeg_draft and args.ThreeAugment:
         raise ValueError('--jpeg-draft replaces the RandomResizedCrop of the RandAugment recipe, not 3-Augment\'s')
+    for given, why in ((args.pretrained, '--pretrained: not supported; a run starts from a file: download the '
+                                         'weights, then --finetune PATH'),
+                       (args.checkpoint_hist is not None, f'--checkpoint-hist {args.checkpoint_hist}: not supported; '
+                                                          f'a run keeps checkpoint.pth and best_checkpoint.pth'),
+                       (args.log_wandb, '--log-wandb: not supported; the scalars are in <run>/tb and summary.csv '
+                                        '(wandb sync-tensorboard <run>/tb imports them)')):
+        if given:
+            raise ValueError(why)
     if args.cooldown_epochs:
         raise ValueError(f'--cooldown-epochs {args.cooldown_epochs}: not supported; a run trains exactly --epochs '
                          f'(DeiT defines the flag but never applies it). Add the epochs to --epochs and set --min-lr')

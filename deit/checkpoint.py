@@ -259,14 +259,18 @@ def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, worl
     (written by :func:`training_state`); sets args.start_epoch to the epoch after the checkpoint's and
     run.start_step to the batches of that epoch already trained (a save at a stop signal)."""
     if 'optimizer' in ckpt and 'epoch' in ckpt:
-        run.optimizer.load_state_dict(ckpt['optimizer'])
+        resume_opt = not getattr(args, 'no_resume_opt', False)  # timm's --no-resume-opt
+        if resume_opt:
+            run.optimizer.load_state_dict(ckpt['optimizer'])
+        else:
+            print(f'note: --no-resume-opt: the optimizer and loss-scaler state of {path} are not restored')
         load_scheduler_state(run.lr_scheduler, ckpt['lr_scheduler'])
         args.start_epoch = ckpt['epoch'] + 1
         run.start_step = ckpt.get('step', 0)
         run.last_log = ckpt.get('log')
-        if ckpt.get('scaler') and run.loss_scaler.is_enabled():
+        if resume_opt and ckpt.get('scaler') and run.loss_scaler.is_enabled():
             run.loss_scaler.load_state_dict(ckpt['scaler'])
-        elif run.loss_scaler.is_enabled():  # saved without fp16 AMP (e.g. a CPU run): fresh dynamic scale
+        elif resume_opt and run.loss_scaler.is_enabled():  # saved without fp16 AMP (e.g. a CPU run): fresh dynamic scale
             print(f'note: {path} has no loss-scaler state (saved without fp16 AMP); starting a fresh scale')
         if run.model_ema is not None and 'model_ema' in ckpt:
             run.model_ema.module.load_state_dict(ckpt['model_ema'])

@@ -57,7 +57,8 @@ def step_status(loss: torch.Tensor, stop: bool) -> tuple[float, list[int], bool]
 
 
 def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, epoch: int, loss_scaler,
-                    amp: bool = False, max_norm: float | None = None, model_ema=None, mixup_fn=None,
+                    amp: bool = False, max_norm: float | None = None, clip_mode: str = 'norm', model_ema=None,
+                    mixup_fn=None,
                     print_freq: int = 50,
                     max_steps: int | None = None, set_training_mode: bool = True,
                     batches_may_be_empty: bool = False, accum_iter: int = 1, start_step: int = 0,
@@ -74,6 +75,7 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
     ``start_step``: steps of this epoch trained before a requeue (the loader already leaves them out).
     ``stop_signal`` (deit.preemption.StopSignal): once requested on any rank, every rank stops after the next
     optimizer step and the stats carry ``stopped_at_step`` (the steps of this epoch now trained).
+    ``max_norm`` / ``clip_mode``: timm's gradient clipping (``--clip-grad`` / ``--clip-mode``: norm, value, agc).
     ``amp_dtype``: autocast's dtype (default: float16 on CUDA, bfloat16 on the CPU); ``memory_format``:
     e.g. ``torch.channels_last`` for the batches (``--channels-last``).
     """
@@ -110,7 +112,8 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
                 raise NonFiniteLossError(f'loss is {what} at epoch {epoch}, step {step}: stopping training'
                                          f'{" on every rank" if is_dist() else ""} (try a lower --lr, '
                                          f'--clip-grad, or --no-amp)')
-            loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+            loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, clip_mode=clip_mode,
+                        parameters=model.parameters(),
                         create_graph=second_order, need_update=update)
         if update:
             optimizer.zero_grad(set_to_none=True)

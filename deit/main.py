@@ -125,8 +125,8 @@ def main(args) -> dict:
 def claim_output_dir(args, cleanup: contextlib.ExitStack) -> Path | None:
     """Create and lock the run folder (rank 0), clear killed saves' temp files; every rank learns the outcome."""
     if args.output_dir is None and not args.eval:  # timm's convention: never no run folder by default
-        stamp = du.broadcast_object(time.strftime('%Y%m%d-%H%M%S'))
-        args.output_dir = f'output/train/{stamp}-{args.model}-{args.loss}'
+        name = args.experiment or f'{du.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))}-{args.model}-{args.loss}'
+        args.output_dir = f'output/train/{name}'
     output_dir = Path(args.output_dir) if args.output_dir else None
     error = None
     if output_dir and du.is_main_process():
@@ -196,8 +196,8 @@ def build_data(args, device, workers: WorkerSignals):
 
 
 def build_model(args, nb_classes: int, device) -> torch.nn.Module:
-    model = create_model(args.model, nb_classes, input_size=args.input_size, drop_rate=args.drop,
-                         drop_path_rate=args.drop_path)
+    model = create_model(args.model, nb_classes, input_size=args.input_size,
+                         **{'drop_rate': args.drop, 'drop_path_rate': args.drop_path, **args.model_kwargs})
     if args.finetune:
         state, reset = adapt_state_dict_for_finetune(read_state_dict(args.finetune), model)
         result = model.load_state_dict(state, strict=False)
@@ -261,7 +261,8 @@ def build_optimization(args, model, total: int):
             raise ValueError(f'--fused-opt: torch has no fused kernel for --opt {args.opt} ({opt_class.__name__}); '
                              f'use adam, adamw, sgd or momentum, or drop --fused-opt')
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **opt_kwargs)
+                                    momentum=args.momentum, layer_decay=args.layer_decay,
+                                    **{**opt_kwargs, **args.opt_kwargs})
     lr_scheduler, _ = create_scheduler_v2(  # like DeiT, a run trains exactly --epochs (no cooldown appended)
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         patience_epochs=args.patience_epochs, decay_rate=args.decay_rate,
@@ -275,6 +276,12 @@ def wrap_model(args, model, device):
 
     Creating the EMA before DDP would start each rank's EMA from its own random init (seed + rank).
     """
+    if args.sync_bn and args.distributed:  # timm's --sync-bn: before DDP, so DDP syncs the converted model
+        if device.type != 'cuda':
+            raise ValueError('--sync-bn: torch synchronises BatchNorm between CUDA devices only; drop it on the CPU')
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn:
+        print('note: --sync-bn has nothing to synchronise in one process')
     ddp = model
     if args.distributed:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
@@ -309,6 +316,7 @@ def run_training(args, run, data, output_dir: Path | None, stop_signal: StopSign
         train_stats = train_one_epoch(
             run.model, run.criterion, data.loader_train, run.optimizer, run.device, epoch, run.loss_scaler,
             amp=run.amp, amp_dtype=run.amp_dtype, memory_format=run.memory_format, max_norm=args.clip_grad,
+            clip_mode=args.clip_mode,
             model_ema=run.model_ema, mixup_fn=data.mixup_fn,
             print_freq=args.print_freq,
             max_steps=args.max_steps_per_epoch, set_training_mode=args.train_mode,
