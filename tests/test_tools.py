@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -170,7 +172,7 @@ def two_runs(tiny_imagefolder, tmp_path_factory):
 
 @pytest.mark.parametrize('command,files', [
     ('logits', {'logits.png', 'logits.json', 'logits_per_sample.json'}),
-    ('features', {'features.json', 'features.md'}),
+    ('features', {'features.json', 'features.md', 'features.png'}),
     ('transfer', {'transfer.json', 'transfer.png'}),
     ('gradcam', {'gradcam.png', 'gradcam.json', 'gradcam_maps.npz'}),
     ('projection', {'projection.png', 'projection.json'}),
@@ -191,10 +193,7 @@ def test_analyze_subcommands_end_to_end(command, files, two_runs, tiny_imagefold
         assert 0 <= res['maxsup']['val']['d_within'] <= 2 and res['maxsup']['train']['n'] == 64
     if command == 'transfer':
         assert 0 <= res['ls']['test_accuracy'] <= 1
-    with open(out / files.intersection({'logits.png', 'transfer.png', 'gradcam.png', 'projection.png'}).pop()
-              if command != 'features' else out / 'features.md', 'rb') as f:
-        head = f.read(8)
-    assert head.startswith(b'\x89PNG') or command == 'features'
+    assert all((out / f).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' for f in files if f.endswith('.png'))
 
 
 def test_evaluate_cli_writes_metrics_and_reliability(two_runs, tiny_imagefolder, tmp_path):
@@ -207,3 +206,28 @@ def test_evaluate_cli_writes_metrics_and_reliability(two_runs, tiny_imagefolder,
     logged = json.loads((two_runs['maxsup'].parent / 'log.txt').read_text().splitlines()[-1])
     assert m['acc1'] == pytest.approx(logged['test_acc1']) and ck['epoch'] == 0
     assert (tmp_path / 'reliability.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_figures_show_their_numbers_from_zero(monkeypatch, tmp_path):
+    """Bars start at 0 with their values printed (no offset axis for tied values), calibration bins carry
+    their counts, the projection says what its markers are, feature metrics of other scales get own panels."""
+    from tools import plots
+    figs = []
+    monkeypatch.setattr(plots, '_save', lambda fig, path: figs.append(fig) or Path(path))
+    plots.bar_table({'a': [50.0], 'b': [50.0]}, 'tied', tmp_path / 'x.png')
+    ax = figs[-1].axes[0]
+    labels = [t.get_text() for t in ax.texts]
+    assert ax.get_ylim()[0] == 0 and labels == ['50', '50'] and ax.yaxis.get_offset_text().get_text() == ''
+    plots.bar_table({'ce': [97.0, 98.0], 'maxsup': [98.0, 98.5]}, 'top-1', tmp_path / 'x.png')
+    assert [t.get_text() for t in figs[-1].axes[0].texts] == ['97.5 ± 0.5', '98.25 ± 0.25']
+    plots.reliability_diagram({'n_bins': 3, 'accuracy': [None, 0.5, 1.0], 'confidence': [None, 0.5, 0.9],
+                               'count': [0.0, 4.0, 12.0]}, tmp_path / 'r.png')
+    assert [t.get_text() for t in figs[-1].axes[0].texts] == ['', '4', '12']
+    pts = np.array([[1.0, 1.0], [1.2, 0.9], [5.0, 5.0], [0.0, 6.0]])
+    plots.projection_figure({'m': {'points': pts, 'labels': np.array([0, 0, 1, 2]), 'classes': [0, 1, 2],
+                                   'templates': np.array([[0.0, 0.0], [0.01, 0.0], [0.0, 0.01]])}}, tmp_path / 'p.png')
+    legend = [t.get_text() for t in figs[-1].axes[0].get_legend().get_texts()]
+    assert 'class mean' in legend and any(t.startswith('template (x') for t in legend)
+    table = {'m': {'train': {'d_within': 1e-4, 'r2': 0.9}, 'val': {'d_within': 2e-4, 'r2': 0.8}}}
+    plots.feature_figure(table, tmp_path / 'f.png')
+    assert [a.get_ylabel().split()[0] for a in figs[-1].axes] == ['d_within', 'R²']

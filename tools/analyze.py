@@ -71,6 +71,7 @@ def cmd_features(models, args, out: Path) -> dict:
         lines.append(f'| {name} | {t["train"]["d_within"]:.4f} | {t["train"]["r2"]:.4f} | '
                      f'{t["val"]["d_within"]:.4f} | {t["val"]["r2"]:.4f} |')
     (out / 'features.md').write_text('\n'.join(lines) + '\n')
+    plots.feature_figure(table, out / 'features.png')
     return table
 
 
@@ -150,9 +151,9 @@ def cmd_cam_boxes(models, args, out: Path) -> dict:
         pr = [localization.cam_precision_recall(m, b, args.cam_threshold) for m, (_, b) in zip(maps, picked)]
         res[name] = {'precision': float(np.mean([p for p, _ in pr])), 'recall': float(np.nanmean([r for _, r in pr])),
                      'per_image': pr}
-    plots.bar_table({f'{k} precision': [v['precision']] for k, v in res.items()} |
-                    {f'{k} recall': [v['recall']] for k, v in res.items()}, 'fraction', out / 'cam_boxes.png',
-                    f'Grad-CAM >= {args.cam_threshold} vs boxes, {len(picked)} images')
+    plots.grouped_bars({k: {'precision': v['precision'], 'recall': v['recall']} for k, v in res.items()},
+                       'fraction (mean over images)', out / 'cam_boxes.png',
+                       f'Grad-CAM >= {args.cam_threshold} vs boxes, {len(picked)} images')
     return {'threshold': args.cam_threshold, 'images': len(picked), 'models': res}
 
 

@@ -20,13 +20,19 @@ def _save(fig, path) -> Path:
 
 
 def reliability_diagram(rel: dict, path, title: str = '') -> Path:
+    """Accuracy per confidence bin against the diagonal; the number over each bar is its image count (a bin
+    of 3 images says little)."""
     n = rel['n_bins']
     centers = (np.arange(n) + 0.5) / n
     acc = np.array([a if a is not None else np.nan for a in rel['accuracy']])
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.bar(centers, np.nan_to_num(acc), width=1 / n, edgecolor='k', alpha=0.7, label='accuracy')
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    bars = ax.bar(centers, np.nan_to_num(acc), width=1 / n, edgecolor='k', alpha=0.7, label='accuracy')
     ax.plot([0, 1], [0, 1], 'k--', label='perfect calibration')
-    ax.set(xlabel='confidence', ylabel='accuracy', xlim=(0, 1), ylim=(0, 1), title=title)
+    counts = rel.get('count')
+    if counts is not None:
+        ax.bar_label(bars, labels=[str(int(c)) if c else '' for c in counts], fontsize=6, padding=1)
+    ax.set(xlabel='confidence', ylabel='accuracy', xlim=(0, 1), ylim=(0, 1.08),
+           title=title + ('\n(numbers: images per bin)' if counts is not None else ''))
     ax.legend(loc='upper left')
     return _save(fig, path)
 
@@ -45,7 +51,7 @@ def logit_figures(stats_by_run: dict, densities: dict, path) -> Path:
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(f'proportion of logits with |z| < {thr:g}', fontsize=9)
         ax.set_ylabel('samples', fontsize=9)
-        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))  # as many decimals as the ticks need
         ax.tick_params(labelsize=8)
     ax = axes[0][-2]
     centers = (np.asarray(densities['edges'][:-1]) + np.asarray(densities['edges'][1:])) / 2
@@ -62,21 +68,35 @@ def logit_figures(stats_by_run: dict, densities: dict, path) -> Path:
     ax.set_title('confidence vs near-zero logits', fontsize=10)
     ax.set_xlabel('near-zero proportion', fontsize=9)
     ax.set_ylabel('top-1 probability', fontsize=9)
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    right = max(top, 1e-3) * 1.05
+    ax.set_xlim(-0.02 * right, right)  # a proportion: no negative ticks, even when every sample has none
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.legend(fontsize=8, markerscale=3)
     return _save(fig, path)
 
 
 def projection_figure(proj_by_run: dict, path) -> Path:
+    """Features of 3 classes in the plane of their class templates (Mueller et al. 2019), one panel per model.
+    Stars: the class means. The templates sit at the plane's origin scale (the head's weights are small next
+    to the features), so they are drawn scaled to the points' spread, as labelled squares."""
     runs = list(proj_by_run)
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.6 * len(runs), 4.4), squeeze=False, constrained_layout=True)
     for ax, name in zip(axes[0], runs):
         p = proj_by_run[name]
+        pts, temps = np.asarray(p['points']), np.asarray(p['templates'])
+        spread = np.ptp(pts, axis=0).max() if len(pts) else 1.0
+        scale = spread / max(np.ptp(temps, axis=0).max(), 1e-12) / 2
         for j, c in enumerate(p['classes']):
             sel = p['labels'] == c
-            ax.scatter(p['points'][sel, 0], p['points'][sel, 1], s=6, alpha=0.6, color=f'C{j}', label=f'class {c}')
-            ax.scatter(*p['templates'][j], marker='*', s=200, color=f'C{j}', edgecolor='k')
-        ax.set(title=name, xlabel='u', ylabel='v')
+            ax.scatter(pts[sel, 0], pts[sel, 1], s=6, alpha=0.5, color=f'C{j}', label=f'class {c}')
+            if sel.any():
+                ax.scatter(*pts[sel].mean(0), marker='*', s=260, facecolor='none', edgecolor=f'C{j}', linewidth=1.5,
+                           zorder=3)  # hollow: the points under it stay visible
+            ax.scatter(*(temps[j] * scale), marker='s', s=60, color=f'C{j}', edgecolor='k', zorder=3)
+            ax.annotate(f'w{c}', temps[j] * scale, textcoords='offset points', xytext=(6, 6), fontsize=8)
+        ax.scatter([], [], marker='*', s=120, facecolor='none', edgecolor='k', label='class mean')
+        ax.scatter([], [], marker='s', s=40, color='w', edgecolor='k', label=f'template (x{scale:.3g})')
+        ax.set(title=name, xlabel='u (template plane)', ylabel='v (template plane)')
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -107,16 +127,60 @@ def gradcam_grid(images: np.ndarray, maps_by_run: dict, path, labels=None, preds
     return _save(fig, path)
 
 
+def _bar_axes(ax, bars, means, stds) -> None:
+    """Bars start at 0 and carry their values (mean ± std when there is a spread); no offset notation."""
+    labels = [f'{m:.4g}' + (f' ± {s:.2g}' if s else '') for m, s in zip(means, stds)]
+    ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
+    top = max(m + s for m, s in zip(means, stds)) if means else 1.0
+    ax.set_ylim(min(0.0, min(means, default=0.0)) * 1.15, (top if top > 0 else 1.0) * 1.15)
+    ax.ticklabel_format(axis='y', useOffset=False, style='plain')
+
+
 def bar_table(rows: dict, metric: str, path, title: str = '') -> Path:
-    """Mean +- std bars per loss: rows = {name: [values...]}."""
+    """One bar per entry (e.g. per loss): rows = {name: [values...]}; mean ± std over the values (seeds)."""
     names = list(rows)
-    means = [np.mean(rows[n]) for n in names]
-    stds = [np.std(rows[n]) for n in names]
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
-    ax.bar(names, means, yerr=stds, capsize=4, color=[f'C{i}' for i in range(len(names))])
-    lo = min(m - s for m, s in zip(means, stds))
-    hi = max(m + s for m, s in zip(means, stds))
-    pad = (hi - lo) * 0.5 + 1e-6
-    ax.set(ylabel=metric, title=title, ylim=(max(0, lo - pad), hi + pad))
+    means = [float(np.mean(rows[n])) for n in names]
+    stds = [float(np.std(rows[n])) if len(rows[n]) > 1 else 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2, 3.8))
+    bars = ax.bar(names, means, yerr=[s or None for s in stds] if any(stds) else None, capsize=4,
+                  color=[f'C{i}' for i in range(len(names))])
+    _bar_axes(ax, bars, means, stds)
+    ax.set(ylabel=metric, title=title)
     ax.tick_params(axis='x', rotation=30)
+    return _save(fig, path)
+
+
+def grouped_bars(values: dict, ylabel: str, path, title: str = '', ax=None) -> Path | None:
+    """Groups of bars: values = {model: {quantity: number}}; one colour per model (the legend), one group per
+    quantity (e.g. precision and recall), each bar labelled with its value. With ``ax``: drawn there, not saved."""
+    models = list(values)
+    quantities = list(dict.fromkeys(q for v in values.values() for q in v))
+    width = 0.8 / max(len(models), 1)
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(0.8 * len(quantities) * max(len(models), 1) + 3, 3.8))
+    x = np.arange(len(quantities))
+    shown = []
+    for i, m in enumerate(models):
+        ys = [float(values[m].get(q, np.nan)) for q in quantities]
+        bars = ax.bar(x + (i - (len(models) - 1) / 2) * width, ys, width, color=f'C{i}', label=m)
+        ax.bar_label(bars, labels=[f'{y:.3g}' for y in ys], fontsize=7, padding=2)
+        shown += [y for y in ys if np.isfinite(y)]
+    top = max(shown, default=1.0)
+    ax.set_ylim(min(0.0, min(shown, default=0.0)) * 1.15, (top if top > 0 else 1.0) * 1.15)
+    ax.ticklabel_format(axis='y', useOffset=False, style='sci' if 0 < top < 1e-2 else 'plain', scilimits=(-3, 4))
+    ax.set_xticks(x, quantities)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path) if fig is not None else None
+
+
+def feature_figure(table: dict, path) -> Path:
+    """Table 2's feature variation per checkpoint: d_within and R² (train, val) in panels of their own scale."""
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(table), 3.8), constrained_layout=True)
+    for ax, (key, label) in zip(axes, (('d_within', 'd_within (within-class distance)'),
+                                       ('r2', 'R² (class-explained variance)'))):
+        grouped_bars({name: {split: t[split][key] for split in ('train', 'val')} for name, t in table.items()},
+                     label, None, ax=ax)
+    fig.suptitle('feature variation (Table 2)')
     return _save(fig, path)
