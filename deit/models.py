@@ -98,6 +98,9 @@ def create_model(name: str, num_classes: int, input_size: int | None = None, **k
     Official MaxSup names (``our_patch16_224``) resolve through :data:`MODEL_ALIASES`.
     """
     name = resolve_model_name(name)
+    if name.startswith(('hf-hub:', 'hf_hub:', 'timm/')):
+        raise ValueError(f'--model {name}: hub models are not downloaded here (compute nodes are often offline); '
+                         f'download the weights, then give the architecture name and --finetune PATH')
     if not timm.is_model(name):
         raise ValueError(f'unknown model {name!r} (not in timm {timm.__version__} nor deit.models); '
                          f'see timm.list_models()')

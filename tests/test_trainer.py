@@ -138,6 +138,7 @@ def test_finetune_with_different_input_size_and_classes(tiny_imagefolder, tmp_pa
     (['--data-set', 'FOLDER', '--data-path', '/nonexistent/data'], 'data path does not exist'),
     (['--data-set', 'IMNET'], '--data-path is required'),
     (['--data-set', 'DEMO', '--model', 'no_such_model_xyz'], "unknown model 'no_such_model_xyz'"),
+    (['--data-set', 'DEMO', '--model', 'hf-hub:timm/deit_tiny_patch16_224.fb_in1k'], 'hub models are not downloaded'),
     (['--data-set', 'DEMO', '--smoothing', '0.1'], 'regularises twice'),
     (['--data-set', 'DEMO', '--loss', 'ls_reg_only'], 'hard labels'),
 ])
