@@ -20,8 +20,9 @@ simplejpeg -> pillow-simd = the default install; opt-ins: --jpeg-draft, the --ma
 and --device-aug (RandAugment moves to the GPU: the CPU keeps decode, crop and flip; its device cost is
 measured by benchmarks/gpu_check.sh); last, the workers' half of --gpu-decode (header, crop and flip draws,
 the bytes handed over; its pixels are compared after decoding on this CPU). The closing line turns the
-per-core rates into cores per GPU at DeiT-S's H100 training rate. Pixel columns compare with the official output for the same random
-draws (random erasing off): mean |difference| and the share of values off by more than 2 levels (0-255);
+per-core rates into cores per GPU at DeiT-S's H100 training rate. Pixel columns compare with the official
+output for the same random draws (random erasing off): mean |difference| and the share of values off by
+more than 2 levels (0-255);
 a 1-level difference of a resize (pillow-simd) can move a pixel across a posterize / solarize threshold,
 so the maximum alone says little. Then a DataLoader with 2 workers, end to end.
 """

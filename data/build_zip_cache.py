@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from data.zip_cache import (CacheError, ZipImageDataset, check_labels, class_folder, check_split_labels, open_index,
                             parse_map_file, write_map_file)
-from deit.checkpoint import CheckpointError, atomic_open, check_writable
+from data.io import CheckpointError, atomic_open, check_writable
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps fixed so two builds are byte-identical
 
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         ap.error(f'--max-size must be >= 1 and --quality within 1..100 (got {args.max_size}, {args.quality})')
     try:
         if args.src:
-            check_writable(args.dst, folder=True)  # now, not after reading the whole source tree
+            check_writable(args.dst, folder=True, create=False)  # now, not after reading the whole tree
             stats = build(args.src, args.dst, args.val_labels, args.train_map, args.val_map, args.max_size,
                           args.quality)
             print(f'wrote {args.dst}: {stats["classes"]} classes, {stats["train"]} train, {stats["val"]} val images')

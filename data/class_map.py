@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
+from data.io import save_atomic, torch_load
 from data.zip_cache import CacheError, check_labels, class_folder, parse_map_file
-from deit.models import HEAD_KEYS
+
+# the state-dict entries whose rows are the classes (DeiT head, distilled head, ResNet fc)
+HEAD_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'fc.weight', 'fc.bias')
 
 
 def class_permutation(map_file, imagefolder_root, direction: str = 'zip2folder') -> torch.Tensor:
@@ -71,7 +74,6 @@ def main(argv=None) -> int:
     ap.add_argument('--out', type=Path, help='where to write the converted checkpoint')
     ap.add_argument('--direction', choices=('zip2folder', 'folder2zip'), default='zip2folder')
     args = ap.parse_args(argv)
-    from deit.checkpoint import save_atomic, torch_load
     try:
         perm = class_permutation(args.map, args.imagefolder, args.direction)
         moved = int((perm != torch.arange(len(perm))).sum())

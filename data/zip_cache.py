@@ -33,7 +33,7 @@ import torch
 from data.decode import CorruptImageError, decode_image  # noqa: F401  (re-exported)
 from data.zip_index import (CacheError, input_signature, join_names, read_central_directory, read_index,
                             write_index, zip_tail)
-from deit.checkpoint import atomic_open
+from data.io import atomic_open
 
 
 def parse_map_file(path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -379,17 +379,16 @@ class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
 
     @classmethod
     def from_folder(cls, root, split: str, transform=None, cache_mode: str = 'full', skip_bad: bool = False,
-                    rank: int | None = None, world_size: int | None = None):
+                    rank: int = 0, world_size: int = 1):
         """``root/{split}.zip`` + ``root/{split}_map.txt`` (train maps carry class folders; other splits'
-        members with class folders must carry their folder's train label)."""
-        from deit.distributed import get_rank, get_world_size
+        members with class folders must carry their folder's train label). ``rank`` / ``world_size``: this
+        process's place in a distributed run (cache_mode 'part' keeps its shard)."""
         root = Path(root)
         train_map = root / 'train_map.txt'
         return cls(root / f'{split}.zip', root / f'{split}_map.txt', transform, folder_labels=(split == 'train'),
                    skip_bad=skip_bad, cache_mode=cache_mode,
                    train_map=train_map if split != 'train' and train_map.is_file() else None,
-                   rank=get_rank() if rank is None else rank,
-                   world_size=get_world_size() if world_size is None else world_size)
+                   rank=rank, world_size=world_size)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deit.checkpoint import atomic_open
+from data.io import atomic_open
 
 INDEX_MAGIC = b'MAXSUP-ZIPIDX\n'
 INDEX_VERSION = 1

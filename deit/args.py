@@ -229,9 +229,9 @@ def _run(p) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m deit.main', usage='%(prog)s [-c RECIPE.yaml] [flags] (--help: the flags '
-                                'by group)', description='DeiT training and evaluation with MaxSup',
-                                formatter_class=Formatter)
+    p = argparse.ArgumentParser(prog='python -m deit.main',
+                                usage='%(prog)s [-c RECIPE.yaml] [flags] (--help: the flags by group)',
+                                description='DeiT training and evaluation with MaxSup', formatter_class=Formatter)
     for group in (_model, _optimizer, _schedule, _augmentation, _loss, _data, _run):
         group(p)
     return p
@@ -302,6 +302,7 @@ def _recipe_value(path: Path, key: str, value, action: argparse.Action):
         return None
     if isinstance(action, ImageSize):  # 224, or timm's [3, 224, 224]
         ints = value if isinstance(value, list) else [value]
+        ints = [int(v) if isinstance(v, float) and v.is_integer() else v for v in ints]  # 224.0 is 224
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
             raise bad('an int (or [3, S, S])')
         try:

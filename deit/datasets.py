@@ -18,7 +18,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torchvision import datasets, transforms
 
 from data.decode import decode_image, read_image_file
-from data.zip_cache import SkipCounter
+from data.zip_cache import SkipCounter, ZipImageDataset
+from deit import distributed as du
 from deit.transforms import DraftRandomResizedCrop, defer_decoding
 
 DEMO_SIZE = 32  # digits are 8x8; 4x upscaling keeps strokes visible to a patch-4 ViT
@@ -102,11 +103,11 @@ def build_dataset(is_train: bool, args, transform=None):
                          f'--data-set IMNET, not {name}')
     if name == 'IMNET':
         if getattr(args, 'cache', False):
-            from data.zip_cache import ZipImageDataset
             split = 'train' if is_train else 'val'
             ds = ZipImageDataset.from_folder(root, split, transform=transform,
                                              cache_mode=getattr(args, 'cache_mode', 'full'),
-                                             skip_bad=getattr(args, 'skip_bad_images', False))
+                                             skip_bad=getattr(args, 'skip_bad_images', False),
+                                             rank=du.get_rank(), world_size=du.get_world_size())
             return ds, ds.num_classes
         ds = _folder(root, ('train',) if is_train else ('val',), transform, skip_bad)
     elif name in ('CIFAR10', 'CIFAR100', 'FOLDER'):

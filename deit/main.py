@@ -31,8 +31,9 @@ from timm.utils import ModelEmaV3
 
 from deit import distributed as du
 from deit.args import as_recipe, check_args, get_args_parser, parse_args  # noqa: F401  (get_args_parser: API)
-from deit.checkpoint import (CheckpointError, check_same_run, read_resume_checkpoint, read_state_dict,
-                             restore_training_state, restore_weights, rng_state, save_atomic, training_state)
+from data.io import CheckpointError, save_atomic
+from deit.checkpoint import (check_same_run, read_resume_checkpoint, read_state_dict, restore_training_state,
+                             restore_weights, rng_state, training_state)
 from data.decode import jpeg_decoder
 from deit.datasets import build_dataset, check_same_classes, device_rand_augment, normalization
 from deit.device_aug import DeviceBatches
@@ -488,7 +489,8 @@ def _run(args, cleanup: contextlib.ExitStack, stop_signal: StopSignal, stdout: S
     dtype = amp_dtype(args, device)
     run = SimpleNamespace(model_without_ddp=model, device=device, amp=amp, amp_dtype=dtype, criterion=criterion,
                           base_criterion=base_criterion, schedule=schedule, optimizer=optimizer,
-                          lr_scheduler=lr_scheduler, max_accuracy=float('-inf'), last_test_stats={}, last_log=None, tb_resume=None,
+                          lr_scheduler=lr_scheduler, max_accuracy=float('-inf'), last_test_stats={}, last_log=None,
+                          tb_resume=None,
                           start_step=0,
                           memory_format=torch.channels_last if args.channels_last else None,
                           # loss scaling only where float16 needs it (bfloat16 has float32's range)

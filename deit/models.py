@@ -17,13 +17,13 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from deit.checkpoint import CheckpointError
+from data.class_map import HEAD_KEYS
+from data.io import CheckpointError
 
 # Names the official MaxSup code gives its models -> the timm model with the same architecture and keys.
 # Official Deit/models.py: ``our_patch16_224`` = DeiT-S (patch 16, 384 wide, 12 blocks, 6 heads, qkv_bias,
 # LayerNorm eps 1e-6) on timm 0.4.12, whose ViT key names timm 1.0 still uses.
 MODEL_ALIASES = {'our_patch16_224': 'deit_small_patch16_224'}
-HEAD_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'fc.weight', 'fc.bias')
 
 
 def resolve_model_name(name: str) -> str:

@@ -20,7 +20,7 @@ import socket
 import sys
 from pathlib import Path
 
-from deit.checkpoint import atomic_open
+from data.io import atomic_open
 
 LOCK_NAME = '.lock'
 # what a run writes into its folder: a fresh start moves all of it aside together

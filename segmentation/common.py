@@ -142,7 +142,7 @@ def agree_on_resume(work_dir) -> str | None:
     from mmengine.runner import find_latest_checkpoint
 
     from deit import distributed as du
-    from deit.checkpoint import atomic_open
+    from data.io import atomic_open
     path = find_latest_checkpoint(str(work_dir)) if du.is_main_process() else None
     path = du.broadcast_object(path)
     if path is None or all(du.all_gather_object(Path(path).is_file())):
@@ -219,7 +219,8 @@ def check_backbone_weights(cfg) -> None:
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
-    from deit.checkpoint import CheckpointError, read_state_dict
+    from data.io import CheckpointError
+    from deit.checkpoint import read_state_dict
     path = init['checkpoint']
     state = read_state_dict(path)
     register_all_modules(init_default_scope=False)

@@ -20,7 +20,8 @@ import torch
 
 from data.build_zip_cache import main as build_zip
 from deit import distributed as du
-from deit.checkpoint import restore_rng, rng_state, save_atomic, temp_path
+from data.io import save_atomic, temp_path
+from deit.checkpoint import restore_rng, rng_state
 from tests.conftest import (ROOT, TINY, checksums, corrupt_first_member, make_imagefolder, ok, run_module,
                             run_ranks)
 from tests.dist_harness import COLLECTIVES, HELPERS, simulated_spec

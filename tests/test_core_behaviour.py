@@ -457,7 +457,7 @@ def test_converter_position_embeddings_errors_and_checkpoint_file(tmp_path):
     import timm
     from timm.layers import resample_abs_pos_embed
 
-    from deit.checkpoint import CheckpointError
+    from data.io import CheckpointError
     from segmentation.deit_to_mmseg import convert_checkpoint, mmseg_to_timm, timm_to_mmseg
     torch.manual_seed(0)
     dist = timm.create_model('deit_tiny_distilled_patch16_224', pretrained=False, img_size=64, depth=2).state_dict()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import deit.checkpoint as ck
+import data.io as io_module
 import deit.main as dm
-from deit.checkpoint import CheckpointError, SaveError, torch_load
+from data.io import CheckpointError, SaveError, torch_load
 from tests.conftest import TINY, make_image
 
 DEMO = TINY + ['--data-set', 'DEMO', '--max-steps-per-epoch', '2']
@@ -191,7 +191,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
             return _FillingFile(path, 'w')
         return real_open(path, mode, *a, **kw)
 
-    monkeypatch.setattr(ck, 'open', filling_open, raising=False)  # atomic_open's open
+    monkeypatch.setattr(io_module, 'open', filling_open, raising=False)  # atomic_open's open
     assert dm.cli(DEMO + ['--epochs', '2', '--output_dir', str(run)]) == 2
     err = _err(capsys)
     assert err.startswith(f'error: {run / "checkpoint.pth"}: could not write the checkpoint (No space left on '
@@ -202,7 +202,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
     with pytest.raises(SaveError):  # the library call says the same
         with monkeypatch.context() as m:
             m.setattr(_FillingFile, 'budget', 0)
-            ck.save_atomic({'model': {'w': torch.zeros(10)}}, run / 'checkpoint.pth')
+            io_module.save_atomic({'model': {'w': torch.zeros(10)}}, run / 'checkpoint.pth')
 
 
 # ------------------------------------------------------------------------------------------------------------

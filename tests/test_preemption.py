@@ -19,7 +19,7 @@ import torch
 
 from deit import distributed as du
 from deit import rundir
-from deit.checkpoint import torch_load
+from data.io import torch_load
 from deit.preemption import REQUEUE_EXIT
 from tests.conftest import ROOT, TINY, checksums, corrupt_first_member, make_imagefolder, ok, run_module
 

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 import timm
 import torchvision
 
-from deit.checkpoint import (CheckpointError, _input_size, checkpoint_format, extract_state_dict, infer_architecture,
-                             load_file, load_model, read_state_dict, recorded_settings, restore_weights, torch_load)
+from data.io import CheckpointError, torch_load
+from deit.checkpoint import (_input_size, checkpoint_format, extract_state_dict, infer_architecture, load_file,
+                             load_model, read_state_dict, recorded_settings, restore_weights)
 from deit.models import create_model
 from tests.conftest import make_imagefolder
 
@@ -559,7 +560,7 @@ def test_checkpoints_load_safely_even_when_the_environment_turns_torchs_default_
 
 def test_sniff_reads_only_the_head_and_names_json_with_leading_space(tmp_path, monkeypatch):
     import builtins
-    import deit.checkpoint as ck
+    import data.io as ck
     (tmp_path / 'cfg.pth').write_text('\n  {"model": "deit"}' + ' ' * 4096)
     reads = []
 

@@ -15,8 +15,9 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 import deit.distributed as du
-from deit.checkpoint import (CheckpointError, check_same_run, read_resume_checkpoint, restore_rng,
-                             restore_training_state, rng_state, set_rng_state, training_state)
+from data.io import CheckpointError
+from deit.checkpoint import (check_same_run, read_resume_checkpoint, restore_rng, restore_training_state, rng_state,
+                             set_rng_state, training_state)
 from deit.engine import LossScaler
 from deit.losses import OnlineLabelSmoothing
 

@@ -14,7 +14,8 @@ from tests.conftest import ROOT, TINY, make_image, run_ranks
 pytest.importorskip('mmseg', reason='segmentation stack not installed (make setup-seg)')
 pytestmark = pytest.mark.segmentation
 
-from deit.checkpoint import CheckpointError, read_state_dict  # noqa: E402
+from data.io import CheckpointError
+from deit.checkpoint import read_state_dict  # noqa: E402
 from segmentation.deit_to_mmseg import mmseg_to_timm, timm_to_mmseg  # noqa: E402
 
 CONFIGS = sorted((ROOT / 'segmentation' / 'configs').rglob('*.py'))
@@ -182,7 +183,7 @@ def _converted(demo_ckpt, tmp_path, drop=()):
 
 def test_backbone_weights_are_checked_strictly_before_training(demo_ckpt, tmp_path, capsys):
     """Issue 19.12: mmseg loads init_cfg with strict=False; a DeiT bias left behind only showed in a log."""
-    from deit.checkpoint import CheckpointError
+    from data.io import CheckpointError
     from segmentation.common import check_backbone_weights, load_config
     cfg = load_config(TINY_CFG)
     cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=str(_converted(demo_ckpt, tmp_path)))
@@ -212,7 +213,7 @@ def test_unsafe_loading_is_limited_to_runner_checkpoints(demo_ckpt, tmp_path):
     """Issue 13.10: only mmengine's own checkpoints are unpickled with weights_only=False."""
     import os
 
-    from deit.checkpoint import CheckpointError
+    from data.io import CheckpointError
     from segmentation.common import check_backbone_weights, load_config, trust_runner_checkpoints
     evil = tmp_path / 'evil.pth'
     torch.save({'state_dict': {'w': torch.zeros(1)}, 'x': _NotAWeight()}, evil)

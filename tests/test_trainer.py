@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from deit.checkpoint import torch_load
+from data.io import torch_load
 from deit.losses import LOSSES
 from deit.main import cli, get_args_parser, main
 from deit.models import adapt_state_dict_for_finetune, create_model

@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -415,13 +416,14 @@ def test_from_folder_defaults_folder_labels_train_map_and_rank(tmp_path, monkeyp
     _split_tree(root, {'b/v.jpg': _jpeg(1)}, 'b/v.jpg\t0\n')
     with pytest.raises(CacheError, match=r"val_map.txt:1: 'b/v.jpg' has label 0, but class folder 'b' is label 1"):
         ZipImageDataset.from_folder(root, 'val')
-    # rank and world size come from the process group unless given
+    # 'part': this rank's shard; the trainer gives the process group's rank and world size
+    assert ZipImageDataset.from_folder(root, 'train', cache_mode='part', rank=1, world_size=2).shard.tolist() == [1]
+    assert ZipImageDataset.from_folder(root, 'train', cache_mode='part').shard.tolist() == [0, 1]
+    from deit.datasets import build_dataset
     monkeypatch.setattr(deit.distributed, 'get_rank', lambda: 1)
     monkeypatch.setattr(deit.distributed, 'get_world_size', lambda: 2)
-    assert ZipImageDataset.from_folder(root, 'train', cache_mode='part').shard.tolist() == [1]
-    monkeypatch.setattr(deit.distributed, 'get_rank', lambda: 0)
-    assert ZipImageDataset.from_folder(root, 'train', cache_mode='part').shard.tolist() == [0]
-    assert ZipImageDataset.from_folder(root, 'train', cache_mode='part', rank=0, world_size=1).shard.tolist() == [0, 1]
+    args = Namespace(data_set='IMNET', data_path=str(root), cache=True, cache_mode='part', skip_bad_images=False)
+    assert build_dataset(True, args, transform=lambda x: x)[0].shard.tolist() == [1]
 
 
 def test_skips_are_counted_across_calls_and_lazy_transforms_get_an_undecoded_jpeg(tmp_path):

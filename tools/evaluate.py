@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from deit.checkpoint import CheckpointError, check_writable, load_model
+from data.io import CheckpointError, check_writable
+from deit.checkpoint import load_model
 from deit.datasets import DATA_SETS, eval_data_set, eval_loader
 from deit.engine import evaluate
 

@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from deit.checkpoint import CheckpointError, check_writable, load_model
+from data.io import CheckpointError, check_writable
+from deit.checkpoint import load_model
 
 
 def export_safetensors(model, info: dict, out: Path) -> Path:

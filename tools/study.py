@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from deit import analysis
-from deit.checkpoint import load_model, torch_load
+from data.io import torch_load
+from deit.checkpoint import load_model
 from deit.datasets import eval_loader
 from deit.main import get_args_parser, main as train_main
 from deit.metrics import classification_summary, feature_variation
@@ -150,7 +151,7 @@ def claims(rows) -> list[str]:
     others = [k for k in rows if k != 'maxsup']
     if 'maxsup' in rows and others:  # against the strongest other loss, with the same noise yardstick
         best = max(others, key=lambda k: _ms([r['acc1'] for r in rows[k]])[0])
-        out.append(f'- MaxSup has the best mean top-1 of all losses (vs the best other): '
+        out.append('- MaxSup has the best mean top-1 of all losses (vs the best other): '
                    + compare(rows, 'acc1', 'maxsup', best, True)[1])
     return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
-from deit.checkpoint import CheckpointError, check_writable  # noqa: E402
+from data.io import CheckpointError, check_writable  # noqa: E402
 from segmentation.deit_to_mmseg import convert_checkpoint  # noqa: E402
 
 
