@@ -68,6 +68,12 @@ TINY = ['--model', 'deit_demo_patch4_32', '--input-size', '32', '--batch-size', 
         '--aa', 'none', '--reprob', '0', '--color-jitter', '0', '--no-pin-mem']
 
 
+def without(flags: list[str], flag: str) -> list[str]:
+    """``flags`` less ``flag`` and its value (e.g. TINY without its --batch-size, for --total-batch-size)."""
+    i = flags.index(flag)
+    return flags[:i] + flags[i + 2:]
+
+
 def run_ranks(target, world: int, out_dir: Path, *args, timeout: float = 120) -> list:
     """Run ``target(rank, *args, out_dir)`` in ``world`` spawned processes; each writes ``rank<r>.json`` into
     out_dir (a file, not an mp.Queue: a queue's feeder thread may not flush before process teardown)."""

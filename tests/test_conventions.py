@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from deit.main import cli, parse_args
-from tests.conftest import ROOT, TINY, make_imagefolder
+from tests.conftest import ROOT, TINY, make_imagefolder, without
 
 PAPER = ROOT / 'recipes' / 'deit_s_paper.yaml'
 
@@ -192,9 +192,8 @@ def test_a_batch_on_the_command_line_overrides_the_recipes_total(tmp_path, capsy
     recipe = tmp_path / 'r.yaml'
     recipe.write_text('total_batch_size: 32\n')
     out = tmp_path / 'run'
-    tiny = TINY[:TINY.index('--batch-size')] + TINY[TINY.index('--batch-size') + 2:]
-    assert cli(tiny + ['--data-set', 'DEMO', '-c', str(recipe), '--max-steps-per-epoch', '1', '--epochs', '1',
-                       '--output_dir', str(out)]) == 0
+    assert cli(without(TINY, '--batch-size') + ['--data-set', 'DEMO', '-c', str(recipe), '--max-steps-per-epoch',
+                                                '1', '--epochs', '1', '--output_dir', str(out)]) == 0
     assert 'effective batch size 32 x 1 = 32' in capsys.readouterr().out
     saved = yaml.safe_load((out / 'args.yaml').read_text())
     assert (saved['batch_size'], saved['total_batch_size']) == (32, 32)  # the per-process batch that ran

@@ -11,7 +11,7 @@ import torch
 
 from deit.distributed import dist_env, expand_nodelist
 from deit.samplers import DistributedEvalSampler, RASampler
-from tests.conftest import ROOT, TINY, make_imagefolder, ok, run_module
+from tests.conftest import ROOT, TINY, make_imagefolder, ok, run_module, without
 
 TORCHRUN = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'deit.main']
 
@@ -51,7 +51,8 @@ def test_torchrun_two_ranks_identical_weights_rank0_files_exact_dist_eval(odd_fo
 @pytest.mark.slow
 def test_resume_across_world_sizes(odd_folder, tmp_path):
     """The same run (16 images per step in total) requeued on another number of processes."""
-    common = TINY + ['--data-set', 'FOLDER', '--data-path', str(odd_folder), '--total-batch-size', '16',
+    common = without(TINY, '--batch-size') + ['--data-set', 'FOLDER', '--data-path', str(odd_folder),
+                                              '--total-batch-size', '16',
                      '--epochs', '2']
     harness = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node={}', 'tests/dist_harness.py']
     one, two = ([a.format(n) for a in harness] for n in (1, 2))

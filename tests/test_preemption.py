@@ -21,7 +21,8 @@ from deit import distributed as du
 from deit import rundir
 from data.io import torch_load
 from deit.preemption import REQUEUE_EXIT
-from tests.conftest import ROOT, TINY, checksums, corrupt_first_member, make_imagefolder, ok, run_module
+from tests.conftest import (ROOT, TINY, checksums, corrupt_first_member, make_imagefolder, ok, run_module,
+                            without)
 
 HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node={n}', 'tests/dist_harness.py']
 def _harness(n: int, opts=(), args=(), **kw):
@@ -148,9 +149,9 @@ def test_sbatch_script_forwards_the_time_limit_signal_and_requeues(folder64, tmp
     env = {'PATH': f'{bin_}:{os.environ["PATH"]}', 'SLURM_JOB_ID': '4242', 'SLURM_JOB_NODELIST': 'node1',
            'NGPUS': '1', 'DATA_PATH': str(folder64), 'OUTPUT_DIR': str(tmp_path / 'run'),
            'PYTHON': sys.executable}
-    args = TINY + ['--data-set', 'FOLDER', '--model', 'deit_demo_patch4_32', '--input-size', '32',
-                   '--total-batch-size', '8', '--epochs', '2', '--print-freq', '1', '--warmup-epochs', '0',
-                   '--dist-eval', '--drop-path', '0']
+    args = without(TINY, '--batch-size') + [
+        '--data-set', 'FOLDER', '--model', 'deit_demo_patch4_32', '--input-size', '32', '--total-batch-size', '8',
+        '--epochs', '2', '--print-freq', '1', '--warmup-epochs', '0', '--dist-eval', '--drop-path', '0']
     cmd = ['bash', 'scripts/slurm_train.sbatch', *args]
 
     def usr1_to_the_batch_script(proc):
