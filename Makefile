@@ -19,7 +19,7 @@ $(BASE_STAMP): requirements.txt
 	$(PIP) install -r requirements.txt
 	touch $@
 
-# Optional input-pipeline speed-ups (README "Data loading speed"): simplejpeg (wheel) and pillow-simd (built from
+# Optional input-pipeline speed-ups (docs/data.md, "Data loading speed"): simplejpeg (wheel) and pillow-simd (built from
 # source, ~25 s). Without them everything works, slower. `make setup PILLOW_SIMD=0` keeps stock Pillow.
 $(FAST_STAMP): $(BASE_STAMP) requirements/fast.txt requirements/pillow-simd.txt
 	$(PIP) install -r requirements/fast.txt || echo "optional simplejpeg not installed: PIL decodes JPEGs"

@@ -59,7 +59,7 @@ ROWS = [
     ('opt-in --gpu-decode (workers\' half)', {}, dict(gpu_decode=True, device_aug=True)),
 ]
 DEFAULT, ALL, GPU_DECODE = 4, 8, 9
-FEED_RATE = 3600  # DeiT-S img/s on one H100 (bf16 AMP, batch 128; README "Data loading speed")
+FEED_RATE = 3600  # DeiT-S img/s on one H100 (bf16 AMP, batch 128; docs/data.md, "Data loading speed")
 
 
 def imagenet_like_jpegs(n: int, seed: int = 0) -> list[tuple[str, bytes]]:

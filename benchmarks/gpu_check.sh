@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA paths in one run (< 10 min on one GPU); its numbers go into the README ("Data loading speed").
+# The CUDA paths in one run (< 10 min on one GPU); its numbers go into docs/data.md ("Data loading speed").
 #   bash benchmarks/gpu_check.sh          PYTHON=python3  WORK=/tmp/gpu_check (a fresh folder below it per run)
 # 1. AMP train steps of DeiT-S 224, batch 128, MaxSup vs CE, img/s: fp16 + GradScaler, bf16, bf16 + compile;
 #    ResNet-50 fp16 with and without channels-last

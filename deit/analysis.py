@@ -1,6 +1,6 @@
 """The paper's analyses as library functions (the CLIs in tools/ only parse arguments and plot).
 
-- logits:     near-zero logit counts per sample, logit range statistics (the README's figure)
+- logits:     near-zero logit counts per sample, logit range statistics (the official README's logit figure)
 - features:   penultimate features -> d_within / R^2 (deit.metrics.feature_variation), Table 2
 - transfer:   linear probe on frozen penultimate features (Kornblith et al. 2021 protocol)
 - projection: Mueller et al. 2019 projection of 3 classes onto the plane through their class templates

@@ -5,7 +5,7 @@
 #     RECIPE=paper      DeiT-S as the paper's text says (Sec. 5.1): no Mixup/CutMix, no distillation
 #     RECIPE=official   DeiT-S with the official code's defaults (DeiT's: Mixup 0.8, CutMix 1.0)
 #     RECIPE=resnet50   ResNet-50 + BlurPool, SGD, the paper's text (Sec. 5.1) where it and Conv/ffcv differ
-#   The README's recipe table lists every setting with its source.
+#   docs/training.md's recipe table lists every setting with its source.
 # Environment: DATA_PATH, RECIPE, LOSS (default maxsup), OUTPUT_DIR, NGPUS (per node, default 1), NNODES
 # (default 1), plus what scripts/distributed_train.sh reads for multi-node runs. Extra arguments are passed
 # to deit.main and override the recipe (e.g. --cache, --epochs 100, --alpha-schedule constant); a recipe of
