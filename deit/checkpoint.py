@@ -282,14 +282,18 @@ def load_file(source: str | os.PathLike, map_location='cpu'):
     """Load a checkpoint object from a path, an http(s) URL, or ``hf-hub:<repo>[/<file>]``."""
     source = os.fspath(source)
     if source.startswith('hf-hub:'):
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub
+        from huggingface_hub.errors import LocalEntryNotFoundError
         spec = source[len('hf-hub:'):]
         repo, _, filename = spec.partition('@')
         candidates = [filename] if filename else ['model.safetensors', 'pytorch_model.bin', 'checkpoint.pth']
         last = None
         for fn in candidates:
             try:
-                return load_file(hf_hub_download(repo, fn), map_location)
+                return load_file(huggingface_hub.hf_hub_download(repo, fn), map_location)
+            except LocalEntryNotFoundError:  # the hub cannot be reached: each further name would wait as long
+                raise CheckpointError(f'{source}: cannot reach the Hugging Face Hub, and {fn} is not in the local '
+                                      f'cache; download the file and pass its path') from None
             except Exception as e:  # EntryNotFoundError etc.: try the next usual file name
                 last = e
         raise CheckpointError(f'{source}: none of {candidates} could be fetched: {last}')

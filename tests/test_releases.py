@@ -522,6 +522,17 @@ def test_hub_and_url_sources_try_the_usual_files_in_order(tmp_path, monkeypatch)
                                               r"'checkpoint.pth'\] could be fetched: 404 checkpoint.pth$"):
         (tmp_path / 'pytorch_model.bin').unlink()
         load_file('hf-hub:org/none')
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    asked.clear()
+
+    def offline(repo, filename):  # no network, nothing cached: huggingface_hub's own retries took ~25 s per name
+        asked.append(filename)
+        raise LocalEntryNotFoundError('cannot find the requested files in the local cache')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', offline)
+    with pytest.raises(CheckpointError, match=r'^hf-hub:org/deit-s: cannot reach the Hugging Face Hub, and '
+                                              r'model.safetensors is not in the local cache; download the file'):
+        load_file('hf-hub:org/deit-s')
+    assert asked == ['model.safetensors']  # one wait, not one per usual file name
     urls = []
 
     def from_url(url, map_location=None, weights_only=False):
