@@ -15,7 +15,7 @@ import yaml
 from timm.utils import ParseKwargs
 
 from deit.datasets import DATA_SETS
-from deit.losses import HARD_LABEL_LOSSES, LOSSES
+from deit.losses import ALPHA_DEFAULT, HARD_LABEL_LOSSES, LOSSES, loss_options
 
 class UsageError(SystemExit):
     """A command-line or recipe mistake: its message on stderr, exit code 2 (argparse's, as every other usage
@@ -148,7 +148,7 @@ def _augmentation(p) -> None:
 def _loss(p) -> None:
     g = p.add_argument_group('loss').add_argument
     g('--loss', default='maxsup', choices=LOSSES, help='the regulariser compared in the paper')
-    g('--alpha', '--maxsup-alpha', dest='alpha', type=float, default=0.1,
+    g('--alpha', '--maxsup-alpha', dest='alpha', type=float, default=ALPHA_DEFAULT,
       help='regulariser weight at epoch 0 (maxsup, ls, ls_reg_only, ls_err_only; ols: its initial smoothing)')
     g('--alpha-end', '--maxsup-alpha-end', dest='alpha_end', type=float, default=0.2,
       help='weight at the last epoch, linear in between: the paper schedules MaxSup AND label smoothing '
@@ -158,12 +158,11 @@ def _loss(p) -> None:
     g('--smoothing', type=float, default=0.0,
       help="DeiT's label smoothing; 0 because the regulariser is chosen with --loss")
     g('--bce-loss', action='store_true', help='BCE on mixed labels (DeiT III); only with --loss ce')
-    g('--ols-a', type=float, default=0.5, help='OLS: weight of the hard-label CE')
-    g('--zipf-weight', type=float, default=1.0, help="Zipf LS: weight of the KL term (the authors' loss_lambda)")
-    g('--zipf-power', type=float, default=1.0, help='Zipf LS: exponent of the rank law')
-    g('--zipf-loss-mask', action='store_true',
-      help="Zipf LS term on correctly classified samples only (the authors' --mask; off, as theirs)")
-    g('--logit-penalty-beta', type=float, default=2e-3, help='logit penalty: beta / 2 * sum z^2')
+    for option, default in loss_options():  # each loss's own flags, defaults from its constructor
+        if isinstance(default, bool):
+            g(option.flag, dest=option.dest, action='store_true', help=option.help)
+        else:
+            g(option.flag, dest=option.dest, type=type(default), default=default, help=option.help)
     g('--teacher-model', default='regnety_160', help='distillation teacher (timm name)')
     g('--teacher-path', default='', help='distillation teacher checkpoint')
     g('--distillation-type', default='none', choices=['none', 'soft', 'hard'], help='DeiT distillation')

@@ -13,8 +13,10 @@ Paper: Zhou et al., "MaxSup: Overcoming Representation Collapse in Label Smoothi
 """
 from __future__ import annotations
 
+import inspect
 from argparse import Namespace
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -464,42 +466,80 @@ class DistillationLoss(nn.Module):
         return base_loss * (1 - self.alpha) + distill * self.alpha
 
 
-LOSSES = ('ce', 'ls', 'maxsup', 'ls_reg_only', 'ls_err_only', 'ols', 'zipf', 'logit_penalty')
-HARD_LABEL_LOSSES = ('ls_reg_only', 'ls_err_only')
-SCHEDULED_LOSSES = ('maxsup', 'ls', 'ls_reg_only', 'ls_err_only')  # alpha follows AlphaSchedule
+@dataclass(frozen=True)
+class LossOption:
+    """A loss's hyper-parameter flag; the default is its constructor parameter's (``param``): one home."""
+    flag: str
+    dest: str
+    param: str
+    help: str
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss of the registry: its class, how the trainer's options build it, its flags, and what the trainer
+    must know of it (``scheduled``: alpha follows :class:`AlphaSchedule`; ``hard_only``: no Mixup/CutMix)."""
+    cls: type
+    make: Callable[[type, dict], nn.Module]
+    options: tuple[LossOption, ...] = ()
+    scheduled: bool = False
+    hard_only: bool = False
+
+    def defaults(self) -> dict:
+        params = inspect.signature(self.cls).parameters
+        return {o.dest: params[o.param].default for o in self.options}
+
+
+ALPHA_DEFAULT = inspect.signature(_AlphaLoss).parameters['alpha'].default  # --alpha's default (0.1)
+
+# The one list of losses: it drives the parser's choices and flags, the checks and create_criterion.
+LOSS_REGISTRY: dict[str, LossSpec] = {
+    'ce': LossSpec(CrossEntropyLoss, lambda cls, o: cls()),
+    'ls': LossSpec(LabelSmoothingLoss, lambda cls, o: cls(o['alpha']), scheduled=True),
+    'maxsup': LossSpec(MaxSupLoss, lambda cls, o: cls(o['alpha']), scheduled=True),
+    'ls_reg_only': LossSpec(LabelSmoothingPartLoss, lambda cls, o: cls('regularization', o['alpha']),
+                            scheduled=True, hard_only=True),
+    'ls_err_only': LossSpec(LabelSmoothingPartLoss, lambda cls, o: cls('error_enhancement', o['alpha']),
+                            scheduled=True, hard_only=True),
+    'ols': LossSpec(OnlineLabelSmoothing, lambda cls, o: cls(o['nb_classes'], a=o['ols_a'], smoothing=o['alpha']),
+                    (LossOption('--ols-a', 'ols_a', 'a', 'OLS: weight of the hard-label CE'),)),
+    'zipf': LossSpec(ZipfLabelSmoothing, lambda cls, o: cls(o['zipf_weight'], o['zipf_power'],
+                                                            loss_mask=o['zipf_loss_mask']),
+                     (LossOption('--zipf-weight', 'zipf_weight', 'weight',
+                                 "Zipf LS: weight of the KL term (the authors' loss_lambda)"),
+                      LossOption('--zipf-power', 'zipf_power', 'power', 'Zipf LS: exponent of the rank law'),
+                      LossOption('--zipf-loss-mask', 'zipf_loss_mask', 'loss_mask',
+                                 "Zipf LS term on correctly classified samples only (the authors' --mask; off, "
+                                 "as theirs)"))),
+    'logit_penalty': LossSpec(LogitPenaltyLoss, lambda cls, o: cls(o['logit_penalty_beta']),
+                              (LossOption('--logit-penalty-beta', 'logit_penalty_beta', 'beta',
+                                          'logit penalty: beta / 2 * sum z^2'),)),
+}
+LOSSES = tuple(LOSS_REGISTRY)
+HARD_LABEL_LOSSES = tuple(n for n, spec in LOSS_REGISTRY.items() if spec.hard_only)
+SCHEDULED_LOSSES = tuple(n for n, spec in LOSS_REGISTRY.items() if spec.scheduled)
+
+
+def loss_options() -> list[tuple[LossOption, object]]:
+    """Every loss's options with their defaults, in registry order (for the parser)."""
+    return [(o, spec.defaults()[o.dest]) for spec in LOSS_REGISTRY.values() for o in spec.options]
 
 
 def create_criterion(args: Namespace | Mapping | None = None, **kwargs) -> nn.Module:
-    """Build a loss by name. Accepts the trainer's argparse Namespace, a dict, or keyword arguments.
-
-    Keys: ``loss`` (one of LOSSES), ``alpha`` (weight for maxsup/ls/ls_*; default 0.1; ``maxsup_alpha`` is
-    accepted too),
-    ``nb_classes`` (OLS), ``ols_a``, ``zipf_weight``, ``zipf_power``, ``logit_penalty_beta``.
-    """
+    """Build a loss by name from :data:`LOSS_REGISTRY`. Accepts the trainer's argparse Namespace, a dict, or
+    keyword arguments: ``loss`` (default maxsup), ``alpha`` (``maxsup_alpha`` is accepted too), ``nb_classes``
+    (OLS), and the losses' own options (``ols_a``, ``zipf_weight``, ...; default: their constructors')."""
     opts = dict(vars(args) if isinstance(args, Namespace) else (args or {}))
     opts.update(kwargs)
     name = opts.get('loss', 'maxsup')
-    alpha = opts.get('alpha', opts.get('maxsup_alpha', 0.1))
-    if name == 'ce':
-        return CrossEntropyLoss()
-    if name == 'maxsup':
-        return MaxSupLoss(alpha)
-    if name == 'ls':
-        return LabelSmoothingLoss(alpha)
-    if name == 'ls_reg_only':
-        return LabelSmoothingPartLoss('regularization', alpha)
-    if name == 'ls_err_only':
-        return LabelSmoothingPartLoss('error_enhancement', alpha)
-    if name == 'ols':
-        if opts.get('nb_classes') is None:
-            raise ValueError('loss "ols" needs nb_classes')
-        return OnlineLabelSmoothing(opts['nb_classes'], a=opts.get('ols_a', 0.5), smoothing=alpha)
-    if name == 'zipf':
-        return ZipfLabelSmoothing(opts.get('zipf_weight', 1.0), opts.get('zipf_power', 1.0),
-                                  loss_mask=opts.get('zipf_loss_mask', False))
-    if name == 'logit_penalty':
-        return LogitPenaltyLoss(opts.get('logit_penalty_beta', 2e-3))
-    raise ValueError(f'unknown loss {name!r}; choose one of {", ".join(LOSSES)}')
+    spec = LOSS_REGISTRY.get(name)
+    if spec is None:
+        raise ValueError(f'unknown loss {name!r}; choose one of {", ".join(LOSSES)}')
+    if name == 'ols' and opts.get('nb_classes') is None:
+        raise ValueError('loss "ols" needs nb_classes')
+    values = {**spec.defaults(), **{k: v for k, v in opts.items() if v is not None},
+              'alpha': opts.get('alpha', opts.get('maxsup_alpha', ALPHA_DEFAULT))}
+    return spec.make(spec.cls, values)
 
 
 def build_criterion(args, num_classes: int, mixup: bool = False, teacher: nn.Module | None = None):

@@ -569,3 +569,29 @@ def test_distillation_weighting_and_temperature_against_hand_computed_values(tau
     want_hard = (1 - alpha) * F.cross_entropy(cls, y) + alpha * hard_nll
     got = DistillationLoss(base, teacher, 'hard', alpha, tau)(x, (cls, dist), y)
     assert torch.allclose(got, want_hard, atol=1e-6), (got, want_hard)
+
+
+def test_the_loss_registry_drives_the_parser_and_matches_each_loss():
+    """One list of losses: the parser's choices and flags come from it, a flag's default is its loss
+    constructor's, and the registry's hard-label and schedule marks agree with what each loss does."""
+    import inspect
+
+    from deit.args import parse_args
+    from deit.losses import LOSS_REGISTRY, SCHEDULED_LOSSES, create_criterion
+    args = parse_args([])
+    for name, spec in LOSS_REGISTRY.items():
+        params = inspect.signature(spec.cls).parameters
+        for option in spec.options:
+            assert getattr(args, option.dest) == params[option.param].default, (name, option.flag)
+            flagged = parse_args([option.flag] if isinstance(params[option.param].default, bool)
+                                 else [option.flag, '0.25'])
+            built = create_criterion(flagged, loss=name, nb_classes=4)
+            assert getattr(built, option.param) in (True, 0.25), (name, option.flag)  # the flag reaches the loss
+        crit = create_criterion(loss=name, nb_classes=4, alpha=0.15)
+        z, soft = torch.randn(6, 4), torch.softmax(torch.randn(6, 4), 1)
+        if spec.hard_only:
+            with pytest.raises(ValueError, match='hard labels'):
+                crit(z, soft)
+        else:
+            assert torch.isfinite(crit(z, soft))
+        assert (getattr(crit, 'alpha', None) == 0.15) == (name in SCHEDULED_LOSSES), name
