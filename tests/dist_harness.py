@@ -56,12 +56,20 @@ def caller() -> str:
     return '<outside the project>'
 
 
-def record_collectives(log: dict) -> None:
+def record_collectives(log: dict, path: Path | None) -> None:
+    """Record (calling function, collective) pairs; each new pair rewrites ``path`` at once (atomically), so the
+    file is complete even when torchrun's teardown kills this rank on its way out."""
     for name in COLLECTIVES:
         real = getattr(dist, name)
 
         def wrapped(*a, _real=real, _name=name, **kw):
-            log.setdefault(caller(), set()).add(_name)
+            seen = log.setdefault(caller(), set())
+            if _name not in seen:
+                seen.add(_name)
+                if path is not None:
+                    tmp = path.with_suffix('.tmp')
+                    tmp.write_text(json.dumps({k: sorted(v) for k, v in log.items()}))
+                    os.replace(tmp, path)
             return _real(*a, **kw)
 
         setattr(dist, name, wrapped)
@@ -185,17 +193,12 @@ def main(argv: list[str]) -> int:
         argv[i] = f'{argv[i]}.rank{rank}'
     gpu_spec = legacy or du.process_group_backend(True)
     du.process_group_backend = lambda use_cuda: simulated_spec(gpu_spec)
-    log: dict = {}
-    record_collectives(log)
+    out = os.environ.get('COLLECTIVE_LOG')
+    record_collectives({}, Path(out, f'rank{rank}.json') if out else None)
     if os.environ.get('EXIT_LOG'):
         record_training_errors(Path(os.environ['EXIT_LOG']))
     from deit.main import cli
-    try:
-        return cli(argv)
-    finally:
-        out = os.environ.get('COLLECTIVE_LOG')
-        if out:
-            Path(out, f'rank{rank}.json').write_text(json.dumps({k: sorted(v) for k, v in log.items()}))
+    return cli(argv)
 
 
 if __name__ == '__main__':
