@@ -15,6 +15,7 @@ import yaml
 from timm.utils import ParseKwargs
 
 from deit.datasets import DATA_SETS
+from deit.device_decode import INTERPOLATIONS
 from deit.losses import ALPHA_DEFAULT, HARD_LABEL_LOSSES, LOSSES, loss_options
 
 class UsageError(SystemExit):
@@ -367,7 +368,7 @@ def check_args(args) -> None:
                            (aa and not args.device_aug, 'RandAugment needs the decoded image: add --device-aug'),
                            (not aa and bool(args.color_jitter), 'colour jitter needs the decoded image: add '
                                                                 '--color-jitter 0'),
-                           (args.train_interpolation not in ('bicubic', 'bilinear', 'nearest', 'random'),
+                           (args.train_interpolation not in (*INTERPOLATIONS, 'random'),
                             f'--train-interpolation {args.train_interpolation}: the device resizes with bicubic, '
                             f'bilinear, nearest or random')):
             if wrong:

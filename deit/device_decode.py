@@ -37,7 +37,7 @@ from data.zip_cache import drop_skipped, kept_count
 from deit.device_aug import to_device
 from deit.transforms import EncodedImage
 
-MODES = {'bicubic': 'bicubic', 'bilinear': 'bilinear', 'nearest': 'nearest'}  # timm name -> F.interpolate mode
+INTERPOLATIONS = ('bicubic', 'bilinear', 'nearest')  # timm's names that are also F.interpolate modes
 
 
 @dataclass
@@ -135,7 +135,7 @@ class DeviceDecoder:
             if img.shape[0] == 1:  # grayscale: PIL's convert('RGB') repeats the channel
                 img = img.expand(3, -1, -1)
             top, left, h, w = boxes[k]
-            mode = MODES[batch.interpolations[k]]
+            mode = batch.interpolations[k]
             crop = img[None, :, top:top + h, left:left + w].float()
             out[pos] = F.interpolate(crop, size=(s, s), mode=mode, antialias=mode != 'nearest',
                                      **({} if mode == 'nearest' else {'align_corners': False}))[0]

@@ -23,6 +23,11 @@ from torchvision.transforms import functional as F
 from data.decode import LazyJpeg, decode_reduced
 
 
+def draw_interpolation(rrc: RandomResizedCropAndInterpolation):
+    """timm's per-sample interpolation draw ('random': one of its tuple), after its crop draw, as timm makes it."""
+    return random.choice(rrc.interpolation) if isinstance(rrc.interpolation, (tuple, list)) else rrc.interpolation
+
+
 class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
     """timm's RandomResizedCrop that decodes a :class:`data.decode.LazyJpeg` at a reduced DCT scale."""
 
@@ -30,8 +35,7 @@ class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
         if not isinstance(img, LazyJpeg):  # decoded already (not a JPEG): timm's path
             return super().__call__(img)
         i, j, h, w = self.get_params(img.header, self.scale, self.ratio)  # timm's draws, on the full size
-        interpolation = (random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list))
-                         else self.interpolation)
+        interpolation = draw_interpolation(self)
         out_h, out_w = self.size
         reduce = next((r for r in (8, 4, 2) if h >= r * out_h and w >= r * out_w), 1)  # crop >= r x output
         pic = decode_reduced(img, reduce)
@@ -66,8 +70,7 @@ class DeferredRandomResizedCrop(RandomResizedCropAndInterpolation):
         if not device_decodable(img):
             return super().__call__(decode_reduced(img, 1) if isinstance(img, LazyJpeg) else img)
         box = self.get_params(img.header, self.scale, self.ratio)
-        interpolation = (random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list))
-                         else self.interpolation)
+        interpolation = draw_interpolation(self)
         data = torch.from_numpy(np.frombuffer(img.data, np.uint8).copy())
         return EncodedImage(data, img.name, box, interpolation.value)
 
