@@ -73,11 +73,11 @@ def test_simulated_spec_swaps_only_the_cuda_backend():
 
 @pytest.mark.slow
 def test_gpu_style_process_group_runs_every_collective(bad_cache, tmp_path):
-    """Issue 18: one epoch with --dist-eval, OLS, EMA and --skip-bad-images under a GPU-style group."""
+    """one epoch with --dist-eval, OLS, EMA and --skip-bad-images under a GPU-style group."""
     args = TINY + ['--data-set', 'IMNET', '--data-path', str(bad_cache), '--cache', '--skip-bad-images',
                    '--batch-size', '4', '--epochs', '1', '--loss', 'ols', '--dist-eval', '--model-ema', '--no-repeated-aug',
                    '--model-ema-decay', '0.9', '--output_dir', str(tmp_path / 'run')]
-    # the NCCL-only group of the old code fails at the first CPU collective, as on a cluster
+    # an NCCL-only group fails at the first CPU collective, as on a cluster
     legacy = run_module(HARNESS + ['--legacy-spec', 'nccl', '--'] + args[:-1] + [str(tmp_path / 'legacy')])
     assert legacy.returncode != 0
     assert 'No backend type associated with device type cpu' in legacy.stdout + legacy.stderr
@@ -110,7 +110,7 @@ def test_gpu_style_process_group_runs_every_collective(bad_cache, tmp_path):
 
 @pytest.mark.slow
 def test_requeue_on_unshared_output_dir_resumes_every_rank_bit_identically(tiny_imagefolder, tmp_path):
-    """Issue 19.8/19.10/19.11: rank 0 decides the resume, rank 1 (which cannot see the checkpoint) gets it
+    """rank 0 decides the resume, rank 1 (which cannot see the checkpoint) gets it
     by broadcast, and each rank gets its OWN RNG streams back: the resumed run equals the uninterrupted one."""
     common = TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--batch-size', '4',
                      '--epochs', '2', '--model-ema', '--model-ema-decay', '0.9', '--mixup', '0.8',
@@ -184,7 +184,7 @@ def test_slurm_variables_outside_a_job_step_run_single_process(capsys):
 
 
 def test_cuda_run_binds_local_rank_modulo_visible_gpus_and_uses_both_backends(monkeypatch):
-    """Issue 19.7/18: each SLURM task sees only its own GPU; set_device comes before the first collective."""
+    """each SLURM task sees only its own GPU; set_device comes before the first collective."""
     calls = []
     monkeypatch.setattr(du.torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(du.torch.cuda, 'device_count', lambda: 1)
@@ -201,7 +201,7 @@ def test_cuda_run_binds_local_rank_modulo_visible_gpus_and_uses_both_backends(mo
 
 
 def test_part_cache_shards_give_every_rank_the_same_step_count():
-    """Issue 19.3: N=1017 over 8 ranks, batch 64, drop_last: 1 or 2 steps per rank before; now all equal."""
+    """N=1017 over 8 ranks, batch 64, drop_last: every rank takes the same number of steps."""
     from data.zip_cache import ShardSampler
     n, world, batch = 1017, 8, 64
     ds = Namespace(shard=None)
@@ -249,7 +249,7 @@ def _empty_batch_rank(rank, world, init_file, results):
 
 
 def test_an_empty_batch_on_one_rank_is_skipped_on_all_ranks(tmp_path):
-    """Issue 19.3: the old `continue` on one rank left the other waiting in DDP's all-reduce."""
+    """A batch skipped on one rank alone would leave the other waiting in DDP's all-reduce."""
     out = run_ranks(_empty_batch_rank, 2, tmp_path, 2, tmp_path / 'init')
     assert out[0].get('skipped') == out[1].get('skipped') == 1, out
     assert out[0]['weights'] == out[1]['weights']
@@ -273,7 +273,7 @@ def test_rng_streams_are_restored_per_rank():
 
 
 def test_atomic_saves_with_equal_pids_do_not_collide(tmp_path, monkeypatch):
-    """Issue 19.9: ranks on different nodes (or PID namespaces) may share a PID."""
+    """ranks on different nodes (or PID namespaces) may share a PID."""
     monkeypatch.setattr(os, 'getpid', lambda: 4242)
     assert temp_path(tmp_path / 'x.pth') != temp_path(tmp_path / 'x.pth')
     big = {'w': torch.randn(512, 512)}
@@ -297,7 +297,7 @@ def test_atomic_saves_with_equal_pids_do_not_collide(tmp_path, monkeypatch):
 
 
 def test_criterion_follows_the_model_device():
-    """Issue 19.1: OLS keeps its soft labels in buffers; they must live where the logits are."""
+    """OLS keeps its soft labels in buffers; they must live where the logits are."""
     from deit.main import check_args, get_args_parser, setup_criterion
     args = get_args_parser().parse_args(['--loss', 'ols', '--mixup', '0', '--cutmix', '0'])
     check_args(args)
@@ -307,7 +307,7 @@ def test_criterion_follows_the_model_device():
 
 
 def test_amp_resume_from_a_checkpoint_saved_without_amp(capsys):
-    """Issue 19.2: a CPU (--no-amp) checkpoint has scaler == {}; an fp16 GradScaler refused it."""
+    """a CPU (--no-amp) checkpoint has scaler == {}; an fp16 GradScaler refused it."""
     from types import SimpleNamespace
 
     from deit.engine import LossScaler
@@ -331,7 +331,7 @@ def test_amp_resume_from_a_checkpoint_saved_without_amp(capsys):
 
 
 def test_fused_maxsup_soft_target_term_stays_fp32_under_autocast():
-    """Issue 19.13: bmm under autocast ran in bf16 (1e-3 off the reference)."""
+    """bmm under autocast ran in bf16 (1e-3 off the reference)."""
     from deit.losses import MaxSupLoss, MaxSupLossReference
     torch.manual_seed(0)
     z = torch.randn(64, 1000) * 3
@@ -413,7 +413,7 @@ def test_cuda_device_setup_turns_on_cudnn_benchmark_and_amp(monkeypatch):
 
 
 def test_amp_bf16_and_an_ema_kept_on_another_device(tmp_path):
-    """Issue 18 audit: CPU autocast (bf16) training with --model-ema-force-cpu; the EMA is evaluated on its
+    """CPU autocast (bf16) training with --model-ema-force-cpu; the EMA is evaluated on its
     own device (evaluate() follows the model's parameters, not the training device)."""
     from deit.engine import evaluate
     from deit.main import cli

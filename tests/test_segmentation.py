@@ -182,7 +182,7 @@ def _converted(demo_ckpt, tmp_path, drop=()):
 
 
 def test_backbone_weights_are_checked_strictly_before_training(demo_ckpt, tmp_path, capsys):
-    """Issue 19.12: mmseg loads init_cfg with strict=False; a DeiT bias left behind only showed in a log."""
+    """mmseg loads init_cfg with strict=False; a DeiT bias left behind only showed in a log."""
     from data.io import CheckpointError
     from segmentation.common import check_backbone_weights, load_config
     cfg = load_config(TINY_CFG)
@@ -210,7 +210,7 @@ class _NotAWeight:
 
 
 def test_unsafe_loading_is_limited_to_runner_checkpoints(demo_ckpt, tmp_path):
-    """Issue 13.10: only mmengine's own checkpoints are unpickled with weights_only=False."""
+    """only mmengine's own checkpoints are unpickled with weights_only=False."""
     import os
 
     from data.io import CheckpointError
@@ -262,7 +262,7 @@ def _convert_rank(rank, init_file, work_dir, demo_ckpt, calls_file, result):
 
 
 def test_backbone_is_converted_once_per_node_and_ranks_wait(demo_ckpt, tmp_path):
-    """Issue 19.9: every rank converted to the same file with PID-keyed temp names."""
+    """every rank converted to the same file with PID-keyed temp names."""
     calls = tmp_path / 'calls.txt'
     out = run_ranks(_convert_rank, 2, tmp_path, tmp_path / 'init', tmp_path / 'work', demo_ckpt, calls)
     assert calls.read_text().split() == ['0']

@@ -74,7 +74,7 @@ def check_cluster(args) -> None:
         if submitit.AutoExecutor.which() != 'slurm' and (args.nodes > 1 or args.ngpus > 1):
             raise UsageError(f'error: no SLURM here (sbatch not found), and --nodes {args.nodes} --ngpus '
                              f'{args.ngpus} need it; --cluster debug runs the job in this process (one task), '
-                             f'scripts/train_with_MaxSup.sh runs it on this machine\'s GPUs')
+                             f'scripts/train_with_MaxSup.sh runs it on the local GPUs')
 
 
 def build_executor(args):
