@@ -242,8 +242,12 @@ def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str 
     # one epoch longer than the measurement: with a small set (96 images = 3 batches of 32; the GPU check's
     # 1,024 = 8 batches of 128) every epoch's end drains the pipeline and a worker beyond the epoch's batch
     # count has nothing to do, which made workers look up to 3x slower when many run
+    # the warm-up also drains the batches the workers queued while starting (prefetch_factor 2 per worker):
+    # measured from a full queue, a short run reports the queue, not the workers (a 14-worker loader read
+    # 24 batches at up to 1.6x its rate)
+    warm = 3 * workers if workers else 1
     sampler = torch.utils.data.RandomSampler(ds, replacement=True,
-                                             num_samples=(batches + 2 * workers + 2) * batch_size)
+                                             num_samples=(batches + warm + 2 * workers + 2) * batch_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                          drop_last=True, persistent_workers=True,
                                          pin_memory=device not in ('cpu', None),
@@ -253,7 +257,7 @@ def loader_rate(root: Path, opts: dict, workers: int, batches: int, device: str 
         loader = DeviceBatches(loader, device, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, re_prob=0.25,
                                rand_augment=ra, decoder=DeviceDecoder(224, device, ds) if decode else None)
     it = iter(loader)
-    for _ in range(min(workers, len(loader) - 1)):  # every worker started and delivering
+    for _ in range(warm):  # every worker started and delivering, the start-up queue drained
         next(it)
     sync = torch.cuda.synchronize if device not in ('cpu', None) else (lambda: None)
     t0, seen = time.perf_counter(), 0
