@@ -20,6 +20,7 @@ from torchvision import datasets, transforms
 from data.decode import decode_image, read_image_file
 from data.zip_cache import SkipCounter, ZipImageDataset
 from deit import distributed as du
+from deit.device_aug import DeviceRandAugment
 from deit.transforms import DraftRandomResizedCrop, defer_decoding
 
 DEMO_SIZE = 32  # digits are 8x8; 4x upscaling keeps strokes visible to a patch-4 ViT
@@ -215,7 +216,6 @@ def device_rand_augment(args):
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.transforms import str_to_pil_interp
 
-    from deit.device_aug import DeviceRandAugment
     mean = normalization(args)[0]
     hparams = dict(translate_const=int(args.input_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean))
     if args.train_interpolation and args.train_interpolation != 'random':

@@ -15,7 +15,8 @@ single forgotten one crashes a cluster run at the end of epoch 0 - so the group 
 """
 from __future__ import annotations
 
-import builtins
+import contextlib
+import dataclasses
 import datetime
 import fcntl
 import itertools
@@ -25,6 +26,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -191,31 +193,41 @@ def cuda_device_index(local_rank: int) -> int:
     return local_rank % max(torch.cuda.device_count(), 1)
 
 
-def init_distributed_mode(args) -> None:
-    """Fill args.{distributed, rank, world_size, gpu, dist_backend} and init the process group if needed."""
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: one process by default. ``gpu``: its CUDA device index (the local rank
+    modulo the visible GPUs), or its local rank on a CPU run."""
+    distributed: bool = False
+    rank: int = 0
+    world_size: int = 1
+    gpu: int = 0
+    backend: str | None = None
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Init the process group when a launcher started several processes; returns this process's place.
+    ``device``: the run's --device (a run forced onto the CPU uses gloo alone, also on a GPU host)."""
     info = dist_env()
     if info is None:
-        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
-        args.dist_backend = None
-        return
+        return DistInfo()
     if info['source'] == 'slurm':  # torch's env:// init reads these
         os.environ['MASTER_ADDR'] = info['master_addr']
         os.environ['MASTER_PORT'] = str(info['master_port'])
         os.environ['RANK'], os.environ['WORLD_SIZE'] = str(info['rank']), str(info['world_size'])
         os.environ['LOCAL_RANK'] = str(info['local_rank'])
-    args.distributed, args.rank, args.world_size = True, info['rank'], info['world_size']
-    use_cuda = torch.cuda.is_available() and (getattr(args, 'device', None) or 'cuda') != 'cpu'
-    args.gpu = cuda_device_index(info['local_rank']) if use_cuda else info['local_rank']
-    args.dist_backend = process_group_backend(use_cuda)
+    use_cuda = torch.cuda.is_available() and (device or 'cuda') != 'cpu'
+    place = DistInfo(True, info['rank'], info['world_size'],
+                     cuda_device_index(info['local_rank']) if use_cuda else info['local_rank'],
+                     process_group_backend(use_cuda))
     if use_cuda:  # before the first collective: NCCL binds the communicator to the current device
-        torch.cuda.set_device(args.gpu)
+        torch.cuda.set_device(place.gpu)
     set_gloo_interface()
-    print(f'| distributed init (rank {args.rank}/{args.world_size}, local {info["local_rank"]}, '
-          f'{info["source"]}, backend {args.dist_backend})', flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method='env://', world_size=args.world_size,
-                            rank=args.rank, timeout=datetime.timedelta(minutes=30))
+    print(f'| distributed init (rank {place.rank}/{place.world_size}, local {info["local_rank"]}, '
+          f'{info["source"]}, backend {place.backend})', flush=True)
+    dist.init_process_group(backend=place.backend, init_method='env://', world_size=place.world_size,
+                            rank=place.rank, timeout=datetime.timedelta(minutes=30))
     dist.barrier()
-    setup_for_distributed(args.rank == 0)
+    return place
 
 
 def set_gloo_interface(env=None) -> str | None:
@@ -229,23 +241,20 @@ def set_gloo_interface(env=None) -> str | None:
     return name
 
 
-def setup_for_distributed(is_master: bool) -> None:
-    """Silence print() on non-master ranks (``print(..., force=True)`` still prints)."""
-    builtin_print = builtins.print
-
-    def print_(*a, **kw):
-        if kw.pop('force', False) or is_master:
-            builtin_print(*a, **kw)
-
-    builtins.print = print_
+@contextlib.contextmanager
+def main_rank_output(rank: int):
+    """Within it, only rank 0's standard output is shown (DeiT silences print on the other ranks; here the
+    stream is redirected for the run instead of replacing print for good). :func:`print_all` still prints."""
+    if rank == 0:
+        yield
+        return
+    with open(os.devnull, 'w') as null, contextlib.redirect_stdout(null):
+        yield
 
 
 def print_all(*a) -> None:
-    """Print from every rank (bypasses the master-only print of distributed runs)."""
-    if is_dist():
-        print(*a, force=True, flush=True)
-    else:
-        print(*a, flush=True)
+    """Print from every rank (the other ranks' output is silenced by :func:`main_rank_output`)."""
+    print(*a, file=sys.stdout if get_rank() == 0 else sys.__stdout__, flush=True)
 
 
 def cleanup() -> None:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from data.io import atomic_open
+from deit.distributed import is_main_process
 
 LOCK_NAME = '.lock'
 # what a run writes into its folder: a fresh start moves all of it aside together
@@ -271,3 +272,45 @@ class StdoutCopy:
         sys.stdout = self.real
         if self.file is not None:
             self.file.close()
+
+
+def open_tensorboard(output_dir: Path | None, resume: tuple[int, dict | None] | None = None):
+    """TensorBoard's writer for ``output_dir/tb``. ``resume`` (the checkpoint's epoch and record): the steps from
+    that epoch on are purged (TensorBoard's ``purge_step``: an epoch trained again appears once) and the
+    checkpoint's record is written again, as the other per-epoch files are repaired."""
+    if not output_dir or not is_main_process():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in requirements.txt; keep training without it
+        print('tensorboard not installed: no TensorBoard scalars')
+        return None
+    if resume is None:
+        return SummaryWriter(str(output_dir / 'tb'))
+    epoch, record = resume
+    tb = SummaryWriter(str(output_dir / 'tb'), purge_step=epoch if record is not None else epoch + 1)
+    if record is not None:
+        tb_scalars(tb, record, epoch)
+    return tb
+
+
+def tb_scalars(tb, log: dict, epoch: int) -> None:
+    for k, v in log.items():
+        group, _, name = k.partition('_')
+        if group in ('train', 'test') and isinstance(v, (int, float)) and name not in ('n', 'skipped_images'):
+            tb.add_scalar(f'{group}/{name}', v, epoch)
+    if log.get('alpha') is not None:
+        tb.add_scalar('train/alpha', log['alpha'], epoch)
+    tb.flush()
+
+
+def write_log(output_dir: Path, tb, log: dict, epoch: int) -> None:
+    """The epoch's record: log.txt (DeiT's JSON lines), summary.csv (timm's: one row per epoch), TensorBoard
+    train/ and test/ (deit.rundir: write order and repair)."""
+    with open(output_dir / 'log.txt', 'a') as f:
+        f.write(json.dumps(log) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+    append_summary(output_dir, log)
+    if tb is not None:
+        tb_scalars(tb, log, epoch)

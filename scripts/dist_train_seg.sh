@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-GPU segmentation fine-tuning: scripts/dist_train_seg.sh CONFIG NGPUS [train.py args ...]
+# Multi-GPU segmentation fine-tuning: scripts/dist_train_seg.sh CONFIG NGPUS [segmentation.train args ...]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and optionally MASTER_PORT) as for
 # scripts/distributed_train.sh. One node without MASTER_PORT / SLURM job: torchrun --standalone picks a
 # free port, so two fine-tunings on one machine do not collide. --dry-run (anywhere) or DRY_RUN=1 prints
@@ -22,7 +22,7 @@ elif [[ "$NNODES" -gt 1 ]]; then  # every node must name node 0 and itself, or e
 else
   cmd+=(--node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="$(job_port)")
 fi
-cmd+=(segmentation/train.py "$CONFIG" --launcher pytorch "${ARGS[@]}")
+cmd+=(-m segmentation.train "$CONFIG" --launcher pytorch "${ARGS[@]}")
 if [[ "$DRY_RUN" == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
 else

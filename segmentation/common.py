@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # configs import segmentation.mmseg_ext; the converter imports deit
-    sys.path.insert(0, str(ROOT))
+from data.io import CheckpointError, atomic_open
+from deit import distributed as du
+from deit.releases import read_state_dict
+from segmentation.deit_to_mmseg import convert_checkpoint
+
 
 
 def require_segmentation_stack() -> None:
@@ -36,7 +37,7 @@ def trust_runner_checkpoints(runner) -> None:
     HistoryBuffer and numpy objects, which torch's weights-only default refuses. The old default is restored
     only around ``runner.load_or_resume`` (torch reads TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD at each call); every
     other load - the backbone file of ``init_cfg``, any path in ``--cfg-options`` - stays weights-only, and the
-    backbone is read through deit.checkpoint first. Only resume from / test checkpoints you trust, as with mmseg.
+    backbone is read through deit.releases first. Only resume from / test checkpoints you trust, as with mmseg.
     """
     real = runner.load_or_resume
 
@@ -119,7 +120,6 @@ def init_distributed(cfg, launcher: str) -> None:
         return
     from mmengine.dist import init_dist, is_distributed
 
-    from deit import distributed as du
     kwargs = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     if launcher == 'slurm':
         kwargs.setdefault('port', int(du.slurm_port(os.environ)))
@@ -141,8 +141,6 @@ def agree_on_resume(work_dir) -> str | None:
     """
     from mmengine.runner import find_latest_checkpoint
 
-    from deit import distributed as du
-    from data.io import atomic_open
     path = find_latest_checkpoint(str(work_dir)) if du.is_main_process() else None
     path = du.broadcast_object(path)
     if path is None or all(du.all_gather_object(Path(path).is_file())):
@@ -195,7 +193,6 @@ def set_backbone_checkpoint(cfg, source, use_ema: bool = False) -> Path:
     out = Path(cfg.work_dir) / 'backbone_init.pth'
     distributed = dist.is_available() and dist.is_initialized()
     if not distributed or int(os.environ.get('LOCAL_RANK', 0)) == 0:
-        from segmentation.deit_to_mmseg import convert_checkpoint
         state = convert_checkpoint(source, out, bb.embed_dims, bb.num_layers, size, use_ema,
                                    final_norm=bb.get('final_norm', False))
         print(f'backbone weights: {source} -> {out} ({len(state)} tensors)')
@@ -219,8 +216,6 @@ def check_backbone_weights(cfg) -> None:
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
-    from data.io import CheckpointError
-    from deit.checkpoint import read_state_dict
     path = init['checkpoint']
     state = read_state_dict(path)
     register_all_modules(init_default_scope=False)

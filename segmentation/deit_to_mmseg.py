@@ -17,8 +17,9 @@ import re
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from data.io import CheckpointError
+from data.io import CheckpointError, save_atomic
 from deit.models import vit_shape
+from deit.releases import read_state_dict
 
 # (timm name, mmseg name); {i} = block index, {p} = weight|bias
 KEY_PAIRS = [
@@ -90,9 +91,7 @@ def mmseg_to_timm(state: dict) -> dict:
 
 def convert_checkpoint(src, dst, expected_width=384, expected_depth=12, img_size=512, use_ema=False,
                        final_norm=False) -> dict:
-    """Read any supported checkpoint (deit.checkpoint), convert, and save ``{'state_dict': ...}`` for mmseg."""
-    from data.io import save_atomic
-    from deit.checkpoint import read_state_dict
+    """Read any supported checkpoint (deit.releases), convert, and save ``{'state_dict': ...}`` for mmseg."""
     state = timm_to_mmseg(read_state_dict(src, use_ema=use_ema), expected_width, expected_depth, img_size,
                           final_norm)
     save_atomic({'state_dict': state, 'meta': {'source': str(src), 'img_size': img_size}}, dst)

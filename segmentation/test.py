@@ -1,6 +1,6 @@
 """Test a segmentation checkpoint: mIoU single-scale, or multi-scale + flip (--tta, the paper's numbers).
 
-    python segmentation/test.py CONFIG work_dirs/.../iter_160000.pth [--tta] [--work-dir DIR]
+    python -m segmentation.test CONFIG work_dirs/.../iter_160000.pth [--tta] [--work-dir DIR]
 """
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import numbers
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from segmentation.common import (  # noqa: E402
+from segmentation.common import (
     require_segmentation_stack,
     add_runner_args, check_data_root, load_config, trust_runner_checkpoints)
 

@@ -1,7 +1,7 @@
 """Fine-tune UperNet + DeiT on ADE20K with mmengine's Runner.
 
-    python segmentation/train.py segmentation/configs/upernet_deit-s16_maxsup_8xb2-160k_ade20k-512x512.py
-    python segmentation/train.py CONFIG --backbone-checkpoint output/deit_small_maxsup/checkpoint.pth
+    python -m segmentation.train segmentation/configs/upernet_deit-s16_maxsup_8xb2-160k_ade20k-512x512.py
+    python -m segmentation.train CONFIG --backbone-checkpoint output/deit_small_maxsup/checkpoint.pth
     scripts/dist_train_seg.sh CONFIG 8 [...]                       # 8 GPUs (launcher pytorch)
 --backbone-checkpoint converts our trainer's / the released DeiT checkpoint on the fly (pos-embed resized
 to the crop). Single-process runs (CPU included) use BN instead of SyncBN.
@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from deit.distributed import get_world_size  # noqa: E402
-from segmentation.common import (  # noqa: E402
+from deit.distributed import get_world_size
+from segmentation.common import (
     require_segmentation_stack,
     add_runner_args, agree_on_resume, check_backbone_weights, check_data_root, init_distributed, load_config,
     set_backbone_checkpoint, set_batch, trust_runner_checkpoints)

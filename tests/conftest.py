@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +124,42 @@ def run_module(args, env_extra=None, timeout=600, **kw) -> subprocess.CompletedP
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1', **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, **kw)
+
+
+def training_state(seed: int, ema: bool = True, scaler: bool = False):
+    """A small run's TrainingState: a linear model, SGD with momentum, timm's cosine schedule with warm-up,
+    OLS (a criterion with state) and an EMA."""
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    from deit.engine import LossScaler
+    from deit.losses import OnlineLabelSmoothing
+    from deit.train_state import TrainingState
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=10, warmup_epochs=2, warmup_lr=1e-3)
+    state = TrainingState(model, optimizer, scheduler, LossScaler('cpu', enabled=scaler), OnlineLabelSmoothing(3),
+                          model_ema=ModelEmaV3(model, decay=0.5) if ema else None)
+    state.max_accuracy = 0.0
+    return state
+
+
+def trained_checkpoint(world_size: int = 1, scaler: bool = False):
+    """A run after 3 epochs, its checkpoint, and the numbers its RNG streams give next."""
+    from deit.train_state import checkpoint_dict, rng_state
+    state = training_state(0, scaler=scaler)
+    if scaler:
+        state.loss_scaler._scaler = torch.amp.GradScaler('cpu', init_scale=128.0)
+    state.model(torch.randn(2, 4)).sum().backward()
+    state.optimizer.step()  # momentum buffers
+    state.model_ema.update(state.model)
+    state.criterion.supervise.fill_(1 / 3)
+    for epoch in range(4):
+        state.lr_scheduler.step(epoch)
+    state.max_accuracy = 42.5
+    state.epoch, state.last_log, state.last_test_stats = 3, {'epoch': 3}, {'acc1': 41.0}
+    rng = [rng_state() for _ in range(world_size)]
+    ckpt = checkpoint_dict(state, Namespace(seed=0), world_size, rng)
+    after = (torch.rand(3), random.random(), np.random.rand())
+    return state, ckpt, after

@@ -6,7 +6,7 @@ collective on a tensor whose device type has no backend in that specification fa
 would under NCCL. Every collective call is recorded (the innermost project function that made it) into
 ``$COLLECTIVE_LOG/rank<r>.json``.
 
-    torchrun --nproc_per_node=2 tests/dist_harness.py [options] -- <deit.main arguments>
+    torchrun --nproc_per_node=2 -m tests.dist_harness [options] -- <deit.main arguments>   (from the repo root)
 
 Options: ``--legacy-spec SPEC`` the GPU backend spec to imitate (default: the project's); ``--stop-at-epoch E``
 every rank exits when it enters epoch E (a requeue after epoch E-1, deterministically); ``--kill-after-write N``
@@ -28,12 +28,11 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch.distributed as dist
+
+from deit import distributed as du
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch.distributed as dist  # noqa: E402
-
-from deit import distributed as du  # noqa: E402
 
 HELPERS = {'all_reduce_sum', 'any_rank', 'broadcast_object', 'all_gather_object'}
 COLLECTIVES = ('all_reduce', 'broadcast', 'broadcast_object_list', 'all_gather', 'all_gather_object',
@@ -76,8 +75,8 @@ def record_collectives(log: dict, path: Path | None) -> None:
 
 
 def stop_at_epoch(epoch: int) -> None:
-    import deit.main
-    real = deit.main.train_one_epoch
+    import deit.loop
+    real = deit.loop.train_one_epoch
 
     def train_one_epoch(*a, **kw):
         if a[5] == epoch:
@@ -85,11 +84,11 @@ def stop_at_epoch(epoch: int) -> None:
             os._exit(0)
         return real(*a, **kw)
 
-    deit.main.train_one_epoch = train_one_epoch
+    deit.loop.train_one_epoch = train_one_epoch
 
 
 def kill_after_write(n: int) -> None:
-    import deit.main
+    import deit.loop
     count = [0]
 
     def counted(real):
@@ -102,8 +101,8 @@ def kill_after_write(n: int) -> None:
             return out
         return write
 
-    deit.main.save_atomic = counted(deit.main.save_atomic)
-    deit.main.write_log = counted(deit.main.write_log)
+    deit.loop.save_atomic = counted(deit.loop.save_atomic)
+    deit.loop.write_log = counted(deit.loop.write_log)
 
 
 def at_criterion_call(rank: int, call: int, act) -> None:
@@ -136,20 +135,20 @@ def signal_self(loss):
 
 
 def eval_trend(rank: int, delta: float) -> None:
-    import deit.main
-    real, calls = deit.main.evaluate, [0]
+    import deit.loop
+    real, calls = deit.loop.evaluate, [0]
 
     def evaluate(*a, **kw):
         calls[0] += 1
         sign = 1 if du.get_rank() == rank else -1
         return {**real(*a, **kw), 'acc1': 50 + sign * calls[0] * delta}
 
-    deit.main.evaluate = evaluate
+    deit.loop.evaluate = evaluate
 
 
 def record_training_errors(folder: Path) -> None:
-    import deit.main
-    real = deit.main.train_one_epoch
+    import deit.loop
+    real = deit.loop.train_one_epoch
 
     def train_one_epoch(*a, **kw):
         try:
@@ -158,7 +157,7 @@ def record_training_errors(folder: Path) -> None:
             Path(folder, f'rank{du.get_rank()}.error').write_text(f'{type(e).__name__}: {e}')
             raise
 
-    deit.main.train_one_epoch = train_one_epoch
+    deit.loop.train_one_epoch = train_one_epoch
 
 
 def hide_folder(folder: Path) -> None:

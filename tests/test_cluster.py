@@ -21,12 +21,12 @@ import torch
 from data.build_zip_cache import main as build_zip
 from deit import distributed as du
 from data.io import save_atomic, temp_path
-from deit.checkpoint import restore_rng, rng_state
+from deit.train_state import restore_rng, rng_state
 from tests.conftest import (ROOT, TINY, checksums, corrupt_first_member, make_imagefolder, ok, run_module,
                             run_ranks)
 from tests.dist_harness import COLLECTIVES, HELPERS, simulated_spec
 
-HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'tests/dist_harness.py']
+HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'tests.dist_harness']
 
 
 @pytest.fixture(scope='module')
@@ -191,12 +191,10 @@ def test_cuda_run_binds_local_rank_modulo_visible_gpus_and_uses_both_backends(mo
     monkeypatch.setattr(du.torch.cuda, 'set_device', lambda i: calls.append(('set_device', i)))
     monkeypatch.setattr(du.dist, 'init_process_group', lambda **kw: calls.append(('init', kw['backend'])))
     monkeypatch.setattr(du.dist, 'barrier', lambda: calls.append(('barrier',)))
-    monkeypatch.setattr(du, 'setup_for_distributed', lambda m: None)
     for k, v in {'RANK': '5', 'WORLD_SIZE': '8', 'LOCAL_RANK': '5', 'MASTER_ADDR': 'h', 'MASTER_PORT': '1'}.items():
         monkeypatch.setenv(k, v)
-    args = Namespace(device=None)
-    du.init_distributed_mode(args)
-    assert args.gpu == 0 and args.dist_backend == 'cpu:gloo,cuda:nccl'
+    place = du.init_distributed(None)
+    assert place.gpu == 0 and place.backend == 'cpu:gloo,cuda:nccl' and (place.rank, place.world_size) == (5, 8)
     assert calls == [('set_device', 0), ('init', 'cpu:gloo,cuda:nccl'), ('barrier',)]
 
 
@@ -298,20 +296,19 @@ def test_atomic_saves_with_equal_pids_do_not_collide(tmp_path, monkeypatch):
 
 def test_criterion_follows_the_model_device():
     """OLS keeps its soft labels in buffers; they must live where the logits are."""
-    from deit.main import check_args, get_args_parser, setup_criterion
+    from deit.args import check_args, get_args_parser
+    from deit.build import setup_criterion
+    from deit.config import resolve_config
     args = get_args_parser().parse_args(['--loss', 'ols', '--mixup', '0', '--cutmix', '0'])
     check_args(args)
-    args.nb_classes = 5
-    criterion, base, _ = setup_criterion(args, 5, None, torch.device('meta'))
+    criterion, base, _ = setup_criterion(resolve_config(args, 5), 5, None, torch.device('meta'))
     assert {b.device.type for b in base.buffers()} == {'meta'}
 
 
 def test_amp_resume_from_a_checkpoint_saved_without_amp(capsys):
     """a CPU (--no-amp) checkpoint has scaler == {}; an fp16 GradScaler refused it."""
-    from types import SimpleNamespace
-
     from deit.engine import LossScaler
-    from deit.checkpoint import restore_training_state
+    from deit.train_state import TrainingState, resume
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
@@ -319,14 +316,12 @@ def test_amp_resume_from_a_checkpoint_saved_without_amp(capsys):
              'scaler': LossScaler('cpu', enabled=False).state_dict(), 'epoch': 3, 'rng': [rng_state()]}
     assert saved['scaler'] == {}
     scaler = LossScaler('cpu', enabled=True)
-    run = SimpleNamespace(optimizer=opt, lr_scheduler=sched, loss_scaler=scaler, model_ema=None,
-                          base_criterion=torch.nn.Module(), max_accuracy=0.0)
-    args = Namespace(start_epoch=0, seed=0)
-    restore_training_state(args, run, saved, 'ckpt.pth')
-    assert args.start_epoch == 4 and 'no loss-scaler state' in capsys.readouterr().out
+    state = TrainingState(model, opt, sched, scaler, torch.nn.Module())
+    resume(state, saved, 'ckpt.pth', seed=0)
+    assert state.start_epoch == 4 and 'no loss-scaler state' in capsys.readouterr().out
     enabled_state = {'scale': 1024.0, 'growth_factor': 2.0, 'backoff_factor': 0.5, 'growth_interval': 2000,
                      '_growth_tracker': 0}
-    restore_training_state(args, run, {**saved, 'scaler': enabled_state}, 'ckpt.pth')
+    resume(state, {**saved, 'scaler': enabled_state}, 'ckpt.pth', seed=0)
     assert scaler.state_dict()['scale'] == 1024.0
 
 
@@ -404,11 +399,11 @@ def test_submitit_srun_gets_cpus_and_kill_on_bad_exit(tmp_path, monkeypatch):
 
 
 def test_cuda_device_setup_turns_on_cudnn_benchmark_and_amp(monkeypatch):
-    from deit.main import setup_device
+    from deit.build import setup_device
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
-    device, amp = setup_device(Namespace(device='cuda', distributed=True, gpu=3, amp=None, seed=0))
+    device, amp = setup_device(Namespace(device='cuda', distributed=True, gpu=3, rank=0, amp=None, seed=0))
     assert device == torch.device('cuda', 3) and amp is True and torch.backends.cudnn.benchmark is True
-    device, amp = setup_device(Namespace(device='cpu', distributed=False, gpu=0, amp=None, seed=0))
+    device, amp = setup_device(Namespace(device='cpu', distributed=False, gpu=0, rank=0, amp=None, seed=0))
     assert device.type == 'cpu' and amp is False
 
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deit import main as trainer
 from deit.args import parse_args
+from deit.build import build_optimization
+from deit.config import resolve_config
+from deit.distributed import DistInfo
 from deit.engine import evaluate
 from deit.losses import (LabelSmoothingLoss, LogitPenaltyLoss, MaxSupLoss, OnlineLabelSmoothing, ZipfLabelSmoothing,
                          create_criterion)
@@ -85,18 +87,23 @@ def test_classification_summary_and_evaluate_on_a_known_batch():
 
 
 @pytest.mark.parametrize('world', [1, 2, 8])
-def test_effective_lr_follows_world_size(world, monkeypatch, capsys):
-    monkeypatch.setattr(trainer.du, 'get_world_size', lambda: world)
+def test_effective_lr_follows_world_size(world, capsys):
+    place = DistInfo(distributed=world > 1, world_size=world)
     args = parse_args(['--data-set', 'DEMO', '--batch-size', '64', '--lr', '5e-4', '--epochs', '10'])
-    total = trainer.resolve_batch(args)
-    trainer.build_optimization(args, torch.nn.Linear(2, 2), total)
-    assert total == 64 * world and args.lr == pytest.approx(5e-4 * 64 * world / 512)
-    assert f'effective batch size 64 x {world} = {64 * world}; lr {args.lr:.3g}' in capsys.readouterr().out
+    cfg = resolve_config(args, 10, place)
+    build_optimization(cfg, torch.nn.Linear(2, 2))
+    assert cfg.total_batch == 64 * world and cfg.lr == pytest.approx(5e-4 * 64 * world / 512)
+    assert f'effective batch size 64 x {world} = {64 * world}; lr {cfg.lr:.3g}' in capsys.readouterr().out
+    assert args.lr == 5e-4 and args.batch_size == 64  # the parsed flags are left as given
     args = parse_args(['--data-set', 'DEMO', '--total-batch-size', '1024', '--lr', '5e-4', '--epochs', '10'])
-    assert trainer.resolve_batch(args) == 1024 and args.batch_size == 1024 // world  # one recipe, any world
+    cfg = resolve_config(args, 10, place)
+    assert cfg.total_batch == 1024 and cfg.batch_size == 1024 // world  # one recipe, any world
     args = parse_args(['--data-set', 'DEMO', '--batch-size', '64', '--lr', '5e-4', '--unscale-lr', '--epochs', '10'])
-    trainer.build_optimization(args, torch.nn.Linear(2, 2), trainer.resolve_batch(args))
-    assert args.lr == 5e-4
+    cfg = resolve_config(args, 10, place)
+    build_optimization(cfg, torch.nn.Linear(2, 2))
+    assert cfg.lr == 5e-4
+    with pytest.raises(AttributeError, match="resolved once; 'lr' cannot change"):
+        cfg.lr = 1.0
 
 
 ACC = [10., 20., 30., 32., 32., 31., 31., 31., 31., 31., 31., 31.]  # an accuracy that plateaus
@@ -106,13 +113,14 @@ ACC = [10., 20., 30., 32., 32., 31., 31., 31., 31., 31., 31., 31.]  # an accurac
 def test_resume_reproduces_the_whole_lr_schedule(sched):
     """Optimizer + schedule restored from the checkpoint dict give the stopped run's lr and every later
     epoch's lr exactly (the plateau schedule's patience counters included, which timm's state leaves out)."""
-    from deit.checkpoint import restore_training_state, scheduler_state
+    from deit.engine import LossScaler
+    from deit.train_state import TrainingState, resume, scheduler_state
 
     def fresh():
         args = parse_args(['--data-set', 'DEMO', '--epochs', '12', '--warmup-epochs', '2', '--lr', '1e-3',
                            '--unscale-lr', '--sched', sched, '--min-lr', '1e-5', '--decay-epochs', '3',
                            '--patience-epochs', '1', '--decay-rate', '0.5'])
-        return args, *trainer.build_optimization(args, torch.nn.Linear(3, 2), 64)
+        return build_optimization(resolve_config(args, 2), torch.nn.Linear(3, 2))
 
     def run_epochs(opt, sched_, start, stop):  # the trainer's call: step(epoch + 1, acc1)
         out = []
@@ -121,18 +129,17 @@ def test_resume_reproduces_the_whole_lr_schedule(sched):
             sched_.step(epoch + 1, ACC[epoch])
         return out
 
-    _, opt, sch = fresh()
+    opt, sch = fresh()
     full = run_epochs(opt, sch, 0, 12)
     assert full[0] < full[2] and full[-1] < full[2]  # warm-up, then lower
-    _, opt, sch = fresh()
+    opt, sch = fresh()
     run_epochs(opt, sch, 0, 7)  # a run stopped after epoch 6, one epoch into a plateau's patience
     ckpt = {'optimizer': opt.state_dict(), 'lr_scheduler': scheduler_state(sch), 'epoch': 6}
-    args2, opt2, sch2 = fresh()
-    run = SimpleNamespace(optimizer=opt2, lr_scheduler=sch2, model_ema=None,
-                          loss_scaler=SimpleNamespace(is_enabled=lambda: False), base_criterion=None)
-    restore_training_state(args2, run, ckpt, 'ckpt.pth')
-    assert args2.start_epoch == 7
-    assert run_epochs(opt2, sch2, args2.start_epoch, 12) == full[7:]
+    opt2, sch2 = fresh()
+    state = TrainingState(torch.nn.Linear(3, 2), opt2, sch2, LossScaler('cpu', enabled=False), torch.nn.Module())
+    resume(state, ckpt, 'ckpt.pth', seed=0)
+    assert state.start_epoch == 7
+    assert run_epochs(opt2, sch2, state.start_epoch, 12) == full[7:]
 
 
 # ---- each loss's hyper-parameters move its value as the paper's formula says --------------------------------

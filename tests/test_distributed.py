@@ -54,7 +54,7 @@ def test_resume_across_world_sizes(odd_folder, tmp_path):
     common = without(TINY, '--batch-size') + ['--data-set', 'FOLDER', '--data-path', str(odd_folder),
                                               '--total-batch-size', '16',
                      '--epochs', '2']
-    harness = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node={}', 'tests/dist_harness.py']
+    harness = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node={}', '-m', 'tests.dist_harness']
     one, two = ([a.format(n) for a in harness] for n in (1, 2))
     for first, second, name in ((one, two, 'one_to_two'), (two, one, 'two_to_one')):
         out = tmp_path / name
@@ -122,9 +122,7 @@ def test_slurm_env_initialises_rank_world_master():
 
 
 def test_slurm_init_in_process(monkeypatch):
-    """deit.distributed.init_distributed_mode from SLURM variables, world of 1 real process (gloo)."""
-    from argparse import Namespace
-
+    """deit.distributed.init_distributed from SLURM variables, world of 1 real process (gloo)."""
     from deit import distributed as du
     import socket
     with socket.socket() as s:
@@ -144,12 +142,10 @@ def test_slurm_init_in_process(monkeypatch):
     # a world of 2 needs a second process: check the env translation torch's env:// init relies on
     monkeypatch.setattr(du.dist, 'init_process_group', lambda **kw: captured.update(kw))
     monkeypatch.setattr(du.dist, 'barrier', lambda: None)
-    monkeypatch.setattr(du, 'setup_for_distributed', lambda m: None)
     captured = {}
-    args = Namespace(device='cpu')
-    du.init_distributed_mode(args)
+    place = du.init_distributed('cpu')
     import os
-    assert (args.rank, args.world_size, args.gpu, args.dist_backend) == (0, 2, 0, 'gloo')
+    assert (place.rank, place.world_size, place.gpu, place.backend) == (0, 2, 0, 'gloo')
     assert captured['backend'] == 'gloo' and captured['world_size'] == 2
     assert os.environ['MASTER_ADDR'] == 'localhost' and os.environ['RANK'] == '0'
 

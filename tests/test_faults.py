@@ -17,7 +17,7 @@ from data.build_zip_cache import main as build_zip
 from deit.main import cli
 from tests.conftest import TINY, make_image, make_imagefolder, run_module
 
-HARNESS1 = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'tests/dist_harness.py']
+HARNESS1 = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', '-m', 'tests.dist_harness']
 
 
 def _err(capsys) -> str:
@@ -72,7 +72,7 @@ def test_a_fresh_start_moves_the_previous_run_aside_whole(tmp_path):
 def test_resume_cuts_every_per_epoch_file_back_to_the_checkpoint(tmp_path):
     """log.txt, summary.csv and TensorBoard after a kill between an epoch's record and its checkpoint, and
     after one inside summary.csv's append (a torn row)."""
-    from deit.main import open_tensorboard, write_log
+    from deit.rundir import open_tensorboard, write_log
     from deit.rundir import repair_epoch_files
     records = [{'train_loss': 2.0 - e, 'test_acc1': 10.0 * e, 'epoch': e} for e in range(3)]
     tb = open_tensorboard(tmp_path)

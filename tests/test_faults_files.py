@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data.io as io_module
+import deit.loop
 import deit.main as dm
 from data.io import CheckpointError, SaveError, torch_load
 from tests.conftest import TINY, make_image
@@ -38,19 +39,19 @@ class _Killed(BaseException):
 def finished(tmp_path_factory):
     """A 2-epoch demo run killed as epoch 1 starts: its folder (checkpoint.pth of epoch 0, log.txt)."""
     out = tmp_path_factory.mktemp('finished') / 'run'
-    real = dm.train_one_epoch
+    real = deit.loop.train_one_epoch
 
     def killed_at_epoch_1(*a, **kw):
         if a[5] == 1:
             raise _Killed
         return real(*a, **kw)
 
-    dm.train_one_epoch = killed_at_epoch_1
+    deit.loop.train_one_epoch = killed_at_epoch_1
     try:
         with pytest.raises(_Killed):
             dm.cli(DEMO + ['--epochs', '2', '--output_dir', str(out)])
     finally:
-        dm.train_one_epoch = real
+        deit.loop.train_one_epoch = real
     assert torch_load(out / 'checkpoint.pth')['epoch'] == 0
     return out
 
@@ -110,7 +111,7 @@ def test_checkpoints_saved_without_crcs_still_load(tmp_path):
 def test_a_diverged_epoch_is_not_saved_and_the_last_good_checkpoint_stays(blow_up, what, finished, tmp_path,
                                                                          monkeypatch, capsys):
     run = _copy_run(finished, tmp_path / 'run')
-    real = dm.train_one_epoch
+    real = deit.loop.train_one_epoch
 
     def diverging(*a, **kw):  # the epoch's steps ran with a finite loss; its weights ended huge / NaN
         stats = real(*a, **kw)

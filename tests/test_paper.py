@@ -11,14 +11,16 @@ import torch
 
 from deit import localization
 from deit.analysis import logit_statistics
-from deit.main import check_args, get_args_parser, parse_args, setup_criterion
+from deit.args import check_args, get_args_parser, parse_args
+from deit.build import setup_criterion
+from deit.config import resolve_config
 from tests.conftest import ROOT, TINY, make_imagefolder
 
 
 def _criterion(*flags):
     args = get_args_parser().parse_args(['--mixup', '0', '--cutmix', '0', '--epochs', '300', *flags])
     check_args(args)
-    return setup_criterion(args, 10, None, torch.device('cpu'))
+    return setup_criterion(resolve_config(args, 10), 10, None, torch.device('cpu'))
 
 
 @pytest.mark.parametrize('loss', ['maxsup', 'ls', 'ls_reg_only', 'ls_err_only'])

@@ -24,7 +24,7 @@ from deit.preemption import REQUEUE_EXIT
 from tests.conftest import (ROOT, TINY, checksums, corrupt_first_member, make_imagefolder, ok, run_module,
                             without)
 
-HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node={n}', 'tests/dist_harness.py']
+HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node={n}', '-m', 'tests.dist_harness']
 def _harness(n: int, opts=(), args=(), **kw):
     return run_module([a.format(n=n) for a in HARNESS] + list(opts) + ['--'] + list(args), **kw)
 
@@ -90,7 +90,7 @@ def test_stop_signal_is_a_flag_and_handlers_come_back():
 
 
 def test_loader_workers_ignore_the_step_wide_signals_until_released_and_use_one_blas_thread():
-    code = ('import json, os, signal, threadpoolctl; from deit.main import init_loader_worker, WorkerSignals; '
+    code = ('import json, os, signal, threadpoolctl; from deit.build import init_loader_worker, WorkerSignals; '
             'w = WorkerSignals(); init_loader_worker(w, 0); '
             'os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGUSR1); '
             'print(json.dumps({p["internal_api"]: p["num_threads"] for p in threadpoolctl.threadpool_info()}), '
@@ -181,16 +181,16 @@ def test_sbatch_script_asks_for_a_signal_and_requeue():
 # ------------------------------------------------------------------------------------------------------------
 def test_submitit_requeue_continues_the_same_folder_at_the_next_step(tmp_path, monkeypatch):
     pytest.importorskip('submitit')
-    import deit.main as dm
+    import deit.loop
     from tools.run_with_submitit import main
-    real, sent = dm.train_one_epoch, []
+    real, sent = deit.loop.train_one_epoch, []
 
     def preempted_in_epoch_1(*a, **kw):  # submitit's SLURM jobs get USR2 before the time limit
         if a[5] == 1 and not sent:
             sent.append(os.kill(os.getpid(), signal.SIGUSR2))
         return real(*a, **kw)
 
-    monkeypatch.setattr(dm, 'train_one_epoch', preempted_in_epoch_1)
+    monkeypatch.setattr(deit.loop, 'train_one_epoch', preempted_in_epoch_1)
     job = main(['--cluster', 'debug', '--ngpus', '1', '--job-dir', str(tmp_path / 'jobs'), '--'] + TINY +
                ['--data-set', 'DEMO', '--epochs', '2', '--max-steps-per-epoch', '3', '--resume', ''])
     first = job.result()
@@ -336,22 +336,24 @@ def test_no_copy_in_the_trainer_is_non_blocking_towards_the_host(monkeypatch):
 
 
 def test_an_ema_kept_on_the_cpu_is_evaluated_once_after_the_last_epoch(tmp_path, monkeypatch):
+    import deit.loop
     import deit.main as dm
+    from deit.args import get_args_parser
     calls = []
-    real = dm.evaluate
+    real = deit.loop.evaluate
 
     def counting(loader, model, **kw):
         calls.append(model)
         return real(loader, model, **kw)
 
-    monkeypatch.setattr(dm, 'evaluate', counting)
+    monkeypatch.setattr(deit.loop, 'evaluate', counting)
     args = dm.parse_args(TINY + ['--data-set', 'DEMO', '--epochs', '2', '--max-steps-per-epoch', '2',
                                  '--model-ema', '--model-ema-force-cpu', '--output_dir', str(tmp_path)])
     dm.main(args)
     logs = _log(tmp_path)
     assert 'test_ema_acc1' not in logs[0] and 'test_acc1' in logs[0]
     assert 'test_ema_acc1' in logs[1] and len(calls) == 3  # model, model, model + EMA
-    assert 'evaluated only after the last epoch' in ' '.join(dm.get_args_parser().format_help().split())
+    assert 'evaluated only after the last epoch' in ' '.join(get_args_parser().format_help().split())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -468,10 +470,12 @@ def test_bf16_compile_channels_last_fused_train_stop_and_resume(tmp_path):
 
 
 def test_fused_opt_is_refused_where_torch_has_no_fused_kernel():
-    import deit.main as dm
-    args = dm.parse_args(TINY + ['--opt', 'lamb', '--fused-opt'])
+    from deit.args import parse_args
+    from deit.build import build_optimization
+    from deit.config import resolve_config
+    cfg = resolve_config(parse_args(TINY + ['--opt', 'lamb', '--fused-opt']), 2)
     with pytest.raises(ValueError, match='--fused-opt: torch has no fused kernel for --opt lamb'):
-        dm.build_optimization(args, torch.nn.Linear(2, 2), 16)
+        build_optimization(cfg, torch.nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize('name', ['ce', 'ls', 'maxsup', 'ls_reg_only', 'ls_err_only', 'ols', 'zipf', 'logit_penalty'])

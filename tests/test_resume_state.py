@@ -6,49 +6,15 @@ subprocesses; these check each piece directly, including the multi-rank and CUDA
 """
 import random
 from argparse import Namespace
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3
 
 import deit.distributed as du
 from data.io import CheckpointError
-from deit.checkpoint import (check_same_run, read_resume_checkpoint, restore_rng, restore_training_state, rng_state,
-                             set_rng_state, training_state)
-from deit.engine import LossScaler
-from deit.losses import OnlineLabelSmoothing
-
-
-def _run(seed: int, ema: bool = True, scaler: bool = False):
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    scheduler, _ = create_scheduler_v2(optimizer, 'cosine', num_epochs=10, warmup_epochs=2, warmup_lr=1e-3)
-    return SimpleNamespace(model_without_ddp=model, optimizer=optimizer, lr_scheduler=scheduler,
-                           loss_scaler=LossScaler('cpu', enabled=scaler), base_criterion=OnlineLabelSmoothing(3),
-                           model_ema=ModelEmaV3(model, decay=0.5) if ema else None, max_accuracy=0.0,
-                           last_test_stats={})
-
-
-def _trained_checkpoint(world_size: int = 1, scaler: bool = False):
-    """A run after 3 epochs, its checkpoint, and the numbers its RNG streams give next."""
-    run = _run(0, scaler=scaler)
-    if scaler:
-        run.loss_scaler._scaler = torch.amp.GradScaler('cpu', init_scale=128.0)
-    run.model_without_ddp(torch.randn(2, 4)).sum().backward()
-    run.optimizer.step()  # momentum buffers
-    run.model_ema.update(run.model_without_ddp)
-    run.base_criterion.supervise.fill_(1 / 3)
-    for epoch in range(4):
-        run.lr_scheduler.step(epoch)
-    run.max_accuracy = 42.5
-    rng = [rng_state() for _ in range(world_size)]
-    ckpt = training_state(Namespace(seed=0), run, 3, world_size, rng, {'epoch': 3}, {'acc1': 41.0})
-    after = (torch.rand(3), random.random(), np.random.rand())
-    return run, ckpt, after
+from deit.train_state import check_same_run, read_resume_checkpoint, restore_rng, resume, rng_state, set_rng_state
+from tests.conftest import trained_checkpoint, training_state
 
 
 def _params(module):
@@ -56,67 +22,66 @@ def _params(module):
 
 
 def test_restore_training_state_restores_everything_the_run_needs(capsys):
-    src, ckpt, _ = _trained_checkpoint()
-    dst, args = _run(1), Namespace(seed=0, start_epoch=0)
-    restore_training_state(args, dst, ckpt, 'ck.pth')  # rank 0 of 1 by default
+    src, ckpt, _ = trained_checkpoint()
+    dst = training_state(1)
+    resume(dst, ckpt, 'ck.pth', seed=0)  # rank 0 of 1 by default
     out = capsys.readouterr().out
     assert out == 'resumed from ck.pth (epoch 3); starting at epoch 4\n'
-    assert args.start_epoch == 4
+    assert dst.start_epoch == 4
     sd, want = dst.optimizer.state_dict(), src.optimizer.state_dict()
     assert all(torch.equal(sd['state'][k]['momentum_buffer'], want['state'][k]['momentum_buffer'])
                for k in want['state'])
     assert dst.lr_scheduler.state_dict() == src.lr_scheduler.state_dict()
     assert [g['lr'] for g in dst.optimizer.param_groups] == [g['lr'] for g in src.optimizer.param_groups]
     assert all(torch.equal(a, b) for a, b in zip(_params(dst.model_ema.module), _params(src.model_ema.module)))
-    assert not torch.equal(_params(dst.model_ema.module)[0], _params(dst.model_without_ddp)[0])
-    assert torch.equal(dst.base_criterion.supervise, torch.full((3, 3), 1 / 3))
+    assert not torch.equal(_params(dst.model_ema.module)[0], _params(dst.model)[0])
+    assert torch.equal(dst.criterion.supervise, torch.full((3, 3), 1 / 3))
     assert dst.max_accuracy == 42.5 and dst.last_test_stats == {'acc1': 41.0}
 
 
 def test_restore_training_state_continues_the_rng_streams():
-    _, ckpt, after = _trained_checkpoint()
+    _, ckpt, after = trained_checkpoint()
     torch.manual_seed(123), random.seed(123), np.random.seed(123)
-    restore_training_state(Namespace(seed=0, start_epoch=0), _run(1), ckpt, 'ck.pth')
+    resume(training_state(1), ckpt, 'ck.pth', seed=0)
     assert torch.equal(torch.rand(3), after[0]) and random.random() == after[1] and np.random.rand() == after[2]
 
 
 def test_restore_training_state_tolerates_missing_parts_and_says_what_it_did(capsys):
-    _, ckpt, _ = _trained_checkpoint()
+    _, ckpt, _ = trained_checkpoint()
     for key in ('max_accuracy', 'test_stats', 'model_ema', 'criterion', 'scaler'):
         del ckpt[key]
-    dst, args = _run(1, scaler=True), Namespace(seed=0, start_epoch=0)
+    dst = training_state(1, scaler=True)
     ema_before = _params(dst.model_ema.module)
-    dst.base_criterion.supervise.fill_(0.5)
-    restore_training_state(args, dst, ckpt, 'ck.pth', rank=0, world=1)
+    dst.criterion.supervise.fill_(0.5)
+    resume(dst, ckpt, 'ck.pth', seed=0, rank=0, world=1)
     assert dst.max_accuracy == 0.0 and dst.last_test_stats == {}
     assert all(torch.equal(a, b) for a, b in zip(_params(dst.model_ema.module), ema_before))  # left as built
-    assert torch.equal(dst.base_criterion.supervise, torch.full((3, 3), 0.5))
+    assert torch.equal(dst.criterion.supervise, torch.full((3, 3), 0.5))
     assert capsys.readouterr().out.splitlines() == [
         'note: ck.pth has no loss-scaler state (saved without fp16 AMP); starting a fresh scale',
         'resumed from ck.pth (epoch 3); starting at epoch 4']
     # a run without EMA resumes a checkpoint that has one
-    _, ckpt, _ = _trained_checkpoint()
-    restore_training_state(Namespace(seed=0, start_epoch=0), _run(1, ema=False), ckpt, 'ck.pth')
+    _, ckpt, _ = trained_checkpoint()
+    resume(training_state(1, ema=False), ckpt, 'ck.pth', seed=0)
     # weights only (a released model): nothing but the weights to restore, the run starts at its own epoch
-    args = Namespace(seed=0, start_epoch=0)
-    restore_training_state(args, _run(1), {'model': {}, 'epoch': 7}, 'w.pth')
-    restore_training_state(args, _run(1), {'model': {}}, 'w.pth')
-    assert args.start_epoch == 0
+    weights_only = training_state(1)
+    resume(weights_only, {'model': {}, 'epoch': 7}, 'w.pth', seed=0)
+    resume(weights_only, {'model': {}}, 'w.pth', seed=0)
+    assert weights_only.start_epoch == 0
     assert capsys.readouterr().out.splitlines()[-2:] == ['resumed from w.pth (epoch 7); starting at epoch 0',
                                                          'resumed from w.pth (epoch ?); starting at epoch 0']
 
 
 def test_restore_training_state_loads_the_fp16_scale():
-    _, ckpt, _ = _trained_checkpoint(scaler=True)
-    dst = _run(1, scaler=True)
-    restore_training_state(Namespace(seed=0, start_epoch=0), dst, ckpt, 'ck.pth')
+    _, ckpt, _ = trained_checkpoint(scaler=True)
+    dst = training_state(1, scaler=True)
+    resume(dst, ckpt, 'ck.pth', seed=0)
     assert dst.loss_scaler.state_dict()['scale'] == 128.0
 
 
 def test_resume_with_another_world_size_reseeds_each_rank(capsys):
-    _, ckpt, _ = _trained_checkpoint(world_size=2)
-    args = Namespace(seed=7, start_epoch=0)
-    restore_training_state(args, _run(1), ckpt, 'ck.pth', rank=1, world=3)
+    _, ckpt, _ = trained_checkpoint(world_size=2)
+    resume(training_state(1), ckpt, 'ck.pth', seed=7, rank=1, world=3)
     assert torch.initial_seed() == 7 + 1000 * 4 + 1
     assert capsys.readouterr().out.splitlines() == [
         'note: RNG streams reseeded (checkpoint has 2 RNG state(s), this run 3 process(es))',
@@ -183,13 +148,16 @@ def _saved(**kw):
 def test_check_same_run_compares_run_defining_args_and_total_batch():
     now = Namespace(model='deit_tiny_patch16_224', loss='maxsup', alpha=0.1, epochs=300, lr=1.0)
     ckpt = {'args': _saved(), 'world_size': 2}
-    check_same_run(now, ckpt, 'ck.pth', total_batch=32 * 2 * 2)
-    check_same_run(now, {'args': vars(_saved())}, 'ck.pth', total_batch=32 * 2)  # dict args, world 1
-    check_same_run(now, {'args': Namespace(batch_size=32)}, 'ck.pth', 32)  # no accum_iter recorded: 1
-    check_same_run(now, {}, 'ck.pth', total_batch=7)  # no args recorded: nothing to compare
-    check_same_run(Namespace(), {'args': _saved()}, 'ck.pth', total_batch=64)  # args only the checkpoint has
+
+    def at(config, total_batch):  # the run configuration records its images per optimizer step
+        return Namespace(**vars(config), total_batch=total_batch)
+    check_same_run(at(now, 32 * 2 * 2), ckpt, 'ck.pth')
+    check_same_run(at(now, 32 * 2), {'args': vars(_saved())}, 'ck.pth')  # dict args, world 1
+    check_same_run(at(now, 32), {'args': Namespace(batch_size=32)}, 'ck.pth')  # no accum_iter recorded: 1
+    check_same_run(at(now, 7), {}, 'ck.pth')  # no args recorded: nothing to compare
+    check_same_run(at(Namespace(), 64), {'args': _saved()}, 'ck.pth')  # args only the checkpoint has
     with pytest.raises(ValueError) as e:
-        check_same_run(Namespace(**{**vars(now), 'loss': 'ls', 'alpha': 0.2}), ckpt, 'ck.pth', total_batch=64)
+        check_same_run(at(Namespace(**{**vars(now), 'loss': 'ls', 'alpha': 0.2}), 64), ckpt, 'ck.pth')
     assert str(e.value) == (
         "ck.pth belongs to another run; refusing to auto-resume it. Differing arguments: "
         "loss: 'maxsup' in the checkpoint, 'ls' now; alpha: 0.1 in the checkpoint, 0.2 now; "

@@ -15,7 +15,7 @@ pytest.importorskip('mmseg', reason='segmentation stack not installed (make setu
 pytestmark = pytest.mark.segmentation
 
 from data.io import CheckpointError
-from deit.checkpoint import read_state_dict  # noqa: E402
+from deit.releases import read_state_dict  # noqa: E402
 from segmentation.deit_to_mmseg import mmseg_to_timm, timm_to_mmseg  # noqa: E402
 
 CONFIGS = sorted((ROOT / 'segmentation' / 'configs').rglob('*.py'))

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import contextlib
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 
+import deit.build as build
 import deit.main as dm
 from deit.args import check_args, parse_args
-from deit.checkpoint import restore_training_state
+from deit.config import resolve_config
+from deit.distributed import DistInfo
 from deit.main import cli
-from tests.conftest import TINY
-from tests.test_resume_state import _run, _trained_checkpoint
+from deit.train_state import resume
+from tests.conftest import TINY, trained_checkpoint, training_state
 
 
 def test_timm_aliases_mean_what_they_mean_in_timm(tmp_path):
@@ -54,9 +55,10 @@ def test_the_best_checkpoint_metric_is_top1(capsys):
 def test_model_and_optimizer_kwargs_and_layer_decay_reach_timm():
     args = parse_args(['--data-set', 'DEMO', '--model', 'deit_demo_patch4_32', '--input-size', '32',
                        '--model-kwargs', 'qkv_bias=False', '--opt-kwargs', 'foreach=False', '--layer-decay', '0.5'])
-    model = dm.build_model(args, 10, torch.device('cpu'))
+    cfg = resolve_config(args, 10)
+    model = build.build_model(cfg, 10, torch.device('cpu'))
     assert model.blocks[0].attn.qkv.bias is None
-    optimizer, _ = dm.build_optimization(args, model, 512)
+    optimizer, _ = build.build_optimization(cfg, model)
     assert optimizer.defaults['foreach'] is False
     scales = sorted({g['lr_scale'] for g in optimizer.param_groups})
     assert len(scales) > 2 and scales[-1] == 1.0 and scales[0] < 0.1  # 0.5 per layer from the head down
@@ -78,23 +80,22 @@ def test_clip_mode_reaches_the_clipping(monkeypatch):
 def test_sync_bn_converts_batchnorm_before_ddp(monkeypatch, capsys):
     args = parse_args(['--model', 'resnet18', '--sync-bn'])
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-    args.distributed, args.gpu = False, 0
-    wrapped, _ = dm.wrap_model(args, model, torch.device('cpu'))
+    wrapped, _ = build.wrap_model(resolve_config(args, 4), model, torch.device('cpu'))
     assert isinstance(wrapped[1], torch.nn.BatchNorm2d) and 'nothing to synchronise' in capsys.readouterr().out
-    args.distributed = True
+    cfg = resolve_config(args, 4, DistInfo(distributed=True, world_size=2))
     with pytest.raises(ValueError, match='--sync-bn: torch synchronises BatchNorm between CUDA devices only'):
-        dm.wrap_model(args, model, torch.device('cpu'))
+        build.wrap_model(cfg, model, torch.device('cpu'))
     seen = []  # a GPU run, imitated: what DDP is given
     monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel', lambda m, device_ids: seen.append(m) or m)
-    dm.wrap_model(args, model, torch.device('cuda', 0))
+    build.wrap_model(cfg, model, torch.device('cuda', 0))
     assert isinstance(seen[0][1], torch.nn.SyncBatchNorm) and seen[0][1].num_features == 4
 
 
 def test_no_resume_opt_keeps_a_fresh_optimizer_and_continues_the_epochs(capsys):
-    src, ckpt, _ = _trained_checkpoint()
-    dst, args = _run(1), Namespace(seed=0, start_epoch=0, no_resume_opt=True)
-    restore_training_state(args, dst, ckpt, 'ck.pth')
-    assert dst.optimizer.state_dict()['state'] == {} and args.start_epoch == 4
+    src, ckpt, _ = trained_checkpoint()
+    dst = training_state(1)
+    resume(dst, ckpt, 'ck.pth', seed=0, resume_opt=not parse_args(['--no-resume-opt']).no_resume_opt)
+    assert dst.optimizer.state_dict()['state'] == {} and dst.start_epoch == 4
     assert dst.lr_scheduler.state_dict() == src.lr_scheduler.state_dict()
     assert 'optimizer and loss-scaler state of ck.pth are not restored' in capsys.readouterr().out
 
@@ -103,5 +104,5 @@ def test_experiment_names_the_run_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = parse_args(['--experiment', 'maxsup-a'])
     with contextlib.ExitStack() as cleanup:
-        assert dm.claim_output_dir(args, cleanup) == Path('output/train/maxsup-a')  # under the working directory
+        assert dm.claim_output_dir(resolve_config(args, 10), cleanup) == Path('output/train/maxsup-a')  # under the working directory
     assert (tmp_path / 'output' / 'train' / 'maxsup-a').is_dir()

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from data.io import CheckpointError
-from deit.checkpoint import load_model, read_state_dict
+from deit.releases import load_model, read_state_dict
 from deit.main import cli
 from deit.metrics import CalibrationBins, expected_calibration_error, feature_variation
 from deit.models import create_model

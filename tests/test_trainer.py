@@ -12,7 +12,8 @@ import torch
 
 from data.io import torch_load
 from deit.losses import LOSSES
-from deit.main import cli, get_args_parser, main
+from deit.args import get_args_parser
+from deit.main import cli, main
 from deit.models import adapt_state_dict_for_finetune, create_model
 from tests.conftest import ROOT, TINY, make_imagefolder, run_module
 

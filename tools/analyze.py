@@ -20,7 +20,7 @@ import torch
 
 from deit import analysis, localization
 from data.io import CheckpointError, check_writable
-from deit.checkpoint import load_model
+from deit.releases import load_model
 from deit.datasets import (DATA_SETS, DEFAULT_CROP_RATIO, DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN,
                            IMAGENET_DEFAULT_STD, eval_data_set, eval_loader, eval_split)
 from deit.metrics import feature_variation

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 from data.io import CheckpointError, check_writable
-from deit.checkpoint import load_model
+from deit.releases import load_model
 from deit.datasets import DATA_SETS, eval_data_set, eval_loader
 from deit.engine import evaluate
+from tools.plots import reliability_diagram
 
 
 def run(checkpoint, data_set=None, data_path=None, split='val', cache=False, out='eval_out',
@@ -33,7 +34,6 @@ def run(checkpoint, data_set=None, data_path=None, split='val', cache=False, out
     stats['nll'] = stats.pop('loss')
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from tools.plots import reliability_diagram
     reliability_diagram(stats['reliability'], out / 'reliability.png',
                         f'{info["model"]}: ECE {stats["ece"]:.4f}, top-1 {stats["acc1"]:.2f}%')
     stats.update({'checkpoint': str(checkpoint), 'model': info['model'], 'split': split, 'input_size': size,

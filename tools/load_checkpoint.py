@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from data.io import CheckpointError, check_writable
-from deit.checkpoint import load_model
+from data.class_map import class_permutation, convert_head
+from deit.releases import load_model
 
 
 def export_safetensors(model, info: dict, out: Path) -> Path:
@@ -59,7 +60,6 @@ def main(argv=None) -> int:
               f'{" (new head)" if info["head_reset"] else ""}; missing keys {info["missing"] or "none"}, '
               f'unexpected keys {info["unexpected"] or "none"}')
         if args.class_map:
-            from data.class_map import class_permutation, convert_head
             perm = class_permutation(args.class_map, args.imagefolder, args.direction)
             model.load_state_dict(convert_head(model.state_dict(), perm))
             print(f'classifier rows permuted ({args.direction})')

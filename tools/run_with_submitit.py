@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 from deit.args import UsageError
+from deit.args import parse_args
+from deit.main import main as train_main
+from deit.preemption import Preempted
 
 
 class Trainer:
@@ -39,13 +42,11 @@ class Trainer:
 
         import submitit
 
-        from deit.main import main, parse_args
-        from deit.preemption import Preempted
         if parse_args(self.argv).output_dir is None:
             folder = self.folder or str(Path('output/submitit') / '%j')
             self.argv += ['--output_dir', folder.replace('%j', str(submitit.JobEnvironment().job_id))]
         try:
-            return main(parse_args(self.argv))
+            return train_main(parse_args(self.argv))
         except Preempted as e:
             print(e, flush=True)
             handler = signal.getsignal(e.signum) if e.signum is not None else None
@@ -58,7 +59,6 @@ class Trainer:
         given at the start would otherwise be resumed again)."""
         import submitit
 
-        from deit.main import parse_args
         argv = [a for i, a in enumerate(self.argv) if a != '--resume' and self.argv[i - 1:i] != ['--resume']]
         output_dir = parse_args(argv).output_dir
         if output_dir and (Path(output_dir) / 'checkpoint.pth').is_file():
@@ -117,7 +117,6 @@ def main(argv=None):
     if args.dry_run:
         import yaml
 
-        from deit.main import parse_args
         print('deit.main ' + ' '.join(train))
         print(yaml.safe_dump(vars(parse_args(train)), sort_keys=True), end='')
         return None

@@ -29,10 +29,12 @@ import torch
 
 from deit import analysis
 from data.io import torch_load
-from deit.checkpoint import load_model
+from deit.releases import load_model
 from deit.datasets import eval_loader
-from deit.main import get_args_parser, main as train_main
+from deit.args import get_args_parser
+from deit.main import main as train_main
 from deit.metrics import classification_summary, feature_variation
+from tools.plots import bar_table
 
 # Grid cells: a loss, or a loss with its alpha held constant. LS and MaxSup share the paper's default
 # schedule 0.1 -> 0.2 (Sec. 5.1, App. F); '*_fixed' is Table 8's fixed column; the Table 1 ablations
@@ -157,7 +159,6 @@ def claims(rows) -> list[str]:
 
 
 def write_report(results: list[dict], report: Path, a, elapsed: float) -> None:
-    from tools.plots import bar_table
     report.parent.mkdir(parents=True, exist_ok=True)
     img_dir = report.with_suffix('')
     img_dir.mkdir(parents=True, exist_ok=True)

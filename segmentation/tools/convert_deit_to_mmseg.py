@@ -1,18 +1,15 @@
 """Convert a DeiT checkpoint (our trainer's, the DeiT-S MaxSup release, .safetensors) for mmseg.
 
-    python segmentation/tools/convert_deit_to_mmseg.py deit_s_maxsup.pth pretrain/deit_s_maxsup_mmseg.pth \
+    python -m segmentation.tools.convert_deit_to_mmseg deit_s_maxsup.pth pretrain/deit_s_maxsup_mmseg.pth \
         [--img-size 512 --width 384 --depth 12] [--use-ema]
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
-
-from data.io import CheckpointError, check_writable  # noqa: E402
-from segmentation.deit_to_mmseg import convert_checkpoint  # noqa: E402
+from data.io import CheckpointError, check_writable
+from segmentation.deit_to_mmseg import convert_checkpoint
 
 
 def main(argv=None) -> int:

@@ -1,215 +1,22 @@
-"""Checkpoints of the trainer and the releases: training state and resume, RNG streams, released formats.
+"""Released and foreign checkpoints: find the weights in any supported file and build the model they fit.
 
-File IO (atomic writes, safe reads) lives one floor down, in :mod:`data.io`.
+Formats: our training checkpoints and DeiT's (``{'model': ..., 'args': ...}``), plain and nested state dicts,
+PyTorch Lightning checkpoints of the official ResNet pipeline, ``.safetensors``, URLs and ``hf-hub:`` ids.
+Used by the tools, segmentation and ``--finetune``/``--teacher-path``; the trainer's own resume state is
+:mod:`deit.train_state`. File IO (atomic writes, safe reads) is one floor down, in :mod:`data.io`.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pickle
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from data.class_map import HEAD_KEYS
 from data.io import CheckpointError, torch_load
-from deit import distributed as du
-
-
-def rng_state() -> dict:
-    """This process's RNG streams (torch, python, numpy, and CUDA when present)."""
-    st = {'torch': torch.get_rng_state(), 'python': random.getstate(),
-          'numpy': _numpy_state_to_torch(np.random.get_state())}
-    if torch.cuda.is_available():
-        st['cuda'] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st['torch'])
-    random.setstate(_to_tuple(st['python']))
-    np.random.set_state(_torch_state_to_numpy(st['numpy']))
-    if 'cuda' in st and torch.cuda.is_available() and len(st['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st['cuda'])
-
-
-def restore_rng(saved, rank: int, world: int, reseed: int) -> str:
-    """Restore this rank's own RNG streams from a checkpoint's ``rng`` entry; returns what was done.
-
-    ``saved`` is a list with one state per rank (a dict in single-process checkpoints of older versions).
-    Restoring rank 0's state on every rank would make the repeated-augmentation copies of a sample
-    pixel-identical across ranks, so with another world size every rank is reseeded with ``reseed + rank``.
-    """
-    states = [saved] if isinstance(saved, dict) else list(saved or [])
-    if len(states) == world:
-        set_rng_state(states[rank])
-        return 'restored'
-    torch.manual_seed(reseed + rank)
-    np.random.seed((reseed + rank) % 2 ** 32)
-    random.seed(reseed + rank)
-    return f'reseeded (checkpoint has {len(states)} RNG state(s), this run {world} process(es))'
-
-
-def _numpy_state_to_torch(s):
-    # np's state holds an ndarray, which weights_only loading refuses; keep it as a tensor
-    return (s[0], torch.from_numpy(s[1].astype(np.int64)), int(s[2]), int(s[3]), float(s[4]))
-
-
-def _torch_state_to_numpy(s):
-    return (s[0], s[1].numpy().astype(np.uint32), s[2], s[3], s[4])
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def scheduler_state(scheduler) -> dict:
-    """timm's scheduler state, plus torch's ReduceLROnPlateau counters for ``--sched plateau``: timm's own
-    state_dict keeps only its best metric, so a resumed run would restart its patience and cooldown."""
-    state = scheduler.state_dict()
-    inner = getattr(scheduler, 'lr_scheduler', None)
-    if isinstance(inner, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        state = {**state, 'plateau': inner.state_dict()}
-    return state
-
-
-def load_scheduler_state(scheduler, state: dict) -> None:
-    state = dict(state)
-    plateau = state.pop('plateau', None)
-    scheduler.load_state_dict(state)
-    if plateau is not None:
-        scheduler.lr_scheduler.load_state_dict(plateau)
-
-
-def training_state(args, run, epoch: int, world_size: int, rng: list, log: dict | None, test_stats: dict,
-                   step: int = 0) -> dict:
-    """Everything a resume needs, in one dict (read back by :func:`restore_training_state`).
-
-    ``epoch``: the last completed epoch (-1: none); ``step``: batches of the NEXT epoch already trained (a
-    save at a stop signal, always right after an optimizer step), 0 at an epoch's end. ``rng``: every
-    rank's RNG streams (rank order); ``log``: the log.txt record of ``epoch``, so a resume can restore a log
-    line a kill lost; ``test_stats``: the last evaluation, printed when a finished run is started again.
-    """
-    state = {
-        'model': run.model_without_ddp.state_dict(), 'optimizer': run.optimizer.state_dict(),
-        'lr_scheduler': scheduler_state(run.lr_scheduler), 'scaler': run.loss_scaler.state_dict(),
-        'criterion': run.base_criterion.state_dict(), 'epoch': epoch, 'step': step, 'args': args,
-        'max_accuracy': run.max_accuracy, 'world_size': world_size, 'rng': rng, 'log': log, 'test_stats': test_stats,
-    }
-    if run.model_ema is not None:
-        state['model_ema'] = run.model_ema.module.state_dict()
-    return state
-
-
-def restore_training_state(args, run, ckpt: dict, path: str, rank: int = 0, world: int = 1) -> None:
-    """Optimiser, schedule, scaler, EMA, criterion state and this rank's RNG streams from ``ckpt``
-    (written by :func:`training_state`); sets args.start_epoch to the epoch after the checkpoint's and
-    run.start_step to the batches of that epoch already trained (a save at a stop signal)."""
-    if 'optimizer' in ckpt and 'epoch' in ckpt:
-        resume_opt = not getattr(args, 'no_resume_opt', False)  # timm's --no-resume-opt
-        if resume_opt:
-            run.optimizer.load_state_dict(ckpt['optimizer'])
-        else:
-            print(f'note: --no-resume-opt: the optimizer and loss-scaler state of {path} are not restored')
-        load_scheduler_state(run.lr_scheduler, ckpt['lr_scheduler'])
-        args.start_epoch = ckpt['epoch'] + 1
-        run.start_step = ckpt.get('step', 0)
-        run.last_log = ckpt.get('log')
-        if resume_opt and ckpt.get('scaler') and run.loss_scaler.is_enabled():
-            run.loss_scaler.load_state_dict(ckpt['scaler'])
-        elif resume_opt and run.loss_scaler.is_enabled():  # saved without fp16 AMP (e.g. a CPU run): a fresh scale
-            print(f'note: {path} has no loss-scaler state (saved without fp16 AMP); starting a fresh scale')
-        if run.model_ema is not None and 'model_ema' in ckpt:
-            run.model_ema.module.load_state_dict(ckpt['model_ema'])
-        if 'criterion' in ckpt:
-            run.base_criterion.load_state_dict(ckpt['criterion'])
-        run.max_accuracy = ckpt.get('max_accuracy', 0.0)
-        run.last_test_stats = ckpt.get('test_stats') or {}
-        done = restore_rng(ckpt.get('rng'), rank, world, reseed=args.seed + 1000 * args.start_epoch)
-        if done != 'restored':
-            print(f'note: RNG streams {done}')
-    if ckpt.get('world_size', world) != world:
-        print(f'note: checkpoint written with {ckpt["world_size"]} process(es), resuming with {world}: the '
-              f'lr schedule continues from the checkpoint; data order and RNG streams differ')
-    at = f', step {run.start_step}' if getattr(run, 'start_step', 0) else ''
-    print(f'resumed from {path} (epoch {ckpt.get("epoch", "?")}); starting at epoch {args.start_epoch}{at}')
-
-
-RUN_ARGS = ('model', 'input_size', 'loss', 'alpha', 'alpha_end', 'alpha_schedule', 'data_set', 'epochs', 'base_lr',
-            'opt', 'weight_decay', 'sched', 'warmup_epochs', 'mixup', 'cutmix', 'aa', 'reprob', 'smoothing',
-            'drop_path', 'ols_a', 'zipf_weight', 'zipf_power', 'logit_penalty_beta', 'bce_loss',
-            'distillation_type', 'unscale_lr')
-
-
-def check_same_run(args, ckpt: dict, path: str, total_batch: int) -> None:
-    """Auto-resume continues THE SAME run: refuse when an argument that defines it differs from the
-    checkpoint's (an LS run resumed with --loss ce would otherwise continue silently into one log).
-    ``total_batch``: this run's images per optimizer step, compared with the checkpoint's."""
-    saved = ckpt.get('args')
-    saved = dict(vars(saved) if hasattr(saved, '__dict__') else (saved or {}))
-    now = vars(args) | {'total_batch': total_batch}
-    if 'batch_size' in saved:
-        saved['total_batch'] = saved['batch_size'] * ckpt.get('world_size', 1) * saved.get('accum_iter', 1)
-    diffs = [f'{k}: {saved[k]!r} in the checkpoint, {now[k]!r} now' for k in RUN_ARGS + ('total_batch',)
-             if k in saved and k in now and saved[k] != now[k]]
-    if diffs:
-        raise ValueError(f'{path} belongs to another run; refusing to auto-resume it. Differing arguments: '
-                         f'{"; ".join(diffs)}. Start fresh with another --output_dir (or --no-auto-resume: that run\'s '
-                         f'files are moved to {Path(path).parent}/previous_run first), '
-                         f'or continue that checkpoint on purpose with --resume {path}')
-
-
-def read_resume_checkpoint(args, output_dir: Path | None):
-    """(path, checkpoint) to resume from, or (None, None); the same on every rank.
-
-    Rank 0 decides (its --resume, or output_dir/checkpoint.pth); ranks that cannot read that file (an
-    output dir that is not shared between nodes) receive rank 0's copy, so no rank silently starts fresh.
-    """
-    path = args.resume
-    if du.is_main_process() and not path and args.auto_resume and output_dir and \
-            (output_dir / 'checkpoint.pth').is_file():
-        path = str(output_dir / 'checkpoint.pth')
-        print(f'auto-resuming from {path}')
-    path = du.broadcast_object(path or None)
-    if path is None:
-        return None, None
-    if all(du.all_gather_object(Path(path).is_file())):
-        return path, _resumable(torch_load(path), path)
-    ckpt, error = None, None
-    if du.is_main_process():
-        try:
-            ckpt = torch_load(path)
-        except (CheckpointError, FileNotFoundError) as e:
-            error = str(e)
-    ckpt, error = du.broadcast_object((ckpt, error))
-    if error:
-        raise CheckpointError(error)
-    print(f'{path} is not readable on every rank: rank 0 sent its copy')
-    return path, _resumable(ckpt, path)
-
-
-def _resumable(ckpt, path: str) -> dict:
-    """A checkpoint to resume is a dict (whose ``model`` restore_weights checks); anything else is named."""
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f'{path}: a {type(ckpt).__name__}, not a checkpoint (a dict with "model": ...); '
-                              f'resume from a training checkpoint or start from weights with --finetune')
-    return ckpt
-
-
-def restore_weights(model, ckpt: dict, path: str, name: str) -> None:
-    if not isinstance(ckpt, dict) or 'model' not in ckpt:
-        raise CheckpointError(f'{path}: no "model" entry; not a training checkpoint')
-    try:
-        model.load_state_dict(ckpt['model'])
-    except RuntimeError:
-        saved = ckpt.get('args')
-        saved = vars(saved) if hasattr(saved, '__dict__') else saved if isinstance(saved, dict) else {}
-        hint = (f'; it was trained as --model {saved["model"]} --input-size {saved.get("input_size")}'
-                f'{" with " + str(saved["nb_classes"]) + " classes" if saved.get("nb_classes") else ""}'
-                if saved.get('model') else '')
-        raise CheckpointError(f'{path} does not fit {name}: {state_dict_mismatch(model.state_dict(), ckpt["model"])}'
-                              f'{hint}') from None
+from deit.models import create_model, is_known_model, resolve_model_name, vit_shape
 
 
 def state_dict_mismatch(expected: dict, given: dict, show: int = 3) -> str:
@@ -321,7 +128,6 @@ def read_state_dict(source: str | os.PathLike, use_ema: bool = False) -> dict:
 def infer_architecture(state: dict) -> tuple[str, int]:
     """(timm model name, num_classes) of a released-kind state dict: DeiT/ViT-S/Ti/B-16 or a ResNet
     (plain, or with the official pipeline's BlurPool wrapping)."""
-    from deit.models import vit_shape
     if 'cls_token' in state and 'patch_embed.proj.weight' in state:
         shape = vit_shape(state)
         names = {(192, 12, 16): 'deit_tiny_patch16_224', (384, 12, 16): 'deit_small_patch16_224',
@@ -401,7 +207,6 @@ def load_model(source, model_name: str | None = None, num_classes: int | None = 
     an error unless ``reset_head`` (the head is then freshly initialised); ``reset_hint`` ends its message
     where the caller offers a reset (a tool that only evaluates does not).
     """
-    from deit.models import HEAD_KEYS, create_model, is_known_model, resolve_model_name
     obj = load_file(source)
     source = os.fspath(source)
     fmt = checkpoint_format(obj, source)
