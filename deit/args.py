@@ -16,7 +16,7 @@ from timm.utils import ParseKwargs
 
 from deit.datasets import DATA_SETS
 from deit.device_decode import INTERPOLATIONS
-from deit.losses import ALPHA_DEFAULT, HARD_LABEL_LOSSES, LOSSES, loss_options
+from deit.criterion import ALPHA_DEFAULT, HARD_LABEL_LOSSES, loss_options, LOSSES
 
 class UsageError(SystemExit):
     """A command-line or recipe mistake: its message on stderr, exit code 2 (argparse's, as every other usage

@@ -22,7 +22,7 @@ from data.zip_cache import ShardSampler, collate_skip_bad
 from deit.datasets import device_rand_augment, normalization
 from deit.device_aug import DeviceBatches
 from deit.device_decode import DeviceDecoder, collate_encoded
-from deit.losses import build_criterion
+from deit.criterion import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
 from deit.preemption import WorkerSignals
 from deit.releases import read_state_dict
@@ -172,7 +172,7 @@ def build_model(cfg, nb_classes: int, device) -> torch.nn.Module:
 
 
 def setup_criterion(cfg, nb_classes: int, mixup_fn, device):
-    """deit.losses.build_criterion with the distillation teacher loaded; printed and moved to ``device``."""
+    """deit.criterion.build_criterion with the distillation teacher loaded; printed and moved to ``device``."""
     teacher = load_teacher(cfg, nb_classes, device) if cfg.distillation_type != 'none' else None
     criterion, base, schedule = build_criterion(cfg, nb_classes, mixup_fn is not None, teacher)
     print(f'criterion: {base}' + (f', {schedule}' if schedule else ''))

@@ -133,7 +133,7 @@ def training_state(seed: int, ema: bool = True, scaler: bool = False):
     from timm.utils import ModelEmaV3
 
     from deit.engine import LossScaler
-    from deit.losses import OnlineLabelSmoothing
+    from deit.baselines import OnlineLabelSmoothing
     from deit.train_state import TrainingState
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 3)

@@ -262,7 +262,7 @@ def test_segmentation_without_its_stack_says_how_to_install(monkeypatch, capsys)
 
 
 def test_bce_loss_is_on_the_mixed_label_set():
-    from deit.losses import BCEOnMixedLabels
+    from deit.baselines import BCEOnMixedLabels
     z = torch.randn(4, 5)
     soft = torch.tensor([[0.6, 0.4, 0, 0, 0]] * 4)
     want = torch.nn.functional.binary_cross_entropy_with_logits(z, torch.tensor([[1., 1, 0, 0, 0]] * 4))

@@ -16,8 +16,9 @@ from deit.build import build_optimization
 from deit.config import resolve_config
 from deit.distributed import DistInfo
 from deit.engine import evaluate
-from deit.losses import (LabelSmoothingLoss, LogitPenaltyLoss, MaxSupLoss, OnlineLabelSmoothing, ZipfLabelSmoothing,
-                         create_criterion)
+from deit.baselines import LogitPenaltyLoss, OnlineLabelSmoothing, ZipfLabelSmoothing
+from deit.criterion import create_criterion
+from deit.losses import LabelSmoothingLoss, MaxSupLoss
 from deit.metrics import CalibrationBins, classification_summary, feature_variation, topk_correct
 
 # 4 samples, 6 classes; the label's rank in its row: 1st, 2nd, 6th, 5th -> top-1 1 of 4, top-5 3 of 4

@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-from deit.losses import (AlphaSchedule, DistillationLoss, LabelSmoothingLoss, LabelSmoothingPartLoss, LOSSES,
-                         LogitPenaltyLoss, MaxSupLoss, MaxSupLossReference, OnlineLabelSmoothing,
-                         ZipfLabelSmoothing, create_criterion, ls_decomposition)
+from deit.baselines import LogitPenaltyLoss, OnlineLabelSmoothing, ZipfLabelSmoothing
+
+from deit.criterion import AlphaSchedule, create_criterion, DistillationLoss, LOSSES
+
+from deit.losses import LabelSmoothingLoss, LabelSmoothingPartLoss, ls_decomposition, MaxSupLoss, MaxSupLossReference
 
 
 def _batch(B=8, K=10, seed=0, dtype=torch.float32):
@@ -505,7 +507,9 @@ def _trainer_args(*argv):
 
 
 def test_build_criterion_picks_the_base_loss_the_flags_ask_for():
-    from deit.losses import BCEOnMixedLabels, CrossEntropyLoss, build_criterion, check_alpha
+    from deit.baselines import BCEOnMixedLabels, CrossEntropyLoss
+    from deit.criterion import build_criterion
+    from deit.losses import check_alpha
     with pytest.raises(ValueError, match=r'^alpha must be in \[0, 1\), got 1.5$'):
         check_alpha(1.5)
 
@@ -537,7 +541,7 @@ def test_create_criterion_defaults_and_every_option_reaches_its_loss():
 
 
 def test_distillation_defaults_and_flags_reach_the_wrapper():
-    from deit.losses import build_criterion
+    from deit.criterion import build_criterion
     d = DistillationLoss(MaxSupLoss())
     assert (d.distillation_type, d.alpha, d.tau) == ('none', 0.5, 1.0)  # DeiT's defaults
     with pytest.raises(ValueError, match=r"^distillation_type must be none\|soft\|hard, got 'kd'$"):
@@ -577,7 +581,7 @@ def test_the_loss_registry_drives_the_parser_and_matches_each_loss():
     import inspect
 
     from deit.args import parse_args
-    from deit.losses import LOSS_REGISTRY, SCHEDULED_LOSSES, create_criterion
+    from deit.criterion import create_criterion, LOSS_REGISTRY, SCHEDULED_LOSSES
     args = parse_args([])
     for name, spec in LOSS_REGISTRY.items():
         params = inspect.signature(spec.cls).parameters

@@ -481,7 +481,7 @@ def test_fused_opt_is_refused_where_torch_has_no_fused_kernel():
 @pytest.mark.parametrize('name', ['ce', 'ls', 'maxsup', 'ls_reg_only', 'ls_err_only', 'ols', 'zipf', 'logit_penalty'])
 def test_every_loss_computes_in_float32_under_bf16_autocast(name):
     from deit.engine import autocast
-    from deit.losses import create_criterion
+    from deit.criterion import create_criterion
     torch.manual_seed(0)
     logits = (torch.randn(16, 10) * 3).bfloat16()
     target = torch.randint(10, (16,))

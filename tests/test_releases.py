@@ -25,9 +25,10 @@ import timm
 import torchvision
 
 from data.io import CheckpointError, torch_load
-from deit.releases import (_input_size, checkpoint_format, extract_state_dict, infer_architecture, load_file,
-                             load_model, read_state_dict, recorded_settings, restore_weights)
 from deit.models import create_model
+from deit.releases import (_input_size, checkpoint_format, extract_state_dict, infer_architecture, load_file,
+                           load_model, read_state_dict, recorded_settings)
+from deit.train_state import restore_weights
 from tests.conftest import make_imagefolder
 
 NUM_CLASSES = 4

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.io import torch_load
-from deit.losses import LOSSES
+from deit.criterion import LOSSES
 from deit.args import get_args_parser
 from deit.main import cli, main
 from deit.models import adapt_state_dict_for_finetune, create_model
