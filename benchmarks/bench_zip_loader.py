@@ -182,7 +182,7 @@ def probe(kind: str, root: Path) -> dict:
     before = rss_mb()
     t0 = time.perf_counter()
     if kind == 'old':  # the previous path: a ZipInfo per member, then three Python lists per sample
-        from data.zip_cache import parse_map_file
+        from data.map_file import parse_map_file
         with zipfile.ZipFile(zp) as zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
         names = [i.filename for i in infos]

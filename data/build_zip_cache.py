@@ -25,8 +25,10 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from data.zip_cache import (CacheError, ZipImageDataset, check_labels, class_folder, check_split_labels, open_index,
-                            parse_map_file, write_map_file)
+from data.cli import report
+from data.map_file import check_labels, check_split_labels, class_folder, parse_map_file, write_map_file
+from data.zip_cache import ZipImageDataset, open_index
+from data.zip_index import CacheError
 from data.io import CheckpointError, atomic_open, check_writable
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps fixed so two builds are byte-identical
@@ -216,8 +218,7 @@ def main(argv=None) -> int:
             print(f'verify: {len(bad)} bad member(s)')
             return 1 if bad else 0
     except (CacheError, CheckpointError, OSError) as e:  # OSError: e.g. the disk filled up while writing
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from data.cli import report
 from data.io import save_atomic, torch_load
-from data.zip_cache import CacheError, check_labels, class_folder, parse_map_file
+from data.map_file import check_labels, class_folder, parse_map_file
+from data.zip_index import CacheError
 
 # the state-dict entries whose rows are the classes (DeiT head, distilled head, ResNet fc)
 HEAD_KEYS = ('head.weight', 'head.bias', 'head_dist.weight', 'head_dist.bias', 'fc.weight', 'fc.bias')
@@ -92,8 +94,7 @@ def main(argv=None) -> int:
             save_atomic(ckpt, args.out)
             print(f'wrote {args.out}')
     except (CacheError, KeyError, ValueError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     return 0
 
 

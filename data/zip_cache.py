@@ -15,13 +15,11 @@ pages; after pickling to a worker the dataset re-opens the mapping (mmap objects
 
 Integrity: a map line that names no member, a malformed line, or an undecodable image is an error naming
 the file/line/member. With ``skip_bad=True`` undecodable images are dropped from their batch instead (use
-:func:`collate_skip_bad`) and counted in ``dataset.skipped``; never is another image substituted.
+:func:`data.skip.collate_skip_bad`) and counted in ``dataset.skipped``; never is another image substituted.
 """
 from __future__ import annotations
 
 import mmap
-import multiprocessing as mp
-import os
 import re
 import zipfile
 import zlib
@@ -30,92 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.decode import CorruptImageError, decode_image  # noqa: F401  (re-exported)
+from data.decode import CorruptImageError, decode_image
+from data.map_file import check_labels, check_split_labels, parse_map_file, train_class_index
+from data.skip import SkipCounter
 from data.zip_index import (CacheError, input_signature, join_names, read_central_directory, read_index,
                             write_index, zip_tail)
-from data.io import atomic_open
-
-
-def parse_map_file(path: str | os.PathLike) -> list[tuple[str, int]]:
-    """Read ``<member>\\t<label>`` lines (the official maps; a single space also separates, as the official
-    converter's ``split()`` accepts); errors name the file and line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'map file not found: {path}')
-    out = []
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip('\n').rstrip('\r')
-            parts = line.split('\t') if '\t' in line else line.rsplit(' ', 1)
-            if len(parts) != 2 or not parts[0]:
-                raise CacheError(f'{path}:{n}: expected "<member>\\t<label>", got {line!r}')
-            try:
-                label = int(parts[1])
-            except ValueError:
-                raise CacheError(f'{path}:{n}: label {parts[1]!r} is not an integer') from None
-            if label < 0:
-                raise CacheError(f'{path}:{n}: negative label {label}')
-            out.append((parts[0], label))
-    if not out:
-        raise CacheError(f'{path}: no entries')
-    return out
-
-
-def write_map_file(path: str | os.PathLike, entries) -> None:
-    """``<member>\\t<label>`` lines, written atomically."""
-    with atomic_open(path, 'w', encoding='utf-8', newline='\n') as f:
-        for name, label in entries:
-            if '\t' in name or '\n' in name:
-                raise CacheError(f'member name {name!r} contains a tab or newline; cannot be written to a map file')
-            f.write(f'{name}\t{label}\n')
-
-
-def class_folder(name: str) -> str | None:
-    """A member's class folder: its first path component, as ImageFolder's class (None for a flat name)."""
-    head, sep, _ = name.partition('/')
-    return head if sep else None
-
-
-def check_labels(entries: list[tuple[str, int]], source: str, folder_labels: bool) -> int:
-    """Labels must be 0..K-1 with every class present; with ``folder_labels`` one label per class folder.
-
-    Returns K.
-    """
-    labels = sorted({lab for _, lab in entries})
-    K = labels[-1] + 1
-    if len(labels) != K:
-        missing = sorted(set(range(K)) - set(labels))
-        raise CacheError(f'{source}: labels must cover 0..{K - 1}; missing {missing[:10]}'
-                         f'{" ..." if len(missing) > 10 else ""}')
-    if folder_labels:
-        by_folder, by_label = {}, {}
-        for name, lab in entries:
-            folder = class_folder(name)
-            if folder is None:
-                raise CacheError(f'{source}: entry {name!r} has no class folder')
-            if by_folder.setdefault(folder, lab) != lab:
-                raise CacheError(f'{source}: class folder {folder!r} has labels {by_folder[folder]} and {lab}')
-            if by_label.setdefault(lab, folder) != folder:
-                raise CacheError(f'{source}: label {lab} is used by folders {by_label[lab]!r} and {folder!r}')
-    return K
-
-
-def check_split_labels(entries, class_index: dict[str, int], source: str) -> None:
-    """Every entry's label must be its class folder's (when it has one) and within the train classes."""
-    for n, (name, label) in enumerate(entries, 1):
-        folder = class_folder(name)
-        if folder is not None and folder not in class_index:
-            raise CacheError(f'{source}:{n}: class folder {folder!r} of {name!r} is not a train class')
-        if folder is not None and class_index[folder] != label:
-            raise CacheError(f'{source}:{n}: {name!r} has label {label}, but class folder {folder!r} is label '
-                             f'{class_index[folder]} in train')
-        if not 0 <= label < len(class_index):
-            raise CacheError(f'{source}:{n}: label {label} outside the {len(class_index)} train classes')
-
-
-def train_class_index(train_map: Path) -> dict[str, int]:
-    """class folder -> label, from a train map (whose labels check_labels has tied to folders)."""
-    return {folder: label for name, label in parse_map_file(train_map) if (folder := class_folder(name)) is not None}
 
 
 class ZipIndex:
@@ -314,43 +231,9 @@ def open_index(zip_path, map_path, folder_labels: bool, train_map: Path | None =
     return ZipIndex(zip_path, read_index(idx_path, inputs), idx_path)
 
 
-class SkipCounter:
-    """The ``--skip-bad-images`` contract of the datasets: an unreadable image is an error naming it, or
-    (``skip_bad``) ``None`` for collate_skip_bad to drop, counted across DataLoader workers (a shared
-    mp.Value). Never is another image substituted."""
-
-    def __init__(self, skip_bad: bool):
-        self.skip_bad = skip_bad
-        self.skipped = mp.Value('q', 0) if skip_bad else None
-
-    def count_skip(self) -> None:
-        with self.skipped.get_lock():
-            self.skipped.value += 1
-
-    @property
-    def lazy_decode(self) -> bool:
-        """The transform decodes (``--jpeg-draft``: it picks the DCT scale from its crop), so JPEGs are only
-        opened here; a decode error then surfaces inside the transform, still as CorruptImageError."""
-        return getattr(self.transform, 'decodes_lazily', False)
-
-    def _sample(self, load, target: int):
-        """(transform(load()), target), or None for an unreadable image when skipping."""
-        try:
-            img = load()
-            return (self.transform(img) if self.transform is not None else img), target
-        except CorruptImageError:
-            if not self.skip_bad:
-                raise
-            self.count_skip()
-            return None
-
-    def pop_skipped(self) -> int:
-        """Images skipped since the last call (all workers together)."""
-        if self.skipped is None:
-            return 0
-        with self.skipped.get_lock():
-            n, self.skipped.value = self.skipped.value, 0
-        return n
+# what a dataset reads ahead into the page cache when it opens: every member; only this rank's fixed shard (Swin's
+# 'part', the official --cache sampling); nothing (tools and benchmarks that read a few samples)
+CACHE_MODES = ('full', 'part', 'no')
 
 
 class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
@@ -362,8 +245,8 @@ class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
 
     def __init__(self, zip_path, map_path, transform=None, folder_labels: bool = True, skip_bad: bool = False,
                  cache_mode: str = 'full', rank: int = 0, world_size: int = 1, train_map: Path | None = None):
-        if cache_mode not in ('full', 'part', 'no'):
-            raise ValueError(f"cache_mode must be 'full', 'part' or 'no', got {cache_mode!r}")
+        if cache_mode not in CACHE_MODES:
+            raise ValueError(f'cache_mode must be one of {", ".join(CACHE_MODES)}; got {cache_mode!r}')
         self.index = open_index(zip_path, map_path, folder_labels, train_map)
         self.rows, self.targets = self.index.rows, self.index.labels
         self.num_classes = int(self.targets.max()) + 1
@@ -409,27 +292,6 @@ class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self._sample(lambda: self.load(i), int(self.targets[i]))
-
-
-def kept_count(kept: int, size: int, keep_even: bool = True) -> int:
-    """How many of the ``kept`` readable samples of a batch of ``size`` to use. ``keep_even`` (training):
-    keep the batch even (timm's Mixup needs pairs) by dropping the last sample when a skip made it odd.
-    Evaluation passes False: every readable image is counted."""
-    return kept - 1 if keep_even and kept != size and kept % 2 and size % 2 == 0 else kept
-
-
-def drop_skipped(batch: list, keep_even: bool = True) -> list:
-    """The samples of ``batch`` a skip_bad dataset did not return as None (see :func:`kept_count`)."""
-    kept = [b for b in batch if b is not None]
-    return kept[:kept_count(len(kept), len(batch), keep_even)]
-
-
-def collate_skip_bad(batch, keep_even: bool = True):
-    """default_collate of :func:`drop_skipped`'s samples."""
-    kept = drop_skipped(batch, keep_even)
-    if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.utils.data.default_collate(kept)
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 from timm.utils import ParseKwargs
 
-from deit.datasets import DATA_SETS
+from data.zip_cache import CACHE_MODES
+from deit.datasets import DATA_SETS, DEFAULT_CROP_RATIO, auto_augment, mixup_active
 from deit.device_decode import INTERPOLATIONS
 from deit.criterion import ALPHA_DEFAULT, HARD_LABEL_LOSSES, loss_options, LOSSES
 
@@ -176,11 +177,11 @@ def _data(p) -> None:
     g('--data-path', default=None, help='data set root (ImageNet folders, or the ZIP cache with --cache)')
     g('--data-set', default='IMNET', choices=DATA_SETS, help='DEMO: the built-in digits set')
     g('--cache', action='store_true', help='read IMNET from the in-memory ZIP cache (data/)')
-    g('--cache-mode', default='full', choices=['full', 'part'],
+    g('--cache-mode', default='full', choices=CACHE_MODES,
       help="'part': each rank keeps a fixed 1/world shard (the official --cache sampling, no repetition)")
     g('--skip-bad-images', action='store_true',
       help='drop unreadable images (ZIP cache or folders) from their batch, counted and logged, instead of failing')
-    g('--eval-crop-ratio', '--crop-pct', default=0.875, type=float, help='centre-crop ratio of evaluation')
+    g('--eval-crop-ratio', '--crop-pct', default=DEFAULT_CROP_RATIO, type=float, help='centre-crop ratio of evaluation')
     g('--prefetcher', action=argparse.BooleanOptionalAction, default=True,
       help="timm's prefetcher convention: workers return uint8, normalisation and random erasing run batched on "
            "the device (same augmentations; --no-prefetcher: float tensors from the workers, as DeiT)")
@@ -347,18 +348,17 @@ def check_args(args) -> None:
                          f'use --smoothing 0 (the paper recipe) or --loss ce')
     if args.bce_loss and args.loss != 'ce':
         raise ValueError(f'--bce-loss replaces the loss; it only combines with --loss ce, not {args.loss}')
-    mixup = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    if args.loss in HARD_LABEL_LOSSES and mixup:
+    if args.loss in HARD_LABEL_LOSSES and mixup_active(args):
         raise ValueError(f'--loss {args.loss} is defined for hard labels; add --mixup 0 --cutmix 0')
     if args.distillation_type != 'none' and args.finetune and not args.eval:
         raise ValueError('finetuning with distillation is not supported (as in DeiT)')
     if args.device_aug and not args.prefetcher:
         raise ValueError('--device-aug runs RandAugment on the uint8 batch on the device: it needs --prefetcher')
-    if args.device_aug and (args.ThreeAugment or args.aa in (None, '', 'none') or not args.aa.startswith('rand')):
+    if args.device_aug and (args.ThreeAugment or not (auto_augment(args) or '').startswith('rand')):
         raise ValueError(f'--device-aug moves a RandAugment policy to the device; --aa {args.aa!r}'
                          f'{" with --ThreeAugment" if args.ThreeAugment else ""} has none to move')
     if args.gpu_decode:  # the workers hand over JPEG bytes + timm's crop and flip: nothing else may need pixels
-        aa = args.aa not in (None, '', 'none')
+        aa = auto_augment(args) is not None
         for wrong, why in ((not args.prefetcher, 'it needs --prefetcher'),
                            (args.data_set == 'DEMO', 'the DEMO set is not read from JPEG files'),
                            (args.input_size <= 32, f'--input-size {args.input_size}: inputs <= 32 px are padded and '

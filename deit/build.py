@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import random
 
-import numpy as np
 import PIL
 import torch
 from threadpoolctl import threadpool_limits
@@ -18,8 +16,9 @@ from timm.utils import ModelEmaV3
 
 from data.decode import jpeg_decoder
 from data.io import CheckpointError
-from data.zip_cache import ShardSampler, collate_skip_bad
-from deit.datasets import device_rand_augment, normalization
+from data.skip import collate_skip_bad
+from data.zip_cache import ShardSampler
+from deit.datasets import device_rand_augment, mixup_active, normalization
 from deit.device_aug import DeviceBatches
 from deit.device_decode import DeviceDecoder, collate_encoded
 from deit.criterion import build_criterion
@@ -27,6 +26,7 @@ from deit.models import adapt_state_dict_for_finetune, create_model
 from deit.preemption import WorkerSignals
 from deit.releases import read_state_dict
 from deit.samplers import DistributedEvalSampler, RASampler, SeededDataset, SeededSampler
+from deit.train_state import seed_all
 
 
 @dataclasses.dataclass
@@ -105,12 +105,7 @@ def setup_device(cfg) -> tuple[torch.device, bool]:
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels (DeiT)
     amp = device.type == 'cuda' if cfg.amp is None else cfg.amp
-    # all three generators (as timm's random_seed): RandAugment and random erasing draw from python's
-    # `random`, so leaving it unseeded made two runs with one --seed differ, and resumes inexact
-    seed = cfg.seed + cfg.rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    seed_all(cfg.seed + cfg.rank)
     return device, amp
 
 
@@ -138,7 +133,7 @@ def build_data(cfg, dataset_train, dataset_val, device, workers: WorkerSignals) 
           f'{", RandAugment on the device" if cfg.device_aug else ""}'
           f'{", JPEG draft decoding" if cfg.jpeg_draft else ""}')
     mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
+    if mixup_active(cfg):
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
                          prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
                          label_smoothing=cfg.smoothing, num_classes=nb_classes)

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 
 from data.decode import decode_image, read_image_file
-from data.zip_cache import SkipCounter, ZipImageDataset
+from data.skip import SkipCounter
+from data.zip_cache import ZipImageDataset
 from deit import distributed as du
 from deit.device_aug import DeviceRandAugment
 from deit.transforms import DraftRandomResizedCrop, defer_decoding
@@ -223,7 +224,17 @@ def device_rand_augment(args):
     return DeviceRandAugment(rand_augment_transform(args.aa, hparams))
 
 
-DEFAULT_CROP_RATIO = 0.875
+DEFAULT_CROP_RATIO = DEFAULT_CROP_PCT  # timm's (and DeiT's) evaluation centre crop, 0.875
+
+
+def auto_augment(args) -> str | None:
+    """The --aa policy, or None when it is off ('none', empty or unset)."""
+    return None if args.aa in (None, '', 'none') else args.aa
+
+
+def mixup_active(args) -> bool:
+    """Mixup or CutMix is on: the targets are soft (timm's Mixup with these flags, as DeiT)."""
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
 def eval_resize(size: int, crop_ratio: float) -> int:
@@ -246,7 +257,7 @@ def build_transform(is_train: bool, args, uint8: bool | None = None):
         if args.ThreeAugment:
             return three_augment(args, uint8)
         on_device = getattr(args, 'device_aug', False)  # RandAugment runs on the batch instead (no colour jitter)
-        aa = None if on_device or args.aa in (None, '', 'none') else args.aa
+        aa = None if on_device else auto_augment(args)
         tf = create_transform(input_size=size, is_training=True, auto_augment=aa,
                               color_jitter=None if on_device else args.color_jitter,
                               interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,

@@ -21,7 +21,7 @@ Per image, the host path decides as it does by default: a JPEG the worker cannot
 no end-of-image marker) is decoded and cropped in the worker by timm's transform; one the device decoder
 rejects is decoded on the host by ``data.decode`` (PIL), which returns an image or raises
 CorruptImageError naming the member. With ``--skip-bad-images`` that sample is dropped from its batch and
-counted, as in ``data.zip_cache.collate_skip_bad``.
+counted, as in ``data.skip.collate_skip_bad``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from data.decode import CorruptImageError, decode_image
-from data.zip_cache import drop_skipped, kept_count
+from data.skip import drop_skipped, kept_count
 from deit.device_aug import to_device
 from deit.transforms import EncodedImage
 

@@ -31,6 +31,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from deit.rendezvous import slurm_port
+
 CUDA_BACKEND = 'cpu:gloo,cuda:nccl'
 CPU_BACKEND = 'gloo'
 SLURM_NO_STEP_IDS = {'4294967290', '4294967291', '4294967292', '4294967293', '4294967294', '4294967295',
@@ -97,14 +99,6 @@ def first_host(nodelist: str) -> str:
         except (subprocess.SubprocessError, OSError):
             pass
     return expand_nodelist(nodelist)[0]
-
-
-def slurm_port(env) -> str:
-    """MASTER_PORT, else a port in [15000, 35000) derived from the job id (as DeiT/Swin's launchers)."""
-    if env.get('MASTER_PORT'):
-        return str(env['MASTER_PORT'])
-    job = env.get('SLURM_JOB_ID') or env.get('SLURM_JOBID')
-    return str(15000 + int(job) % 20000) if job and job.isdigit() else '29500'
 
 
 def dist_env(env: dict | None = None) -> dict | None:

@@ -83,7 +83,6 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
     logger = MetricLogger()
     logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = f'Epoch: [{epoch}]'
-    second_order = getattr(optimizer, 'is_second_order', False)
     skipped_steps = 0
     total = start_step + len(data_loader)
     last = min(total, max_steps if max_steps is not None else total) - 1
@@ -101,20 +100,9 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
         update = (step + 1) % accum_iter == 0 or step == last
-        no_sync = model.no_sync() if not update and hasattr(model, 'no_sync') else nullcontext()
-        with no_sync:  # the forward too: DDP prepares its gradient all-reduce there
-            with autocast(device, amp, amp_dtype):
-                outputs = model(samples)
-                loss = criterion(samples, outputs, targets)
-            loss_value, bad_ranks, stop = step_status(loss, stop_signal is not None and stop_signal.requested)
-            if bad_ranks:
-                what = (f'not finite on rank {", ".join(map(str, bad_ranks))}' if is_dist() else loss.item())
-                raise NonFiniteLossError(f'loss is {what} at epoch {epoch}, step {step}: stopping training'
-                                         f'{" on every rank" if is_dist() else ""} (try a lower --lr, '
-                                         f'--clip-grad, or --no-amp)')
-            loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, clip_mode=clip_mode,
-                        parameters=model.parameters(),
-                        create_graph=second_order, need_update=update)
+        loss_value, stop = train_step(model, criterion, samples, targets, optimizer, loss_scaler, update, device=device,
+                                      amp=amp, amp_dtype=amp_dtype, accum_iter=accum_iter, max_norm=max_norm,
+                                      clip_mode=clip_mode, stop_signal=stop_signal, where=f'epoch {epoch}, step {step}')
         if update:
             optimizer.zero_grad(set_to_none=True)
             if model_ema is not None:
@@ -124,13 +112,42 @@ def train_one_epoch(model, criterion, data_loader: Iterable, optimizer, device, 
         if update and stop:
             stopped_at = step + 1
             break
+    return epoch_stats(logger, optimizer, epoch, stopped_at, skipped_steps if batches_may_be_empty else None)
+
+
+def train_step(model, criterion, samples, targets, optimizer, loss_scaler, update: bool, *, device, amp: bool,
+               amp_dtype, accum_iter: int, max_norm, clip_mode: str, stop_signal, where: str) -> tuple[float, bool]:
+    """One micro-batch: forward, loss, every rank's status, backward (and the optimizer step when ``update``).
+    Returns (the loss averaged over ranks, a stop requested on any rank). The stop request is read after the
+    loss, so a signal that came during this step's forward stops after this step."""
+    second_order = getattr(optimizer, 'is_second_order', False)
+    no_sync = model.no_sync() if not update and hasattr(model, 'no_sync') else nullcontext()
+    with no_sync:  # the forward too: DDP prepares its gradient all-reduce there
+        with autocast(device, amp, amp_dtype):
+            outputs = model(samples)
+            loss = criterion(samples, outputs, targets)
+        loss_value, bad_ranks, stop = step_status(loss, stop_signal is not None and stop_signal.requested)
+        if bad_ranks:
+            what = (f'not finite on rank {", ".join(map(str, bad_ranks))}' if is_dist() else loss.item())
+            raise NonFiniteLossError(f'loss is {what} at {where}: stopping training'
+                                     f'{" on every rank" if is_dist() else ""} (try a lower --lr, '
+                                     f'--clip-grad, or --no-amp)')
+        loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, clip_mode=clip_mode,
+                    parameters=model.parameters(), create_graph=second_order, need_update=update)
+    return loss_value, stop
+
+
+def epoch_stats(logger: MetricLogger, optimizer, epoch: int, stopped_at: int | None,
+                skipped_steps: int | None) -> dict:
+    """The epoch's averages over all ranks, its final lr, where a stop signal ended it and (``--skip-bad-images``)
+    the steps every rank skipped."""
     logger.synchronize_between_processes()
     print('Averaged stats:', logger, flush=True)
     stats = {k: m.global_avg for k, m in logger.meters.items()}
     stats['lr'] = optimizer.param_groups[0]['lr']
     if stopped_at is not None:
         stats['stopped_at_step'] = stopped_at
-    if batches_may_be_empty:
+    if skipped_steps is not None:
         stats['skipped_steps'] = skipped_steps
         if skipped_steps:
             print(f'epoch {epoch}: {skipped_steps} step(s) skipped on all ranks (a rank had no readable image)')

@@ -98,6 +98,14 @@ def resume(state: TrainingState, ckpt: dict, path: str, seed: int, rank: int = 0
 
 
 # ---- RNG streams ---------------------------------------------------------------------------------------------
+def seed_all(seed: int) -> None:
+    """Seed torch, python and numpy (as timm's random_seed): RandAugment and random erasing draw from python's
+    ``random``, so leaving it unseeded makes two runs with one --seed differ. numpy takes 32 bits."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
 def rng_state() -> dict:
     """This process's RNG streams (torch, python, numpy, and CUDA when present)."""
     st = {'torch': torch.get_rng_state(), 'python': random.getstate(),
@@ -126,9 +134,7 @@ def restore_rng(saved, rank: int, world: int, reseed: int) -> str:
     if len(states) == world:
         set_rng_state(states[rank])
         return 'restored'
-    torch.manual_seed(reseed + rank)
-    np.random.seed((reseed + rank) % 2 ** 32)
-    random.seed(reseed + rank)
+    seed_all(reseed + rank)
     return f'reseeded (checkpoint has {len(states)} RNG state(s), this run {world} process(es))'
 
 

@@ -15,10 +15,8 @@ split_dry_run() {
   export DRY_RUN
 }
 
-# job_port: MASTER_PORT if set; inside a SLURM job a port derived from the job id (15000 + id % 20000, as
-# deit.distributed does), so two jobs sharing a node never both take 29500; else 29500.
+# job_port: the rendezvous port the trainer would pick (deit/rendezvous.py: MASTER_PORT, else one derived from
+# the SLURM job id, else 29500); run from the repository root, as the launchers are.
 job_port() {
-  if [[ -n "${MASTER_PORT:-}" ]]; then echo "$MASTER_PORT"
-  elif [[ "${SLURM_JOB_ID:-}" =~ ^[0-9]+$ ]]; then echo $((15000 + SLURM_JOB_ID % 20000))
-  else echo 29500; fi
+  "$PYTHON" -m deit.rendezvous
 }

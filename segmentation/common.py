@@ -7,6 +7,7 @@ from pathlib import Path
 
 from data.io import CheckpointError, atomic_open
 from deit import distributed as du
+from deit.rendezvous import slurm_port
 from deit.releases import read_state_dict
 from segmentation.deit_to_mmseg import convert_checkpoint
 
@@ -122,7 +123,7 @@ def init_distributed(cfg, launcher: str) -> None:
 
     kwargs = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
     if launcher == 'slurm':
-        kwargs.setdefault('port', int(du.slurm_port(os.environ)))
+        kwargs.setdefault('port', int(slurm_port(os.environ)))
         nodelist = os.environ.get('SLURM_STEP_NODELIST') or os.environ.get('SLURM_NODELIST')
         if nodelist and 'MASTER_ADDR' not in os.environ:  # mmengine keeps a MASTER_ADDR that is set
             os.environ['MASTER_ADDR'] = du.first_host(nodelist)

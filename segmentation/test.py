@@ -9,6 +9,7 @@ import numbers
 import sys
 from pathlib import Path
 
+from data.cli import report
 from segmentation.common import (
     require_segmentation_stack,
     add_runner_args, check_data_root, load_config, trust_runner_checkpoints)
@@ -29,8 +30,7 @@ def main(argv=None) -> dict | int:
         if not Path(a.checkpoint).is_file():
             raise FileNotFoundError(f'checkpoint not found: {a.checkpoint}')
     except (FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     cfg.load_from = a.checkpoint
     cfg.model.backbone.init_cfg = None  # every weight comes from the checkpoint
     if a.tta:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data.cli import report
 from deit.distributed import get_world_size
 from segmentation.common import (
     require_segmentation_stack,
@@ -46,8 +47,7 @@ def main(argv=None) -> int:
             set_backbone_checkpoint(cfg, a.backbone_checkpoint, a.use_ema)
         check_backbone_weights(cfg)
     except (FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     if a.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.loss_scale = 'dynamic'

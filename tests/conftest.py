@@ -163,3 +163,18 @@ def trained_checkpoint(world_size: int = 1, scaler: bool = False):
     ckpt = checkpoint_dict(state, Namespace(seed=0), world_size, rng)
     after = (torch.rand(3), random.random(), np.random.rand())
     return state, ckpt, after
+
+
+SRUN_ECHO = '#!/bin/sh\necho "srun $*"\necho "RDZV=$RDZV_ENDPOINT"\n'
+SRUN_EXEC = '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n'  # runs its command
+
+
+def fake_slurm_bin(tmp_path: Path, srun: str = SRUN_ECHO) -> Path:
+    """scontrol / srun stand-ins: scontrol expands one fixed list; srun prints (or runs) its command."""
+    bin_ = tmp_path / 'bin'
+    bin_.mkdir()
+    (bin_ / 'scontrol').write_text('#!/bin/sh\necho node-a\necho node-b\n')
+    (bin_ / 'srun').write_text(srun)
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    return bin_

@@ -22,8 +22,8 @@ from data.build_zip_cache import main as build_zip
 from deit import distributed as du
 from data.io import save_atomic, temp_path
 from deit.train_state import restore_rng, rng_state
-from tests.conftest import (ROOT, TINY, checksums, corrupt_first_member, make_imagefolder, ok, run_module,
-                            run_ranks)
+from tests.conftest import (ROOT, TINY, checksums, corrupt_first_member, fake_slurm_bin, make_imagefolder, ok,
+                            run_module, run_ranks)
 from tests.dist_harness import COLLECTIVES, HELPERS, simulated_spec
 
 HARNESS = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'tests.dist_harness']
@@ -104,7 +104,7 @@ def test_gpu_style_process_group_runs_every_collective(bad_cache, tmp_path):
     expected = collective_call_sites()
     assert expected - seen == set(), f'collectives never exercised: {sorted(expected - seen)}'
     for site in ('deit/logger.py:synchronize_between_processes', 'deit/engine.py:evaluate',
-                 'deit/losses.py:next_epoch', 'deit/engine.py:train_one_epoch', 'deit/main.py:save_epoch'):
+                 'deit/baselines.py:next_epoch', 'deit/engine.py:train_one_epoch', 'deit/loop.py:save_epoch'):
         assert site in seen
 
 
@@ -352,23 +352,8 @@ def test_value_checks_do_not_sync_every_step():
     assert all(losses.value_check_due(crit, torch.zeros(2, 2)) for _ in range(3))  # CPU: always
 
 
-SRUN_ECHO = '#!/bin/sh\necho "srun $*"\necho "RDZV=$RDZV_ENDPOINT"\n'
-SRUN_EXEC = '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n'  # runs its command
-
-
-def _fake_slurm_bin(tmp_path: Path, srun: str = SRUN_ECHO) -> Path:
-    """scontrol / srun stand-ins: scontrol expands one fixed list; srun prints (or runs) its command."""
-    bin_ = tmp_path / 'bin'
-    bin_.mkdir()
-    (bin_ / 'scontrol').write_text('#!/bin/sh\necho node-a\necho node-b\n')
-    (bin_ / 'srun').write_text(srun)
-    for f in bin_.iterdir():
-        f.chmod(0o755)
-    return bin_
-
-
 def test_sbatch_script_passes_cpus_and_a_job_port_to_srun(tmp_path):
-    bin_ = _fake_slurm_bin(tmp_path)
+    bin_ = fake_slurm_bin(tmp_path)
     env = {'PATH': f'{bin_}:/usr/bin:/bin', 'DATA_PATH': '/data/imagenet', 'SLURM_JOB_NODELIST': 'node-[a-b]',
            'SLURM_JOB_ID': '777', 'SLURM_CPUS_PER_TASK': '80', 'SLURM_SUBMIT_DIR': str(ROOT)}
     r = subprocess.run(['bash', 'scripts/slurm_train.sbatch'], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -389,7 +374,7 @@ def test_segmentation_launcher_port_is_per_job():
 def test_submitit_srun_gets_cpus_and_kill_on_bad_exit(tmp_path, monkeypatch):
     pytest.importorskip('submitit')
     from tools.run_with_submitit import build_executor
-    monkeypatch.setenv('PATH', f'{_fake_slurm_bin(tmp_path)}:{os.environ["PATH"]}')
+    monkeypatch.setenv('PATH', f'{fake_slurm_bin(tmp_path)}:{os.environ["PATH"]}')
     args = Namespace(job_dir=str(tmp_path), cluster='slurm', partition=None, comment=None, ngpus=8, nodes=1,
                      cpus_per_task=10, timeout=60, job_name='t')
     ex = build_executor(args)

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from deit.main import cli, parse_args
-from tests.conftest import ROOT, TINY, make_imagefolder, without
+from tests.conftest import ROOT, SRUN_EXEC, TINY, fake_slurm_bin, make_imagefolder, without
 
 PAPER = ROOT / 'recipes' / 'deit_s_paper.yaml'
 
@@ -46,8 +46,7 @@ def test_every_launcher_applies_the_recipe_file(tmp_path):
                '--dry-run'], NGPUS='8')
     _check_paper_recipe(_deit_argv(out))
     # SLURM: srun runs the main command on each node (a stand-in srun that runs its command)
-    from tests.test_cluster import SRUN_EXEC, _fake_slurm_bin
-    bin_ = _fake_slurm_bin(tmp_path, SRUN_EXEC)
+    bin_ = fake_slurm_bin(tmp_path, SRUN_EXEC)
     out = run(['bash', 'scripts/slurm_train.sbatch'], PATH=f'{bin_}:{env["PATH"]}', SLURM_JOB_NODELIST='node-a',
               SLURM_JOB_ID='5', SLURM_SUBMIT_DIR=str(ROOT), NGPUS='8')
     _check_paper_recipe(_deit_argv(out))
@@ -73,8 +72,7 @@ def test_a_users_recipe_replaces_the_launchers_and_keeps_its_own_values(tmp_path
     env = {'PATH': os.environ['PATH'], 'PYTHON': sys.executable, 'DRY_RUN': '1', 'DATA_PATH': '/data/imagenet'}
     run = lambda cmd, **kw: subprocess.run(cmd, cwd=ROOT, env={**env, **kw}, capture_output=True,  # noqa: E731
                                            text=True, check=True).stdout
-    from tests.test_cluster import SRUN_EXEC, _fake_slurm_bin
-    bin_ = _fake_slurm_bin(tmp_path, SRUN_EXEC)
+    bin_ = fake_slurm_bin(tmp_path, SRUN_EXEC)
     for out in (run(['bash', 'scripts/train_with_MaxSup.sh', '-c', str(mine)]),
                 run(['bash', 'scripts/train_with_MaxSup.sh', '-c', str(mine)], NGPUS='8'),
                 run(['bash', 'scripts/slurm_train.sbatch', '-c', str(mine)], PATH=f'{bin_}:{env["PATH"]}',

@@ -17,9 +17,9 @@ from deit.config import resolve_config
 from deit.distributed import DistInfo
 from deit.engine import evaluate
 from deit.baselines import LogitPenaltyLoss, OnlineLabelSmoothing, ZipfLabelSmoothing
-from deit.criterion import create_criterion
 from deit.losses import LabelSmoothingLoss, MaxSupLoss
-from deit.metrics import CalibrationBins, classification_summary, feature_variation, topk_correct
+from deit.metrics import (CalibrationBins, classification_summary, expected_calibration_error, feature_variation,
+                          topk_correct)
 
 # 4 samples, 6 classes; the label's rank in its row: 1st, 2nd, 6th, 5th -> top-1 1 of 4, top-5 3 of 4
 LOGITS = torch.tensor([[5., 1., 0., 0., 0., 0.],     # label 0: 1st
@@ -36,7 +36,8 @@ def test_topk_counts_on_a_known_batch():
 
 
 def test_ece_by_hand():
-    """ECE = sum_b n_b / N |acc_b - conf_b| with bins (b/n, (b+1)/n]."""
+    """ECE = sum_b n_b / N |acc_b - conf_b| with bins (b/n, (b+1)/n], batch by batch, from two ranks' sums and
+    from the one-call function."""
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45], [0.5, 0.5]])
     target = torch.tensor([0, 1, 0, 0, 1])
     bins = CalibrationBins(n_bins=2)  # (0, .5] and (.5, 1]
@@ -52,6 +53,19 @@ def test_ece_by_hand():
     again = CalibrationBins(2)
     again.load_tensor(bins.as_tensor() * 2)  # sums from two ranks
     assert again.ece() == pytest.approx(want)
+    # 15 bins, 4 samples in two batches: confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.6 (right);
+    # bin of 0.9: acc 0.5 conf 0.9 -> |0.4| * 2/4; bin of 0.6: acc 1.0 conf 0.6 -> |0.4| * 2/4; ECE = 0.4
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.6, 0.4]])
+    target = torch.tensor([0, 1, 1, 0])
+    assert expected_calibration_error(probs, target, 15) == pytest.approx(0.4)
+    bins = CalibrationBins(15)
+    bins.update(probs[:2], target[:2])
+    bins.update(probs[2:], target[2:])
+    assert bins.ece() == pytest.approx(0.4)
+    rel = bins.reliability()
+    assert rel['count'][13] == 2 and rel['accuracy'][13] == pytest.approx(0.5)  # 0.9 -> bin (13/15, 14/15]
+    perfect = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(perfect, torch.tensor([0, 1])) == pytest.approx(0.0)
 
 
 def test_feature_variation_by_hand():
@@ -62,6 +76,30 @@ def test_feature_variation_by_hand():
     x2 = torch.tensor([[1., 0.], [0., 1.], [1., 0.], [0., 1.]])  # each class spread over both axes
     v2 = feature_variation(x2, y)
     assert v2['d_within'] == pytest.approx(0.5) and v2['r2'] == pytest.approx(0.0, abs=1e-9)
+    e = torch.eye(3)
+    # perfectly separated: every class one point (orthogonal), repeated -> d_within 0, R^2 = 1
+    f = e.repeat_interleave(4, 0)
+    y = torch.arange(3).repeat_interleave(4)
+    r = feature_variation(f, y)
+    assert r['d_within'] == pytest.approx(0.0, abs=1e-12) and r['r2'] == pytest.approx(1.0)
+    # d_total by hand: mean over class pairs of (1 - cos): 3 same-class pairs 0, 6 cross pairs 1 -> 6/9
+    assert r['d_total'] == pytest.approx(6 / 9)
+    # identical features everywhere: nothing varies
+    r = feature_variation(torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert r['d_within'] == pytest.approx(0.0, abs=1e-12) and r['d_total'] == pytest.approx(0.0, abs=1e-12)
+    # one class with two orthogonal points: pairs (0,0),(1,1) -> 0, (0,1),(1,0) -> 1 => d_within = 1/2
+    r = feature_variation(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+    assert r['d_within'] == pytest.approx(0.5)
+    # brute force agreement on random data
+    g = torch.Generator().manual_seed(1)
+    f, y = torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g)
+    x = torch.nn.functional.normalize(f.double(), dim=1)
+    dist = 1 - x @ x.T
+    cls = y.unique()
+    dw = torch.stack([dist[y == c][:, y == c].mean() for c in cls]).mean()
+    dt = torch.stack([dist[y == a][:, y == b].mean() for a in cls for b in cls]).mean()
+    r = feature_variation(f, y)
+    assert r['d_within'] == pytest.approx(float(dw)) and r['r2'] == pytest.approx(float(1 - dw / dt))
 
 
 def test_classification_summary_and_evaluate_on_a_known_batch():
@@ -186,18 +224,6 @@ def test_ols_a_weights_the_hard_label_term_and_next_epoch_normalises():
     assert torch.allclose(o.supervise[:, 2], zz[:2].softmax(1).mean(0), atol=1e-6)
     assert torch.equal(o.supervise[:, [0, 1, 3]], before[:, [0, 1, 3]])  # no correct sample: column kept
     assert o.count.sum() == 0 and o.update.abs().sum() == 0
-
-
-def test_create_criterion_passes_every_hyper_parameter():
-    opts = dict(nb_classes=4, alpha=0.25, ols_a=0.7, zipf_weight=2.0, zipf_power=1.5, logit_penalty_beta=0.01)
-    assert create_criterion(loss='maxsup', **opts).alpha == 0.25
-    assert create_criterion(loss='ls', **opts).alpha == 0.25
-    assert create_criterion(loss='ls_reg_only', **opts).alpha == 0.25
-    ols = create_criterion(loss='ols', **opts)
-    assert (ols.a, ols.num_classes) == (0.7, 4) and ols.supervise[0, 0] == pytest.approx(0.75)
-    zipf = create_criterion(loss='zipf', **opts)
-    assert (zipf.weight, zipf.power) == (2.0, 1.5)
-    assert create_criterion(loss='logit_penalty', **opts).beta == 0.01
 
 
 # ---- the converter, block by block against mmseg's VisionTransformer ---------------------------------------

@@ -119,7 +119,7 @@ def test_a_diverged_epoch_is_not_saved_and_the_last_good_checkpoint_stays(blow_u
             next(a[0].parameters()).mul_(blow_up)
         return stats
 
-    monkeypatch.setattr(dm, 'train_one_epoch', diverging)
+    monkeypatch.setattr(deit.loop, 'train_one_epoch', diverging)
     before = (run / 'checkpoint.pth').read_bytes()
     assert dm.cli(DEMO + ['--epochs', '2', '--output_dir', str(run)]) == 3
     err = _err(capsys)

@@ -1,5 +1,6 @@
 """The loss family: identities, gradients (paper Eq. 9), edge cases and input errors."""
 import math
+from argparse import Namespace
 
 import pytest
 import torch
@@ -311,16 +312,6 @@ def test_alpha_schedule_matches_official_formula():
         AlphaSchedule(0.1, 1.2, 10)
 
 
-def test_create_criterion_names_and_unknown():
-    from argparse import Namespace
-    assert isinstance(create_criterion(Namespace(loss='maxsup', maxsup_alpha=0.1)), MaxSupLoss)
-    assert isinstance(create_criterion({'loss': 'ols', 'nb_classes': 5}), OnlineLabelSmoothing)
-    with pytest.raises(ValueError, match='unknown loss'):
-        create_criterion(loss='focal')
-    with pytest.raises(ValueError, match='nb_classes'):
-        create_criterion(loss='ols')
-
-
 @pytest.mark.parametrize('logits,target,msg', [
     (torch.randn(4), torch.tensor([0, 1, 2, 3]), r'\(B, K\)'),
     (torch.randn(4, 3), torch.tensor([0, 1, 2]), '3 labels for a batch of 4'),
@@ -525,7 +516,9 @@ def test_build_criterion_picks_the_base_loss_the_flags_ask_for():
     assert ols.num_classes == 7
 
 
-def test_create_criterion_defaults_and_every_option_reaches_its_loss():
+def test_create_criterion_defaults_every_option_and_the_inputs_it_takes():
+    """Each loss by name with the project's defaults, each option reaching its loss, the trainer's Namespace
+    (the official flag name maxsup_alpha too) and a dict as inputs, and one-line refusals."""
     assert type(create_criterion()) is MaxSupLoss and create_criterion().alpha == 0.1  # the project's default
     assert create_criterion(loss='maxsup', maxsup_alpha=0.15).alpha == 0.15  # the official code's flag name
     assert create_criterion(loss='ls_err_only', alpha=0.3).alpha == 0.3
@@ -538,6 +531,17 @@ def test_create_criterion_defaults_and_every_option_reaches_its_loss():
     with pytest.raises(ValueError, match="^unknown loss 'focal'; choose one of ce, ls, maxsup, ls_reg_only, "
                                          "ls_err_only, ols, zipf, logit_penalty$"):
         create_criterion(loss='focal')
+    opts = dict(nb_classes=4, alpha=0.25, ols_a=0.7, zipf_weight=2.0, zipf_power=1.5, logit_penalty_beta=0.01)
+    assert create_criterion(loss='maxsup', **opts).alpha == 0.25
+    assert create_criterion(loss='ls', **opts).alpha == 0.25
+    assert create_criterion(loss='ls_reg_only', **opts).alpha == 0.25
+    ols = create_criterion(loss='ols', **opts)
+    assert (ols.a, ols.num_classes) == (0.7, 4) and ols.supervise[0, 0] == pytest.approx(0.75)
+    zipf = create_criterion(loss='zipf', **opts)
+    assert (zipf.weight, zipf.power) == (2.0, 1.5)
+    assert create_criterion(loss='logit_penalty', **opts).beta == 0.01
+    assert isinstance(create_criterion(Namespace(loss='maxsup', maxsup_alpha=0.1)), MaxSupLoss)
+    assert isinstance(create_criterion({'loss': 'ols', 'nb_classes': 5}), OnlineLabelSmoothing)
 
 
 def test_distillation_defaults_and_flags_reach_the_wrapper():

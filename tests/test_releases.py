@@ -261,7 +261,7 @@ def official_tree(tmp_path_factory):
 
 def test_cache_from_tree_and_official_maps_trains(official_tree, tmp_path):
     from data.build_zip_cache import main as build
-    from data.zip_cache import parse_map_file
+    from data.map_file import parse_map_file
     from deit.main import cli
     dst = tmp_path / 'cache'
     assert build(['--src', str(official_tree / 'tree'), '--dst', str(dst), '--train-map',
@@ -301,7 +301,9 @@ def test_official_map_errors_name_the_line(official_tree, tmp_path, capsys):
 def test_zip_with_split_prefixed_members_gets_a_hint(tmp_path):
     import zipfile
 
-    from data.zip_cache import CacheError, ZipImageDataset
+    from data.zip_cache import ZipImageDataset
+
+    from data.zip_index import CacheError
     with zipfile.ZipFile(tmp_path / 'train.zip', 'w') as zf:
         zf.writestr('train/n01/a.JPEG', b'x')
     (tmp_path / 'train_map.txt').write_text('n01/a.JPEG\t0\n')

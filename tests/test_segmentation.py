@@ -243,16 +243,16 @@ def _convert_rank(rank, init_file, work_dir, demo_ckpt, calls_file, result):
     os.getpid = lambda: 4242  # per-node PID namespaces: equal PIDs on different ranks
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     try:
-        import segmentation.deit_to_mmseg as conv
+        import segmentation.common as common
         from segmentation.common import load_config, set_backbone_checkpoint
-        real = conv.convert_checkpoint
+        real = common.convert_checkpoint
 
         def counted(*a, **kw):
             with open(calls_file, 'a') as f:
                 f.write(f'{rank}\n')
             return real(*a, **kw)
 
-        conv.convert_checkpoint = counted
+        common.convert_checkpoint = counted
         cfg = load_config(TINY_CFG, work_dir=work_dir)
         out = set_backbone_checkpoint(cfg, demo_ckpt)
         # a file, not an mp.Queue: a queue's feeder thread may not have flushed when the process ends

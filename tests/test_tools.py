@@ -14,7 +14,6 @@ import torchvision
 from data.io import CheckpointError
 from deit.releases import load_model, read_state_dict
 from deit.main import cli
-from deit.metrics import CalibrationBins, expected_calibration_error, feature_variation
 from deit.models import create_model
 from tests.conftest import TINY
 
@@ -113,50 +112,6 @@ def test_bad_checkpoint_files(tmp_path, deit_release):
         read_state_dict(tmp_path / 'x.safetensors')
     with pytest.raises(FileNotFoundError):
         read_state_dict(tmp_path / 'missing.pth')
-
-
-# ---------------------------------------------------------------- metrics by hand
-def test_ece_hand_computed():
-    # 4 samples, 2 classes. confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.6 (right); 15 bins:
-    # bin of 0.9: acc 0.5 conf 0.9 -> |0.4| * 2/4; bin of 0.6: acc 1.0 conf 0.6 -> |0.4| * 2/4; ECE = 0.4
-    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.6, 0.4]])
-    target = torch.tensor([0, 1, 1, 0])
-    assert expected_calibration_error(probs, target, 15) == pytest.approx(0.4)
-    bins = CalibrationBins(15)
-    bins.update(probs[:2], target[:2])
-    bins.update(probs[2:], target[2:])
-    assert bins.ece() == pytest.approx(0.4)
-    rel = bins.reliability()
-    assert rel['count'][13] == 2 and rel['accuracy'][13] == pytest.approx(0.5)  # 0.9 -> bin (13/15, 14/15]
-    perfect = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert expected_calibration_error(perfect, torch.tensor([0, 1])) == pytest.approx(0.0)
-
-
-def test_feature_variation_hand_computed():
-    e = torch.eye(3)
-    # perfectly separated: every class one point (orthogonal), repeated -> d_within 0, R^2 = 1
-    f = e.repeat_interleave(4, 0)
-    y = torch.arange(3).repeat_interleave(4)
-    r = feature_variation(f, y)
-    assert r['d_within'] == pytest.approx(0.0, abs=1e-12) and r['r2'] == pytest.approx(1.0)
-    # d_total by hand: mean over class pairs of (1 - cos): 3 same-class pairs 0, 6 cross pairs 1 -> 6/9
-    assert r['d_total'] == pytest.approx(6 / 9)
-    # identical features everywhere: nothing varies
-    r = feature_variation(torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
-    assert r['d_within'] == pytest.approx(0.0, abs=1e-12) and r['d_total'] == pytest.approx(0.0, abs=1e-12)
-    # one class with two orthogonal points: pairs (0,0),(1,1) -> 0, (0,1),(1,0) -> 1 => d_within = 1/2
-    r = feature_variation(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
-    assert r['d_within'] == pytest.approx(0.5)
-    # brute force agreement on random data
-    g = torch.Generator().manual_seed(1)
-    f, y = torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g)
-    x = torch.nn.functional.normalize(f.double(), dim=1)
-    dist = 1 - x @ x.T
-    cls = y.unique()
-    dw = torch.stack([dist[y == c][:, y == c].mean() for c in cls]).mean()
-    dt = torch.stack([dist[y == a][:, y == b].mean() for a in cls for b in cls]).mean()
-    r = feature_variation(f, y)
-    assert r['d_within'] == pytest.approx(float(dw)) and r['r2'] == pytest.approx(float(1 - dw / dt))
 
 
 # ---------------------------------------------------------------- analysis subcommands

@@ -21,10 +21,12 @@ from torchvision.datasets import ImageFolder
 from data.build_zip_cache import build, main as build_main
 from data.class_map import class_permutation, convert_head, convert_predictions, invert
 import data.zip_cache as zc
-from data.decode import LazyJpeg
-from data.zip_cache import (CacheError, CorruptImageError, ShardSampler, ZipImageDataset, _labels_ok, _map_arrays,
-                            check_labels, check_split_labels, class_folder, collate_skip_bad, open_index,
-                            parse_map_file, train_class_index, write_map_file)
+from data.decode import CorruptImageError, LazyJpeg
+from data.map_file import (check_labels, check_split_labels, class_folder, parse_map_file, train_class_index,
+                           write_map_file)
+from data.skip import collate_skip_bad
+from data.zip_cache import ShardSampler, ZipImageDataset, _labels_ok, _map_arrays, open_index
+from data.zip_index import CacheError
 from deit.main import cli
 from tests.conftest import ROOT, TINY, make_image, make_imagefolder
 
@@ -677,7 +679,8 @@ def test_val_index_is_checked_again_when_the_train_map_changes(tmp_path):
 
 
 def test_an_index_of_another_zip_is_named_as_such_not_as_corrupt_bytes(tmp_path):
-    from data.zip_cache import CacheError, ZipImageDataset
+    from data.zip_cache import ZipImageDataset
+    from data.zip_index import CacheError
     from data.zip_index import read_index, write_index
     a, b = tmp_path / 'a', tmp_path / 'b'
     a.mkdir(), b.mkdir()

@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deit import analysis, localization
+from data.cli import one_line_errors
 from data.io import CheckpointError, check_writable
-from deit.releases import load_model
-from deit.datasets import (DATA_SETS, DEFAULT_CROP_RATIO, DEMO_MEAN, DEMO_STD, IMAGENET_DEFAULT_MEAN,
-                           IMAGENET_DEFAULT_STD, eval_data_set, eval_loader, eval_split)
+from deit import analysis, localization
+from deit.datasets import DEFAULT_CROP_RATIO, eval_data_set, eval_loader, eval_split, normalization
 from deit.metrics import feature_variation
+from deit.releases import load_model
 from tools import plots
+from tools.common import add_eval_data_args, add_model_args
 
 
 def parse_ckpts(items: list[str]) -> dict[str, str]:
@@ -93,8 +94,7 @@ def cmd_transfer(models, args, out: Path) -> dict:
 def _images(args, ds, idx):
     x = torch.stack([ds[i][0] for i in idx])
     labels = [int(ds[i][1]) for i in idx]
-    mean, std = (DEMO_MEAN, DEMO_STD) if args.data_set == 'DEMO' else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    mean, std = (torch.tensor(v)[:, None, None] for v in normalization(args))
     return x, labels, (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
@@ -174,18 +174,12 @@ COMMANDS = {'logits': cmd_logits, 'features': cmd_features, 'transfer': cmd_tran
             'projection': cmd_projection, 'cam-boxes': cmd_cam_boxes}
 
 
+@one_line_errors(CheckpointError, FileNotFoundError, ValueError)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('command', choices=sorted(COMMANDS))
     ap.add_argument('--ckpt', action='append', required=True, help='[name=]checkpoint, repeat for several')
-    ap.add_argument('--data-set', default=None, choices=DATA_SETS,
-                    help="default: the first checkpoint's, IMNET with --cache, else FOLDER")
-    ap.add_argument('--data-path', default=None)
-    ap.add_argument('--cache', action='store_true')
-    ap.add_argument('--split', default='val', choices=('train', 'val'))
-    ap.add_argument('--input-size', type=int, default=None, help='default: the checkpoint\'s own')
-    ap.add_argument('--batch-size', type=int, default=64)
-    ap.add_argument('--num-workers', type=int, default=2)
+    add_eval_data_args(ap)
     ap.add_argument('--max-samples', type=int, default=None, help='fixed-seed subset of each split')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--threshold', type=float, default=analysis.NEAR_ZERO_THRESHOLD,
@@ -196,28 +190,22 @@ def main(argv=None) -> int:
     ap.add_argument('--cam-threshold', type=float, default=localization.CAM_THRESHOLD,
                     help='cam-boxes: pixels with normalised Grad-CAM >= this are "active"')
     ap.add_argument('--classes', type=int, nargs=3, default=(0, 1, 2))
-    ap.add_argument('--model', default=None, help="for every checkpoint (default: each one's own, or inferred)")
-    ap.add_argument('--num-classes', type=int, default=None)
+    add_model_args(ap, ema=False, model_help="for every checkpoint (default: each one's own, or inferred)")
     ap.add_argument('--out', type=Path, default=Path('analysis_out'))
     args = ap.parse_args(argv)
-    try:
-        check_writable(args.out / args.command, folder=True)
-        ckpts = parse_ckpts(args.ckpt)
-        loaded = {n: load_model(p, args.model, args.num_classes, input_size=args.input_size)
-                  for n, p in ckpts.items()}
-        args.data_set = eval_data_set(args.data_set, args.cache, next(iter(loaded.values()))[1]['recorded'])
-        models = {n: m for n, (m, _) in loaded.items()}
-        sizes = {info['input_size'] for _, info in loaded.values()}
-        if args.input_size is None:
-            if len(sizes) != 1:
-                raise ValueError(f'checkpoints expect different input sizes {sorted(sizes)}; pass --input-size')
-            args.input_size = sizes.pop()
-        out = args.out / args.command
-        out.mkdir(parents=True, exist_ok=True)
-        result = COMMANDS[args.command](models, args, out)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    check_writable(args.out / args.command, folder=True)
+    ckpts = parse_ckpts(args.ckpt)
+    loaded = {n: load_model(p, args.model, args.num_classes, input_size=args.input_size) for n, p in ckpts.items()}
+    args.data_set = eval_data_set(args.data_set, args.cache, next(iter(loaded.values()))[1]['recorded'])
+    models = {n: m for n, (m, _) in loaded.items()}
+    sizes = {info['input_size'] for _, info in loaded.values()}
+    if args.input_size is None:
+        if len(sizes) != 1:
+            raise ValueError(f'checkpoints expect different input sizes {sorted(sizes)}; pass --input-size')
+        args.input_size = sizes.pop()
+    out = args.out / args.command
+    out.mkdir(parents=True, exist_ok=True)
+    result = COMMANDS[args.command](models, args, out)
     (out / f'{args.command}.json').write_text(json.dumps(result, indent=2, default=float))
     print(f'{args.command}: wrote {", ".join(sorted(p.name for p in out.iterdir()))} to {out}')
     return 0

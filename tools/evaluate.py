@@ -14,15 +14,17 @@ from pathlib import Path
 
 import torch
 
+from data.cli import one_line_errors
 from data.io import CheckpointError, check_writable
-from deit.releases import load_model
-from deit.datasets import DATA_SETS, eval_data_set, eval_loader
+from deit.datasets import eval_data_set, eval_loader
 from deit.engine import evaluate
+from deit.releases import load_model
+from tools.common import EVAL_BATCH_SIZE, EVAL_WORKERS, add_eval_data_args, add_model_args
 from tools.plots import reliability_diagram
 
 
 def run(checkpoint, data_set=None, data_path=None, split='val', cache=False, out='eval_out',
-        input_size=None, batch_size=128, num_workers=2, use_ema=False, model_name=None, num_classes=None) -> dict:
+        input_size=None, batch_size=EVAL_BATCH_SIZE, num_workers=EVAL_WORKERS, use_ema=False, model_name=None, num_classes=None) -> dict:
     model, info = load_model(checkpoint, model_name, num_classes, use_ema=use_ema, input_size=input_size)
     size = input_size or info['input_size']
     data_set = eval_data_set(data_set, cache, info['recorded'])
@@ -42,30 +44,17 @@ def run(checkpoint, data_set=None, data_path=None, split='val', cache=False, out
     return stats
 
 
+@one_line_errors(CheckpointError, FileNotFoundError, ValueError)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('checkpoint')
-    ap.add_argument('--data-set', default=None, choices=DATA_SETS,
-                    help="default: the checkpoint's, IMNET with --cache, else FOLDER")
-    ap.add_argument('--data-path', default=None)
-    ap.add_argument('--split', default='val', choices=('train', 'val'))
-    ap.add_argument('--cache', action='store_true', help='read the ZIP cache in --data-path')
-    ap.add_argument('--input-size', type=int, default=None)
-    ap.add_argument('--batch-size', type=int, default=128)
-    ap.add_argument('--num-workers', type=int, default=2)
-    ap.add_argument('--use-ema', action='store_true')
-    ap.add_argument('--model', default=None, help="default: the checkpoint's (official names included), "
-                                                    "else inferred from its keys")
-    ap.add_argument('--num-classes', type=int, default=None, help="default: the checkpoint's head")
+    add_eval_data_args(ap)
+    add_model_args(ap)
     ap.add_argument('--out', default='eval_out')
     a = ap.parse_args(argv)
-    try:
-        check_writable(a.out, folder=True)
-        s = run(a.checkpoint, a.data_set, a.data_path, a.split, a.cache, a.out, a.input_size, a.batch_size,
-                a.num_workers, a.use_ema, a.model, a.num_classes)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    check_writable(a.out, folder=True)
+    s = run(a.checkpoint, a.data_set, a.data_path, a.split, a.cache, a.out, a.input_size, a.batch_size,
+            a.num_workers, a.use_ema, a.model, a.num_classes)
     print(f'top-1 {s["acc1"]:.2f}%  top-5 {s["acc5"]:.2f}%  NLL {s["nll"]:.4f}  ECE {s["ece"]:.4f}  -> {a.out}')
     return 0
 

@@ -17,9 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-from data.io import CheckpointError, check_writable
 from data.class_map import class_permutation, convert_head
+from data.cli import one_line_errors
+from data.io import CheckpointError, check_writable
 from deit.releases import load_model
+from tools.common import add_model_args
 
 
 def export_safetensors(model, info: dict, out: Path) -> Path:
@@ -39,35 +41,30 @@ def export_safetensors(model, info: dict, out: Path) -> Path:
     return out
 
 
+@one_line_errors(CheckpointError, FileNotFoundError, ValueError, KeyError)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('checkpoint')
-    ap.add_argument('--model', default=None, help='timm model name (default: from the checkpoint)')
-    ap.add_argument('--num-classes', type=int, default=None)
+    add_model_args(ap)
     ap.add_argument('--reset-head', action='store_true', help='allow a class-count change (new head)')
-    ap.add_argument('--use-ema', action='store_true', help='load the EMA weights of a training checkpoint')
     ap.add_argument('--export', type=Path, default=None, help='write .safetensors (+ .json) here')
     ap.add_argument('--class-map', type=Path, default=None, help='ZIP train_map.txt for head permutation')
     ap.add_argument('--imagefolder', type=Path, default=None, help='ImageFolder train/ for head permutation')
     ap.add_argument('--direction', choices=('zip2folder', 'folder2zip'), default='zip2folder')
     args = ap.parse_args(argv)
-    try:
-        if args.export:
-            check_writable(args.export)
-        model, info = load_model(args.checkpoint, args.model, args.num_classes, args.reset_head, args.use_ema,
-                                 reset_hint='; pass --reset-head to start a new head')
-        print(f'{args.checkpoint}: {info["format"]} checkpoint -> {info["model"]} with {info["num_classes"]} classes'
-              f'{" (new head)" if info["head_reset"] else ""}; missing keys {info["missing"] or "none"}, '
-              f'unexpected keys {info["unexpected"] or "none"}')
-        if args.class_map:
-            perm = class_permutation(args.class_map, args.imagefolder, args.direction)
-            model.load_state_dict(convert_head(model.state_dict(), perm))
-            print(f'classifier rows permuted ({args.direction})')
-        if args.export:
-            print(f'exported {export_safetensors(model, info, args.export)}')
-    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    if args.export:
+        check_writable(args.export)
+    model, info = load_model(args.checkpoint, args.model, args.num_classes, args.reset_head, args.use_ema,
+                             reset_hint='; pass --reset-head to start a new head')
+    print(f'{args.checkpoint}: {info["format"]} checkpoint -> {info["model"]} with {info["num_classes"]} classes'
+          f'{" (new head)" if info["head_reset"] else ""}; missing keys {info["missing"] or "none"}, '
+          f'unexpected keys {info["unexpected"] or "none"}')
+    if args.class_map:
+        perm = class_permutation(args.class_map, args.imagefolder, args.direction)
+        model.load_state_dict(convert_head(model.state_dict(), perm))
+        print(f'classifier rows permuted ({args.direction})')
+    if args.export:
+        print(f'exported {export_safetensors(model, info, args.export)}')
     return 0
 
 

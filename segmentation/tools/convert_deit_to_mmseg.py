@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data.cli import report
 from data.io import CheckpointError, check_writable
 from segmentation.deit_to_mmseg import convert_checkpoint
 
@@ -25,8 +26,7 @@ def main(argv=None) -> int:
         check_writable(a.dst)
         state = convert_checkpoint(a.src, a.dst, a.width, a.depth, a.img_size, a.use_ema)
     except (CheckpointError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        return report(e)
     print(f'wrote {a.dst}: {len(state)} tensors, pos_embed {tuple(state["pos_embed"].shape)}')
     return 0
 
