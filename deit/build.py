@@ -26,7 +26,6 @@ from deit.models import adapt_state_dict_for_finetune, create_model
 from deit.preemption import WorkerSignals
 from deit.releases import read_state_dict
 from deit.samplers import DistributedEvalSampler, RASampler, SeededDataset, SeededSampler
-from deit.train_state import seed_all
 
 
 @dataclasses.dataclass
@@ -105,7 +104,6 @@ def setup_device(cfg) -> tuple[torch.device, bool]:
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels (DeiT)
     amp = device.type == 'cuda' if cfg.amp is None else cfg.amp
-    seed_all(cfg.seed + cfg.rank)
     return device, amp
 
 

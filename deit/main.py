@@ -24,7 +24,8 @@ from deit.loop import Run, evaluate_run, loss_scaler, parameter_checksum, run_tr
 from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, WorkerSignals
 from deit.rundir import (RunDirLocked, StdoutCopy, lock_run_dir, release_run_dir, remove_stale_temp_files,
                          repair_epoch_files, set_aside_run)
-from deit.train_state import TrainingState, check_same_run, read_resume_checkpoint, restore_weights, resume
+from deit.train_state import (TrainingState, check_same_run, read_resume_checkpoint, restore_weights, resume,
+                              seed_all)
 
 
 def main(args, place: du.DistInfo | None = None) -> dict:
@@ -60,6 +61,7 @@ def claim_output_dir(cfg: RunConfig, cleanup: contextlib.ExitStack) -> Path | No
 def _run(args, place: du.DistInfo, cleanup: contextlib.ExitStack, stop_signal: StopSignal,
          stdout: StdoutCopy | None, workers: WorkerSignals) -> dict:
     check_args(args)
+    seed_all(args.seed + place.rank)  # before the data sets: what they draw is part of the run's stream
     dataset_train, nb_classes = build_dataset(True, args)
     dataset_val, _ = build_dataset(False, args)
     check_same_classes(dataset_train, dataset_val)

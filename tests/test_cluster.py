@@ -386,9 +386,9 @@ def test_submitit_srun_gets_cpus_and_kill_on_bad_exit(tmp_path, monkeypatch):
 def test_cuda_device_setup_turns_on_cudnn_benchmark_and_amp(monkeypatch):
     from deit.build import setup_device
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
-    device, amp = setup_device(Namespace(device='cuda', distributed=True, gpu=3, rank=0, amp=None, seed=0))
+    device, amp = setup_device(Namespace(device='cuda', distributed=True, gpu=3, amp=None, seed=0))
     assert device == torch.device('cuda', 3) and amp is True and torch.backends.cudnn.benchmark is True
-    device, amp = setup_device(Namespace(device='cpu', distributed=False, gpu=0, rank=0, amp=None, seed=0))
+    device, amp = setup_device(Namespace(device='cpu', distributed=False, gpu=0, amp=None, seed=0))
     assert device.type == 'cpu' and amp is False
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data.io import torch_load
-from deit.criterion import LOSSES
 from deit.args import get_args_parser
+from deit.criterion import LOSSES
 from deit.main import cli, main
 from deit.models import adapt_state_dict_for_finetune, create_model
 from tests.conftest import ROOT, TINY, make_imagefolder, run_module
@@ -181,3 +181,14 @@ def test_finetune_or_resume_from_a_foreign_architecture_is_refused(tmp_path, cap
         assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '1', flag, str(tmp_path / 'r18.pth'),
                            '--output_dir', str(tmp_path / flag.strip('-'))]) == 2
         assert 'does not fit deit_demo_patch4_32' in capsys.readouterr().err
+
+
+def test_the_run_is_seeded_before_its_data_sets_are_built(tmp_path, monkeypatch):
+    """The data sets may draw from the global streams (a split, a transform): they draw from the seeded ones,
+    so one --seed gives one run whatever the order of the phases after it."""
+    import deit.main as dm
+    seen, real = [], dm.build_dataset
+    monkeypatch.setattr(dm, 'build_dataset', lambda train, args: seen.append(torch.initial_seed()) or real(train, args))
+    assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '1', '--seed', '7321',
+                       '--output_dir', str(tmp_path)]) == 0
+    assert seen == [7321, 7321]
