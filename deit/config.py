@@ -15,7 +15,7 @@ import time
 import yaml
 
 from deit import distributed as du
-from deit.args import as_recipe
+from deit.recipes import as_recipe
 
 
 class RunConfig(argparse.Namespace):

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from deit import distributed as du
-from deit.args import check_args, parse_args
+from deit.args import check_args
+from deit.recipes import parse_args
 from deit.build import (Data, amp_dtype, build_data, build_model, build_optimization, setup_criterion, setup_device,
                         wrap_model)
 from deit.config import RunConfig, recipe_text, resolve_config

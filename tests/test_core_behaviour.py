@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deit.args import parse_args
+from deit.recipes import parse_args
 from deit.build import build_optimization
 from deit.config import resolve_config
 from deit.distributed import DistInfo

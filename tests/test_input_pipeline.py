@@ -21,7 +21,8 @@ from data.build_zip_cache import build
 from data.decode import CorruptImageError, LazyJpeg, decode_image, read_image_file
 from data.skip import collate_skip_bad
 from data.zip_cache import ZipImageDataset
-from deit.args import check_args, parse_args
+from deit.args import check_args
+from deit.recipes import parse_args
 from deit.datasets import build_transform, device_rand_augment
 from deit.device_aug import _OPS, DeviceBatches
 from deit.device_decode import DeviceDecoder, collate_encoded

@@ -584,7 +584,7 @@ def test_the_loss_registry_drives_the_parser_and_matches_each_loss():
     constructor's, and the registry's hard-label and schedule marks agree with what each loss does."""
     import inspect
 
-    from deit.args import parse_args
+    from deit.recipes import parse_args
     from deit.criterion import create_criterion, LOSS_REGISTRY, SCHEDULED_LOSSES
     args = parse_args([])
     for name, spec in LOSS_REGISTRY.items():

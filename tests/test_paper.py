@@ -11,7 +11,8 @@ import torch
 
 from deit import localization
 from deit.analysis import logit_statistics
-from deit.args import check_args, get_args_parser, parse_args
+from deit.args import check_args, get_args_parser
+from deit.recipes import parse_args
 from deit.build import setup_criterion
 from deit.config import resolve_config
 from tests.conftest import ROOT, TINY, make_imagefolder

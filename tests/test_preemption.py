@@ -470,7 +470,7 @@ def test_bf16_compile_channels_last_fused_train_stop_and_resume(tmp_path):
 
 
 def test_fused_opt_is_refused_where_torch_has_no_fused_kernel():
-    from deit.args import parse_args
+    from deit.recipes import parse_args
     from deit.build import build_optimization
     from deit.config import resolve_config
     cfg = resolve_config(parse_args(TINY + ['--opt', 'lamb', '--fused-opt']), 2)

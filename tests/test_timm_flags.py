@@ -9,7 +9,8 @@ import torch
 
 import deit.build as build
 import deit.main as dm
-from deit.args import check_args, parse_args
+from deit.args import check_args
+from deit.recipes import parse_args
 from deit.config import resolve_config
 from deit.distributed import DistInfo
 from deit.main import cli

@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 
-from data.io import torch_load
+from data.io import CheckpointError, torch_load
 from deit.args import get_args_parser
 from deit.criterion import LOSSES
 from deit.main import cli, main
+from deit.recipes import parse_args
 from deit.models import adapt_state_dict_for_finetune, create_model
-from tests.conftest import ROOT, TINY, make_imagefolder, run_module
+from tests.conftest import ROOT, TINY, make_imagefolder, run_module, without
 
 
 def read_log(out):
@@ -44,6 +45,17 @@ def test_end_to_end_mixup_cutmix_maxsup(tiny_imagefolder, tmp_path, capsys):
     assert stats['acc1'] == pytest.approx(log[-1]['test_acc1'])
     assert 0 <= stats['ece'] <= 1 and stats['n'] == 24
     assert 'Acc@1' in capsys.readouterr().out
+    # without --model / --input-size: the checkpoint's own (recorded in its args), said in one line
+    bare = without(without(TINY, '--model'), '--input-size')
+    stats = main(parse_args(bare + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--eval',
+                                    '--resume', str(out / 'checkpoint.pth')]))
+    assert stats['acc1'] == pytest.approx(log[-1]['test_acc1'])
+    assert ('--eval: ' + str(out / 'checkpoint.pth') + ' was trained with --model deit_demo_patch4_32, --input-size 32; '
+            'evaluating it so') in capsys.readouterr().out
+    # chosen on the command line: kept, and a misfit is one error naming what the checkpoint was trained as
+    with pytest.raises(CheckpointError, match='trained as --model deit_demo_patch4_32 --input-size 32'):
+        main(parse_args(bare + ['--model', 'deit_tiny_patch16_224', '--data-set', 'FOLDER', '--data-path',
+                                str(tiny_imagefolder), '--eval', '--resume', str(out / 'checkpoint.pth')]))
 
 
 @pytest.mark.parametrize('loss', LOSSES)

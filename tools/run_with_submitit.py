@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from deit.args import UsageError
-from deit.args import parse_args
+from deit.recipes import parse_args
 from deit.main import main as train_main
 from deit.preemption import Preempted
 
