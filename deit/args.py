@@ -114,7 +114,10 @@ def _schedule(p) -> None:
     g('--lr-noise-std', type=float, default=1.0, help='lr noise std')
     g('--warmup-lr', type=float, default=1e-6, help='lr at the start of warm-up')
     g('--min-lr', type=float, default=1e-5, help='lower lr bound of the schedule')
-    g('--decay-epochs', type=float, default=30, help='epoch interval of step schedules')
+    g('--decay-epochs', type=float, default=30, help='epoch interval of --sched step')
+    g('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
+      help="--sched multistep multiplies the lr by --decay-rate at each (timm's flag, default and convention: "
+           "milestone m is in effect from epoch m - 1; torch's MultiStepLR from epoch m)")
     g('--warmup-epochs', type=int, default=5, help='linear warm-up epochs (must be < --epochs)')
     g('--cooldown-epochs', type=int, default=0,
       help="timm's epochs at --min-lr after the schedule: not supported (DeiT's flag of that name is never "

@@ -192,6 +192,7 @@ def build_optimization(cfg, model):
                                     **{**opt_kwargs, **cfg.opt_kwargs})
     lr_scheduler, _ = create_scheduler_v2(  # like DeiT, a run trains exactly --epochs (no cooldown appended)
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+        decay_milestones=cfg.decay_milestones,
         patience_epochs=cfg.patience_epochs, decay_rate=cfg.decay_rate,
         min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, noise=cfg.lr_noise,
         noise_pct=cfg.lr_noise_pct, noise_std=cfg.lr_noise_std, noise_seed=cfg.seed)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deit.baselines import BCEOnMixedLabels, CrossEntropyLoss, LogitPenaltyLoss, OnlineLabelSmoothing, ZipfLabelSmoothing
+from deit.baselines import (BCEOnMixedLabels, CrossEntropyLoss, FocalLoss, LogitPenaltyLoss, OnlineLabelSmoothing,
+                            ZipfLabelSmoothing)
 from deit.losses import LabelSmoothingLoss, LabelSmoothingPartLoss, MaxSupLoss, _AlphaLoss, check_alpha
 
 # --------------------------------------------------------------------------------------------------------
@@ -128,6 +129,8 @@ LOSS_REGISTRY: dict[str, LossSpec] = {
     'logit_penalty': LossSpec(LogitPenaltyLoss, lambda cls, o: cls(o['logit_penalty_beta']),
                               (LossOption('--logit-penalty-beta', 'logit_penalty_beta', 'beta',
                                           'logit penalty: beta / 2 * sum z^2'),)),
+    'focal': LossSpec(FocalLoss, lambda cls, o: cls(o['focal_gamma']),
+                      (LossOption('--focal-gamma', 'focal_gamma', 'gamma', 'focal loss: the exponent gamma'),)),
 }
 LOSSES = tuple(LOSS_REGISTRY)
 HARD_LABEL_LOSSES = tuple(n for n, spec in LOSS_REGISTRY.items() if spec.hard_only)

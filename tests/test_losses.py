@@ -202,6 +202,23 @@ def test_ls_part_losses_add_up_to_ls():
 
 
 # ---------------------------------------------------------------- other baselines
+def test_focal_loss_against_hand_computed_values():
+    """Lin et al. Eq. 4 on hard labels, the target-weighted form on soft ones; gamma 0 is cross-entropy."""
+    from deit.baselines import FocalLoss
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    y = torch.tensor([0, 1])
+    p = torch.softmax(z, 1)
+    want = -((1 - p[0, 0]) ** 2 * p[0, 0].log() + (1 - p[1, 1]) ** 2 * p[1, 1].log()) / 2
+    assert FocalLoss()(z, y) == pytest.approx(float(want))
+    assert FocalLoss(gamma=0)(z, y) == pytest.approx(float(F.cross_entropy(z, y)))
+    soft = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.5, 0.5]])
+    per_class = -(1 - p) ** 2 * p.log()
+    assert FocalLoss()(z, soft) == pytest.approx(float((soft * per_class).sum(1).mean()))
+    assert FocalLoss()(z, F.one_hot(y, 3).float()) == pytest.approx(float(want))
+    with pytest.raises(ValueError, match='gamma must be >= 0'):
+        FocalLoss(gamma=-1)
+
+
 def test_logit_penalty_formula():
     z, y = _batch()
     want = F.cross_entropy(z, y) + 1e-3 * (z ** 2).sum(1).mean()
@@ -528,9 +545,10 @@ def test_create_criterion_defaults_every_option_and_the_inputs_it_takes():
     assert create_criterion(loss='logit_penalty').beta == 2e-3
     with pytest.raises(ValueError, match='^loss "ols" needs nb_classes$'):
         create_criterion(loss='ols')
-    with pytest.raises(ValueError, match="^unknown loss 'focal'; choose one of ce, ls, maxsup, ls_reg_only, "
-                                         "ls_err_only, ols, zipf, logit_penalty$"):
-        create_criterion(loss='focal')
+    with pytest.raises(ValueError, match="^unknown loss 'poly'; choose one of ce, ls, maxsup, ls_reg_only, "
+                                         "ls_err_only, ols, zipf, logit_penalty, focal$"):
+        create_criterion(loss='poly')
+    assert create_criterion(loss='focal').gamma == 2.0 and create_criterion(loss='focal', focal_gamma=0.5).gamma == 0.5
     opts = dict(nb_classes=4, alpha=0.25, ols_a=0.7, zipf_weight=2.0, zipf_power=1.5, logit_penalty_beta=0.01)
     assert create_criterion(loss='maxsup', **opts).alpha == 0.25
     assert create_criterion(loss='ls', **opts).alpha == 0.25

@@ -107,3 +107,16 @@ def test_experiment_names_the_run_folder(tmp_path, monkeypatch):
     with contextlib.ExitStack() as cleanup:
         assert dm.claim_output_dir(resolve_config(args, 10), cleanup) == Path('output/train/maxsup-a')  # under the working directory
     assert (tmp_path / 'output' / 'train' / 'maxsup-a').is_dir()
+
+
+def test_multistep_milestones_and_rate_reach_the_schedule():
+    """timm's --decay-milestones / --decay-rate: the lr is multiplied by the rate at each milestone, in timm's
+    convention: milestone m is in effect from the epoch numbered m - 1 (torch's MultiStepLR: from epoch m)."""
+    args = parse_args(['--data-set', 'DEMO', '--epochs', '6', '--warmup-epochs', '0', '--lr', '0.1', '--unscale-lr',
+                       '--sched', 'multistep', '--decay-milestones', '2', '4', '--decay-rate', '0.5'])
+    optimizer, scheduler = build.build_optimization(resolve_config(args, 10), torch.nn.Linear(2, 2))
+    lrs = []
+    for epoch in range(6):
+        scheduler.step(epoch)
+        lrs.append(optimizer.param_groups[0]['lr'])
+    assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025, 0.025])
