@@ -175,7 +175,11 @@ def _loss(p) -> None:
 def _data(p) -> None:
     g = p.add_argument_group('data').add_argument
     g('--data-path', default=None, help='data set root (ImageNet folders, or the ZIP cache with --cache)')
-    g('--data-set', default='IMNET', choices=DATA_SETS, help='DEMO: the built-in digits set')
+    g('--data-set', default='IMNET', choices=DATA_SETS,
+      help='DEMO: the built-in digits set; CIFAR*: the official python archives (deit/datasets.py)')
+    g('--imbalance-ratio', type=float, default=100.0,
+      help='CIFAR*_LT: images of the largest / the smallest training class (Cao et al. 2019; 50 and 100 in the '
+           'official long-tailed table)')
     g('--cache', action='store_true', help='read IMNET from the in-memory ZIP cache (data/)')
     g('--cache-mode', default='full', choices=CACHE_MODES,
       help="'part': each rank keeps a fixed 1/world shard (the official --cache sampling, no repetition)")

@@ -3,7 +3,10 @@
 ``build_dataset(is_train, args) -> (dataset, nb_classes)``.
   IMNET    ``<data-path>/{train,val}/<class>/<img>``, or with ``--cache`` the ZIP cache in ``<data-path>``
            (``train.zip``, ``val.zip``, ``train_map.txt``, ``val_map.txt``; see ``data/``)
-  CIFAR10 / CIFAR100   the same folder layout (``val`` or ``test`` for evaluation)
+  CIFAR10 / CIFAR100   the official python-pickle archive (data/cifar.py), or the same folder layout as IMNET
+                       (``val`` or ``test`` for evaluation)
+  CIFAR10_LT / CIFAR100_LT   long-tailed training subset (--imbalance-ratio), balanced test set
+  CIFAR10C  CIFAR-10-C's corruptions as the evaluation split (CIFAR-10's archive for training)
   DEMO     scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) upscaled, with a fixed
            stratified 75/25 split: a real data set that ships inside an installed package.
 """
@@ -17,6 +20,7 @@ from PIL import Image
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 
+from data.cifar import ArrayImageDataset, archive_folder, long_tailed_indices, read_cifar, read_corruptions
 from data.decode import decode_image, read_image_file
 from data.skip import SkipCounter
 from data.zip_cache import ZipImageDataset
@@ -112,17 +116,37 @@ def build_dataset(is_train: bool, args, transform=None):
                                              rank=du.get_rank(), world_size=du.get_world_size())
             return ds, ds.num_classes
         ds = _folder(root, ('train',) if is_train else ('val',), transform, skip_bad)
+    elif name in CIFAR_ARRAYS or name in ('CIFAR10', 'CIFAR100') and archive_folder(root, name):
+        return cifar_arrays(name, root, is_train, transform, getattr(args, 'imbalance_ratio', 100.0))
     elif name in ('CIFAR10', 'CIFAR100', 'FOLDER'):
         ds = _folder(root, ('train',) if is_train else ('val', 'test'), transform, skip_bad)
         expected = {'CIFAR10': 10, 'CIFAR100': 100}.get(name)
         if expected and len(ds.classes) != expected:
             raise ValueError(f'{name} expects {expected} class folders, found {len(ds.classes)} in {ds.root}')
     else:
-        raise ValueError(f'unknown --data-set {name!r}; choose IMNET, CIFAR10, CIFAR100, FOLDER or DEMO')
+        raise ValueError(f'unknown --data-set {name!r}; choose one of {", ".join(DATA_SETS)}')
     return ds, len(ds.classes)
 
 
-DATA_SETS = ('IMNET', 'CIFAR10', 'CIFAR100', 'FOLDER', 'DEMO')
+# data sets read from arrays (data/cifar.py): long-tailed CIFAR (train: the subset of --imbalance-ratio; val: the
+# balanced test set) and CIFAR-10-C (val: every corruption and severity; train: CIFAR-10's)
+CIFAR_ARRAYS = ('CIFAR10_LT', 'CIFAR100_LT', 'CIFAR10C')
+DATA_SETS = ('IMNET', 'CIFAR10', 'CIFAR100', *CIFAR_ARRAYS, 'FOLDER', 'DEMO')
+
+
+def cifar_arrays(name: str, root: Path, is_train: bool, transform, imbalance_ratio: float):
+    """CIFAR read from the official pickle archives (CIFAR10/CIFAR100 when ``root`` holds one), its long-tailed
+    training subsets and CIFAR-10-C: (dataset, nb_classes)."""
+    base = 'CIFAR100' if name.startswith('CIFAR100') else 'CIFAR10'
+    classes = 100 if base == 'CIFAR100' else 10
+    if name == 'CIFAR10C' and not is_train:
+        images, labels, _ = read_corruptions(root)
+        return ArrayImageDataset(images, labels, classes, transform), classes
+    images, labels = read_cifar(root, base, is_train)
+    if name.endswith('_LT') and is_train:
+        keep = long_tailed_indices(labels, imbalance_ratio)
+        images, labels = images[keep], labels[keep]
+    return ArrayImageDataset(images, labels, classes, transform), classes
 
 
 def check_same_classes(train, val) -> None:

@@ -11,7 +11,7 @@ from timm.utils import NativeScaler
 from deit.device_aug import to_device
 from deit.distributed import all_reduce_sum, any_rank, get_rank, get_world_size, is_dist
 from deit.logger import MetricLogger, SmoothedValue
-from deit.metrics import CalibrationBins, topk_correct
+from deit.metrics import CalibrationBins, shot_accuracy, topk_correct
 
 
 class LossScaler(NativeScaler):
@@ -157,8 +157,10 @@ def epoch_stats(logger: MetricLogger, optimizer, epoch: int, stopped_at: int | N
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bins: int = 15,
              distributed_sum: bool = False, print_freq: int = 50, reliability: bool = False,
-             amp_dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None) -> dict:
-    """Top-1/top-5 accuracy (%), mean CE loss and ECE (n_bins equal-width bins).
+             amp_dtype: torch.dtype | None = None, memory_format: torch.memory_format | None = None,
+             class_counts: list[int] | None = None) -> dict:
+    """Top-1/top-5 accuracy (%), mean CE loss and ECE (n_bins equal-width bins); with ``class_counts`` (training
+    images per class: a long-tailed set) also the many/medium/few-shot top-1 (deit.metrics.shot_accuracy).
 
     With ``distributed_sum`` every rank evaluates its own disjoint shard and the *sums* are all-reduced,
     so the result equals single-process evaluation exactly. ``device`` defaults to the model's own device
@@ -168,6 +170,7 @@ def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bin
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss_sum, correct1, correct5, n
     bins = CalibrationBins(n_bins)
+    per_class = torch.zeros(2, len(class_counts) if class_counts else 0, dtype=torch.float64)  # correct, seen
     logger = MetricLogger()
     for images, target in logger.log_every(data_loader, print_freq, 'Test:', batch_size_fn=lambda b: len(b[1])):
         if len(target) == 0:
@@ -182,14 +185,22 @@ def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bin
         sums += torch.tensor([float(F.cross_entropy(output, target, reduction='sum')), c1, c5, len(target)],
                              dtype=torch.float64)
         bins.update(output.softmax(1), target)
+        if class_counts:
+            hit = (output.argmax(1) == target).double().cpu()
+            per_class[0].index_add_(0, target.cpu(), hit)
+            per_class[1].index_add_(0, target.cpu(), torch.ones_like(hit))
     if distributed_sum:
         all_reduce_sum(sums)
         bins.load_tensor(all_reduce_sum(bins.as_tensor()))
+        if class_counts:
+            all_reduce_sum(per_class)
     loss_sum, c1, c5, n = sums.tolist()
     if n == 0:
         raise ValueError('evaluation set is empty')
     stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': loss_sum / n, 'ece': bins.ece(),
              'n': int(n)}
+    if class_counts:
+        stats.update(shot_accuracy(per_class[0], per_class[1], class_counts))
     if reliability:
         stats['reliability'] = bins.reliability()
     print(f'* Acc@1 {stats["acc1"]:.3f} Acc@5 {stats["acc5"]:.3f} loss {stats["loss"]:.3f} '

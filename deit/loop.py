@@ -142,7 +142,7 @@ def evaluate_run(cfg, run: Run, data: Data, final: bool = True, ema: bool = True
     """
     dist_sum = cfg.distributed and cfg.dist_eval
     kw = dict(amp=run.amp and run.device.type == 'cuda', amp_dtype=run.amp_dtype, distributed_sum=dist_sum,
-              print_freq=cfg.print_freq)
+              print_freq=cfg.print_freq, class_counts=long_tailed_counts(data.train))
     stats = evaluate(data.loader_val, run.model, memory_format=run.memory_format, **kw)
     passes = 1
     model_ema = run.state.model_ema if ema else None
@@ -159,6 +159,12 @@ def evaluate_run(cfg, run: Run, data: Data, final: bool = True, ema: bool = True
         if skipped:
             print(f'evaluation skipped {skipped} unreadable image(s): accuracy is over the other {stats["n"]}')
     return stats if dist_sum else du.broadcast_object(stats)
+
+
+def long_tailed_counts(train) -> list[int] | None:
+    """Training images per class of a long-tailed set (its evaluation adds many/medium/few-shot top-1)."""
+    counts = getattr(train, 'class_counts', None)
+    return counts if counts and max(counts) > min(counts) else None
 
 
 def save_epoch(cfg, state: TrainingState, output_dir: Path, is_best: bool, tb) -> None:

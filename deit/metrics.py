@@ -89,3 +89,18 @@ def classification_summary(logits: Tensor, labels: Tensor, n_bins: int = 15) -> 
     return {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'n': n,
             'nll': float(torch.nn.functional.cross_entropy(logits, labels)),
             'ece': expected_calibration_error(logits.softmax(1), labels, n_bins)}
+
+
+MANY_SHOT, FEW_SHOT = 100, 20  # training images per class: many > 100, few < 20, medium between (Liu et al. 2019)
+
+
+def shot_accuracy(correct: Tensor, seen: Tensor, train_counts) -> dict:
+    """Top-1 (%) of the many-, medium- and few-shot classes, each the mean of its classes' accuracies (the
+    long-tailed literature's convention, as the official long-tailed code). ``correct`` / ``seen``: per-class
+    counts of the evaluation; ``train_counts``: training images per class. A group without classes is None
+    (the official table prints 0.0 there)."""
+    counts = torch.as_tensor(train_counts)
+    acc = 100.0 * correct.double() / seen.double().clamp(min=1)
+    groups = {'many_acc1': counts > MANY_SHOT, 'medium_acc1': (counts <= MANY_SHOT) & (counts >= FEW_SHOT),
+              'few_acc1': counts < FEW_SHOT}
+    return {k: float(acc[m & (seen > 0)].mean()) if bool((m & (seen > 0)).any()) else None for k, m in groups.items()}

@@ -24,7 +24,8 @@ from tools.plots import reliability_diagram
 
 
 def run(checkpoint, data_set=None, data_path=None, split='val', cache=False, out='eval_out',
-        input_size=None, batch_size=EVAL_BATCH_SIZE, num_workers=EVAL_WORKERS, use_ema=False, model_name=None, num_classes=None) -> dict:
+        input_size=None, batch_size=EVAL_BATCH_SIZE, num_workers=EVAL_WORKERS, use_ema=False, model_name=None,
+        num_classes=None) -> dict:
     model, info = load_model(checkpoint, model_name, num_classes, use_ema=use_ema, input_size=input_size)
     size = input_size or info['input_size']
     data_set = eval_data_set(data_set, cache, info['recorded'])
