@@ -5,6 +5,7 @@
 #     RECIPE=paper      DeiT-S as the paper's text says (Sec. 5.1): no Mixup/CutMix, no distillation
 #     RECIPE=official   DeiT-S with the official code's defaults (DeiT's: Mixup 0.8, CutMix 1.0)
 #     RECIPE=resnet50   ResNet-50 + BlurPool, SGD, the paper's text (Sec. 5.1) where it and Conv/ffcv differ
+#     RECIPE=resnet50_official   ResNet-50 with the official Conv/ffcv values (90 epochs, step schedule, SyncBN)
 #   docs/training.md's recipe table lists every setting with its source.
 # Environment: DATA_PATH, RECIPE, LOSS (default maxsup), OUTPUT_DIR, NGPUS (per node, default 1), NNODES
 # (default 1), plus what scripts/distributed_train.sh reads for multi-node runs. Extra arguments are passed
@@ -63,7 +64,8 @@ else
     paper)    recipe=(-c recipes/deit_s_paper.yaml) ;;
     official) recipe=(-c recipes/deit_s_official.yaml) ;;
     resnet50) recipe=(-c recipes/resnet50_paper.yaml) ;;
-    *) echo "unknown RECIPE=$RECIPE (paper, official, resnet50)" >&2; exit 2 ;;
+    resnet50_official) recipe=(-c recipes/resnet50_official.yaml) ;;
+    *) echo "unknown RECIPE=$RECIPE (paper, official, resnet50, resnet50_official)" >&2; exit 2 ;;
   esac
 fi
 if [[ -n "${DATA_PATH:-}" ]] && ! sets data_path --data-path; then recipe+=(--data-path "$DATA_PATH"); fi

@@ -12,9 +12,9 @@ import torch
 from deit import localization
 from deit.analysis import logit_statistics
 from deit.args import check_args, get_args_parser
-from deit.recipes import parse_args
-from deit.build import setup_criterion
+from deit.build import build_model, build_optimization, setup_criterion
 from deit.config import resolve_config
+from deit.recipes import parse_args
 from tests.conftest import ROOT, TINY, make_imagefolder
 
 
@@ -58,11 +58,17 @@ def test_recipe_table_as_parsed():
                                                                                           'cosine', 5)
         assert r['distillation_type'] == 'none' and r['smoothing'] == 0
         assert (r['loss'], r['alpha'], r['alpha_end'], r['alpha_schedule']) == ('maxsup', 0.1, 0.2, 'linear')
-    # ResNet-50 (Sec. 5.1): SGD momentum 0.9, cosine, batch 2048, 200 epochs; BlurPool as Conv/ffcv
+    # ResNet-50 (Sec. 5.1): SGD with plain momentum 0.9, lr 0.85, cosine, batch 2048, 200 epochs; BlurPool and
+    # torchvision's initialisation as Conv/ffcv
     assert resnet['model'] == 'resnet50_blurpool' and resnet['total_batch'] == 2048 and resnet['epochs'] == 200
-    assert (resnet['opt'], resnet['momentum'], resnet['sched'], resnet['weight_decay']) == ('sgd', 0.9, 'cosine',
-                                                                                            1e-4)
-    assert resnet['lr'] * 2048 / 512 == pytest.approx(0.8)  # Conv/ffcv config.toml: lr 0.8 at batch 2048
+    assert (resnet['opt'], resnet['momentum'], resnet['sched'], resnet['weight_decay']) == ('momentum', 0.9,
+                                                                                            'cosine', 1e-4)
+    assert resnet['lr'] * 2048 / 512 == pytest.approx(0.85) and resnet['model_kwargs'] == {'zero_init_last': False}
+    # the official code's values (Conv/ffcv config.toml): 90 epochs, lr 0.8, step 30 / 0.1, SyncBN
+    ffcv = _recipe('resnet50_official')
+    assert (ffcv['epochs'], ffcv['sched'], ffcv['decay_epochs'], ffcv['decay_rate'], ffcv['sync_bn']) == (
+        90, 'step', 30, 0.1, True)
+    assert ffcv['lr'] * 2048 / 512 == pytest.approx(0.8) and ffcv['opt'] == 'momentum'
     assert (resnet['mixup'], resnet['cutmix'], resnet['aa']) == (0.0, 0.0, 'none')
 
 
@@ -120,3 +126,16 @@ def test_cam_boxes_cli(tmp_path):
     res = json.loads((tmp_path / 'an' / 'cam-boxes' / 'cam-boxes.json').read_text())
     assert res['images'] == 3 and res['threshold'] == 0.5
     assert 0 <= res['models']['a']['precision'] <= 1 and 0 <= res['models']['a']['recall'] <= 1
+
+
+def test_the_resnet_recipe_builds_plain_momentum_and_torchvisions_initialisation():
+    """timm's 'sgd' is Nesterov and its ResNets zero the last BatchNorm of each block; the paper (and FFCV's
+    torchvision model) use plain momentum and BatchNorm weights of one."""
+    args = parse_args(['-c', str(ROOT / 'recipes' / 'resnet50_paper.yaml'), '--model', 'resnet18_blurpool',
+                       '--data-path', '.'])
+    cfg = resolve_config(args, 10)
+    model = build_model(cfg, 10, torch.device('cpu'))
+    assert all(bool((block.bn2.weight == 1).all()) for layer in (model.layer1, model.layer4) for block in layer)
+    optimizer, _ = build_optimization(cfg, model)
+    group = optimizer.param_groups[0]
+    assert group['nesterov'] is False and group['momentum'] == 0.9 and group['lr'] == pytest.approx(0.85)
