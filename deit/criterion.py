@@ -121,7 +121,8 @@ LOSS_REGISTRY: dict[str, LossSpec] = {
     'zipf': LossSpec(ZipfLabelSmoothing, lambda cls, o: cls(o['zipf_weight'], o['zipf_power'],
                                                             loss_mask=o['zipf_loss_mask']),
                      (LossOption('--zipf-weight', 'zipf_weight', 'weight',
-                                 "Zipf LS: weight of the KL term (the authors' loss_lambda)"),
+                                 "Zipf LS: weight of the KL term (the authors' loss_lambda; its default in their "
+                                 "train.py; their README's runs use 0.1 with --dense voting, not reproduced here)"),
                       LossOption('--zipf-power', 'zipf_power', 'power', 'Zipf LS: exponent of the rank law'),
                       LossOption('--zipf-loss-mask', 'zipf_loss_mask', 'loss_mask',
                                  "Zipf LS term on correctly classified samples only (the authors' --mask; off, "
