@@ -7,6 +7,7 @@
                        (``val`` or ``test`` for evaluation)
   CIFAR10_LT / CIFAR100_LT   long-tailed training subset (--imbalance-ratio), balanced test set
   CIFAR10C  CIFAR-10-C's corruptions as the evaluation split (CIFAR-10's archive for training)
+  CUB / CARS   CUB-200-2011 and Stanford Cars in their official layouts (train/test splits as released)
   DEMO     scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) upscaled, with a fixed
            stratified 75/25 split: a real data set that ships inside an installed package.
 """
@@ -22,6 +23,7 @@ from torchvision import datasets, transforms
 
 from data.cifar import ArrayImageDataset, archive_folder, long_tailed_indices, read_cifar, read_corruptions
 from data.decode import decode_image, read_image_file
+from data.fine_grained import CARS_CLASSES, CUB_CLASSES, ImageListDataset, cars_samples, cub_samples
 from data.skip import SkipCounter
 from data.zip_cache import ZipImageDataset
 from deit import distributed as du
@@ -116,6 +118,9 @@ def build_dataset(is_train: bool, args, transform=None):
                                              rank=du.get_rank(), world_size=du.get_world_size())
             return ds, ds.num_classes
         ds = _folder(root, ('train',) if is_train else ('val',), transform, skip_bad)
+    elif name in FINE_GRAINED:
+        samples, classes = FINE_GRAINED[name]
+        return ImageListDataset(samples(root, is_train), classes, transform, skip_bad), classes
     elif name in CIFAR_ARRAYS or name in ('CIFAR10', 'CIFAR100') and archive_folder(root, name):
         return cifar_arrays(name, root, is_train, transform, getattr(args, 'imbalance_ratio', 100.0))
     elif name in ('CIFAR10', 'CIFAR100', 'FOLDER'):
@@ -131,7 +136,9 @@ def build_dataset(is_train: bool, args, transform=None):
 # data sets read from arrays (data/cifar.py): long-tailed CIFAR (train: the subset of --imbalance-ratio; val: the
 # balanced test set) and CIFAR-10-C (val: every corruption and severity; train: CIFAR-10's)
 CIFAR_ARRAYS = ('CIFAR10_LT', 'CIFAR100_LT', 'CIFAR10C')
-DATA_SETS = ('IMNET', 'CIFAR10', 'CIFAR100', *CIFAR_ARRAYS, 'FOLDER', 'DEMO')
+# the official README's fine-grained sets, from their official layouts (data/fine_grained.py)
+FINE_GRAINED = {'CUB': (cub_samples, CUB_CLASSES), 'CARS': (cars_samples, CARS_CLASSES)}
+DATA_SETS = ('IMNET', 'CIFAR10', 'CIFAR100', *CIFAR_ARRAYS, *FINE_GRAINED, 'FOLDER', 'DEMO')
 
 
 def cifar_arrays(name: str, root: Path, is_train: bool, transform, imbalance_ratio: float):
