@@ -3,7 +3,7 @@ fine-tuning surgery.
 
 DeiT's own architectures (``deit_*_patch16_224``, ``deit_*_distilled_patch16_224``) live in timm 1.0; this
 module registers ``deit_demo_patch4_32`` (a 4-block, 128-wide ViT for 32x32 inputs) and ``resnet*_blurpool``
-(the official MaxSup ResNet pipeline's models), maps the official code's model names onto timm's
+(the official MaxSup ResNet pipeline's models; the CIFAR networks are in deit/cifar_models.py), maps the official code's model names onto timm's
 (:data:`MODEL_ALIASES`), and wraps creation.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from data.class_map import HEAD_KEYS
 from data.io import CheckpointError
+from deit import cifar_models  # noqa: F401  (registers the CIFAR networks with timm)
 
 # Names the official MaxSup code gives its models -> the timm model with the same architecture and keys.
 # Official Deit/models.py: ``our_patch16_224`` = DeiT-S (patch 16, 384 wide, 12 blocks, 6 heads, qkv_bias,

@@ -77,7 +77,8 @@ def test_long_tailed_cifar_trains_one_epoch_and_reports_the_shot_groups(tmp_path
     write_cifar10(tmp_path / 'data', per_class_train=30)
     out = tmp_path / 'run'
     assert cli(TINY + ['--data-set', 'CIFAR10_LT', '--data-path', str(tmp_path / 'data'), '--imbalance-ratio', '10',
-                       '--epochs', '1', '--batch-size', '8', '--output_dir', str(out)]) == 0
+                       '--model', 'resnet32_cifar', '--epochs', '1', '--batch-size', '8',
+                       '--output_dir', str(out)]) == 0
     log = json.loads((out / 'log.txt').read_text())
     assert log['test_n'] == 30  # the balanced test batch
     # 30 .. 3 images per class: classes with >= 20 are medium-shot, the rest few-shot
@@ -102,3 +103,17 @@ def test_cifar10c_is_the_evaluation_split_of_a_cifar10_run(tmp_path):
     np.save(folder / 'fog.npy', np.zeros((5, 32, 32, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match=r'fog.npy: \(5, 32, 32, 3\) uint8; expected 20 x 32 x 32 x 3'):
         read_corruptions(tmp_path)
+
+
+@pytest.mark.parametrize('name, params, features', [
+    ('resnet32_cifar', 0.464, (64, 8, 8)),  # He et al. 2016, Table 6: 0.46M
+    ('resnet18_cifar', 11.17, (512, 4, 4)), ('resnet50_cifar', 23.52, (2048, 4, 4)),
+    ('resnet101_cifar', 42.51, (2048, 4, 4)), ('mobilenetv2_cifar', 2.24, (1280, 4, 4))])
+def test_cifar_networks_keep_the_resolution_of_32px_inputs(name, params, features):
+    """CIFAR stems: a 32x32 input reaches the last stage at 8x8 (ResNet-32) or 4x4, not 1x1 as with ImageNet's."""
+    from deit.models import create_model
+    model = create_model(name, 10, input_size=32).eval()
+    with torch.no_grad():
+        assert tuple(model.forward_features(torch.zeros(1, 3, 32, 32)).shape[1:]) == features
+        assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params, abs=0.01)
