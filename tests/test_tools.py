@@ -152,6 +152,31 @@ def test_analyze_subcommands_end_to_end(command, files, two_runs, tiny_imagefold
     assert all((out / f).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' for f in files if f.endswith('.png'))
 
 
+def test_gradcam_explains_the_label_or_the_prediction(two_runs, tiny_imagefolder, tmp_path):
+    """--cam-target prediction: the maps of the predicted classes (the official Deit/evaluate.py, targets=None);
+    label (default): the image's own class. Equal where the model is right; another class's map otherwise."""
+    import numpy as np
+
+    from deit.analysis import gradcam_maps
+    from deit.models import create_model
+    from tools.analyze import main
+    maps, res = {}, {}
+    for target in ('label', 'prediction'):
+        assert main(['gradcam', '--ckpt', f'ls={two_runs["ls"]}', '--data-path', str(tiny_imagefolder), '--out',
+                     str(tmp_path / target), '--num-workers', '0', '--num-images', '8', '--cam-target', target]) == 0
+        maps[target] = np.load(tmp_path / target / 'gradcam' / 'gradcam_maps.npz')['ls']
+        res[target] = json.loads((tmp_path / target / 'gradcam' / 'gradcam.json').read_text())
+    right = [i for i, (y, (p, _)) in enumerate(zip(res['label']['labels'], res['label']['predictions']['ls']))
+             if y == p]
+    assert right and np.allclose(maps['label'][right], maps['prediction'][right], atol=1e-6)
+    torch.manual_seed(0)  # an untrained model: targets=None is its argmax, and another class maps elsewhere
+    model, x = create_model('deit_demo_patch4_32', 4, input_size=32).eval(), torch.randn(4, 3, 32, 32)
+    predicted = model(x).argmax(1).tolist()
+    none = gradcam_maps(model, x.clone(), None)
+    assert np.allclose(none, gradcam_maps(model, x.clone(), predicted), atol=1e-6)
+    assert not np.allclose(none, gradcam_maps(model, x.clone(), [(p + 1) % 4 for p in predicted]), atol=1e-3)
+
+
 def test_evaluate_cli_writes_metrics_and_reliability(two_runs, tiny_imagefolder, tmp_path):
     from tools.evaluate import main
     assert main([str(two_runs['maxsup']), '--data-path', str(tiny_imagefolder), '--out', str(tmp_path),

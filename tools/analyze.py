@@ -109,7 +109,8 @@ def cmd_gradcam(models, args, out: Path) -> dict:
     ds, _ = eval_split(args.data_set, args.data_path, args.split, args.input_size, args.cache)
     idx = list(range(min(args.num_images, len(ds))))
     x, labels, imgs = _images(args, ds, idx)
-    maps = {name: analysis.gradcam_maps(m, x.clone(), labels) for name, m in models.items()}
+    targets = labels if args.cam_target == 'label' else None
+    maps = {name: analysis.gradcam_maps(m, x.clone(), targets) for name, m in models.items()}
     preds = {name: _predictions(m, x) for name, m in models.items()}
     plots.gradcam_grid(imgs, maps, out / 'gradcam.png', labels, preds)
     np.savez_compressed(out / 'gradcam_maps.npz', **maps)
@@ -148,7 +149,7 @@ def cmd_cam_boxes(models, args, out: Path) -> dict:
     x, labels, _ = _images(args, ds, [i for i, _ in picked])
     res = {}
     for name, model in models.items():
-        maps = analysis.gradcam_maps(model, x.clone(), labels)
+        maps = analysis.gradcam_maps(model, x.clone(), labels if args.cam_target == 'label' else None)
         pr = [localization.cam_precision_recall(m, b, args.cam_threshold) for m, (_, b) in zip(maps, picked)]
         res[name] = {'precision': float(np.mean([p for p, _ in pr])), 'recall': float(np.nanmean([r for _, r in pr])),
                      'per_image': pr}
@@ -183,10 +184,14 @@ def main(argv=None) -> int:
     ap.add_argument('--max-samples', type=int, default=None, help='fixed-seed subset of each split')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--threshold', type=float, default=analysis.NEAR_ZERO_THRESHOLD,
-                    help='|z| below this counts as near zero (official viz/logits.py: 0.01)')
+                    help='|z| below this counts as near zero (official viz/logits.py: 0.01; the official notebook '
+                         "viz/logits_viz.ipynb's figures use 0.001 for most models)")
     ap.add_argument('--transfer-data', default=None)
     ap.add_argument('--num-images', type=int, default=6)
     ap.add_argument('--boxes', default=None, help='cam-boxes: LOC_val_solution.csv or a folder of val XML files')
+    ap.add_argument('--cam-target', choices=('label', 'prediction'), default='label',
+                    help="gradcam, cam-boxes: the class Grad-CAM explains: the image's label, or the model's "
+                         "prediction (the official Deit/evaluate.py: targets=None)")
     ap.add_argument('--cam-threshold', type=float, default=localization.CAM_THRESHOLD,
                     help='cam-boxes: pixels with normalised Grad-CAM >= this are "active"')
     ap.add_argument('--classes', type=int, nargs=3, default=(0, 1, 2))
