@@ -3,7 +3,6 @@ on-disk formats (small), read and trained on through deit.main."""
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -13,28 +12,7 @@ from data.cifar import long_tailed_counts, long_tailed_indices, read_cifar, read
 from deit.main import cli
 from deit.metrics import shot_accuracy
 from tests.conftest import TINY
-
-
-def write_cifar10(root, per_class_train: int = 10, per_class_test: int = 3):
-    """cifar-10-batches-py/ as the official archive unpacks: five training batches and a test batch, each a
-    pickled dict with bytes keys (b'data': N x 3072 uint8 as R, G, B planes; b'labels'; b'filenames')."""
-    folder = root / 'cifar-10-batches-py'
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def batch(labels, name):
-        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
-        with open(folder / name, 'wb') as f:
-            pickle.dump({b'batch_label': name.encode(), b'labels': list(labels), b'data': data,
-                         b'filenames': [f'{i}.png'.encode() for i in range(len(labels))]}, f, protocol=2)
-        return data
-
-    train = np.repeat(np.arange(10), per_class_train)
-    rng.shuffle(train)
-    for i, part in enumerate(np.array_split(train, 5), 1):
-        batch(part.tolist(), f'data_batch_{i}')
-    first_test = batch(np.repeat(np.arange(10), per_class_test).tolist(), 'test_batch')
-    return first_test
+from tests.data_formats import write_cifar10
 
 
 def test_the_official_archive_is_read_with_its_pixel_layout(tmp_path):
