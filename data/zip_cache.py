@@ -246,7 +246,8 @@ class ZipImageDataset(SkipCounter, torch.utils.data.Dataset):
     def __init__(self, zip_path, map_path, transform=None, folder_labels: bool = True, skip_bad: bool = False,
                  cache_mode: str = 'full', rank: int = 0, world_size: int = 1, train_map: Path | None = None):
         if cache_mode not in CACHE_MODES:
-            raise ValueError(f'cache_mode must be one of {", ".join(CACHE_MODES)}; got {cache_mode!r}')
+            choices = ', '.join(map(repr, CACHE_MODES[:-1])) + f' or {CACHE_MODES[-1]!r}'
+            raise ValueError(f'cache_mode must be {choices}, got {cache_mode!r}')
         self.index = open_index(zip_path, map_path, folder_labels, train_map)
         self.rows, self.targets = self.index.rows, self.index.labels
         self.num_classes = int(self.targets.max()) + 1
