@@ -11,7 +11,7 @@ from timm.utils import NativeScaler
 from deit.device_aug import to_device
 from deit.distributed import all_reduce_sum, any_rank, get_rank, get_world_size, is_dist
 from deit.logger import MetricLogger, SmoothedValue
-from deit.metrics import CalibrationBins, shot_accuracy, topk_correct
+from deit.metrics import CalibrationBins, shot_accuracy, summary, topk_correct
 
 
 class LossScaler(NativeScaler):
@@ -194,11 +194,7 @@ def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bin
         bins.load_tensor(all_reduce_sum(bins.as_tensor()))
         if class_counts:
             all_reduce_sum(per_class)
-    loss_sum, c1, c5, n = sums.tolist()
-    if n == 0:
-        raise ValueError('evaluation set is empty')
-    stats = {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'loss': loss_sum / n, 'ece': bins.ece(),
-             'n': int(n)}
+    stats = summary(*sums.tolist(), bins)
     if class_counts:
         stats.update(shot_accuracy(per_class[0], per_class[1], class_counts))
     if reliability:

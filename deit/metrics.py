@@ -81,14 +81,23 @@ def feature_variation(features: Tensor, labels: Tensor) -> dict:
     return {'d_within': d_within, 'd_total': d_total, 'r2': r2, 'num_classes': len(classes), 'n': len(labels)}
 
 
+def summary(loss_sum: float, correct1: float, correct5: float, n: float, bins: CalibrationBins) -> dict:
+    """An evaluation's numbers from its sums, under DeiT's names (log.txt's test_*): top-1 / top-5 (%), ``loss``
+    (the mean negative log-likelihood; the tools' reports call it ``nll``), ECE, and the image count."""
+    if n == 0:
+        raise ValueError('evaluation set is empty')
+    return {'acc1': 100.0 * correct1 / n, 'acc5': 100.0 * correct5 / n, 'loss': loss_sum / n, 'ece': bins.ece(),
+            'n': int(n)}
+
+
 def classification_summary(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict:
-    """Top-1/top-5 accuracy (%), NLL and ECE of a whole set of logits."""
+    """:func:`summary` of a whole set of logits."""
     logits = logits.float()
     c1, c5 = topk_correct(logits, labels, (1, 5))
-    n = len(labels)
-    return {'acc1': 100.0 * c1 / n, 'acc5': 100.0 * c5 / n, 'n': n,
-            'nll': float(torch.nn.functional.cross_entropy(logits, labels)),
-            'ece': expected_calibration_error(logits.softmax(1), labels, n_bins)}
+    bins = CalibrationBins(n_bins)
+    bins.update(logits.softmax(1), labels)
+    return summary(float(torch.nn.functional.cross_entropy(logits, labels, reduction='sum')), c1, c5, len(labels),
+                   bins)
 
 
 MANY_SHOT, FEW_SHOT = 100, 20  # training images per class: many > 100, few < 20, medium between (Liu et al. 2019)

@@ -105,7 +105,7 @@ def test_feature_variation_by_hand():
 def test_classification_summary_and_evaluate_on_a_known_batch():
     s = classification_summary(LOGITS, LABELS, n_bins=15)
     assert (s['acc1'], s['acc5'], s['n']) == (25.0, 75.0, 4)
-    assert s['nll'] == pytest.approx(float(F.cross_entropy(LOGITS, LABELS)))
+    assert s['loss'] == pytest.approx(float(F.cross_entropy(LOGITS, LABELS)))
 
     class Lookup(torch.nn.Module):  # "model" whose logits are the rows of LOGITS, indexed by the input
         def __init__(self):
@@ -119,7 +119,7 @@ def test_classification_summary_and_evaluate_on_a_known_batch():
                (torch.tensor([2, 3]), LABELS[2:])]
     stats = evaluate(batches, Lookup(), print_freq=0, reliability=True)
     assert (stats['acc1'], stats['acc5'], stats['n']) == (25.0, 75.0, 4)
-    assert stats['loss'] == pytest.approx(s['nll']) and stats['ece'] == pytest.approx(s['ece'])
+    assert stats['loss'] == pytest.approx(s['loss']) and stats['ece'] == pytest.approx(s['ece'])
     assert sum(stats['reliability']['count']) == 4
     with pytest.raises(ValueError, match='empty'):
         evaluate([], Lookup(), print_freq=0)

@@ -28,3 +28,9 @@ def add_eval_data_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument('--input-size', type=int, default=None, help="default: the checkpoint's own")
     ap.add_argument('--batch-size', type=int, default=EVAL_BATCH_SIZE)
     ap.add_argument('--num-workers', type=int, default=EVAL_WORKERS)
+
+
+def report_names(stats: dict) -> dict:
+    """An evaluation's numbers as the tools report them: DeiT's ``loss`` (the mean NLL) is ``nll`` there, where
+    ``loss`` names the loss function a model was trained with."""
+    return {('nll' if k == 'loss' else k): v for k, v in stats.items()}

@@ -19,7 +19,7 @@ from data.io import CheckpointError, check_writable
 from deit.datasets import eval_data_set, eval_loader
 from deit.engine import evaluate
 from deit.releases import load_model
-from tools.common import EVAL_BATCH_SIZE, EVAL_WORKERS, add_eval_data_args, add_model_args
+from tools.common import EVAL_BATCH_SIZE, EVAL_WORKERS, add_eval_data_args, add_model_args, report_names
 from tools.plots import reliability_diagram
 
 
@@ -33,8 +33,7 @@ def run(checkpoint, data_set=None, data_path=None, split='val', cache=False, out
                              batch_size, num_workers)
     if nb != info['num_classes']:
         raise ValueError(f'{data_path or data_set} has {nb} classes, the checkpoint {info["num_classes"]}')
-    stats = evaluate(loader, model, torch.device('cpu'), n_bins=15, print_freq=0, reliability=True)
-    stats['nll'] = stats.pop('loss')
+    stats = report_names(evaluate(loader, model, torch.device('cpu'), n_bins=15, print_freq=0, reliability=True))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reliability_diagram(stats['reliability'], out / 'reliability.png',

@@ -34,6 +34,7 @@ from deit.datasets import eval_loader
 from deit.args import get_args_parser
 from deit.main import main as train_main
 from deit.metrics import classification_summary, feature_variation
+from tools.common import report_names
 from tools.plots import bar_table
 
 # Grid cells: a loss, or a loss with its alpha held constant. LS and MaxSup share the paper's default
@@ -95,12 +96,12 @@ def analyse(a, ckpt: Path) -> dict:
         fv = feature_variation(o['features'], o['labels'])
         res[f'{split}_d_within'], res[f'{split}_r2'] = fv['d_within'], fv['r2']
         if split == 'val':
-            res.update(classification_summary(o['logits'], o['labels']))
+            res.update(report_names(classification_summary(o['logits'], o['labels'])))
             lg = analysis.logit_statistics(o['logits'], o['labels'], a.threshold)
             res.update({'near_zero_mean': lg['near_zero_fraction_mean'], 'logit_range_mean': lg['logit_range_mean']})
             noisy = eval_loader(**split_at, wrap=lambda ds: GaussianNoise(ds, a.noise))[0]
             oc = analysis.collect_outputs(model, noisy, features=False)
-            c = classification_summary(oc['logits'], oc['labels'])
+            c = report_names(classification_summary(oc['logits'], oc['labels']))
             res.update({'corrupt_acc1': c['acc1'], 'corrupt_nll': c['nll'], 'corrupt_ece': c['ece']})
     return res
 
