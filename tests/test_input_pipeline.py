@@ -261,6 +261,28 @@ def odd_images(root: Path) -> Path:
     return root / 'train'
 
 
+def test_gpu_decode_waits_for_the_queued_work_before_the_cuda_decoder_writes(tmp_path, monkeypatch):
+    """torchvision's CUDA decoder writes from a stream that does not wait for the caller's (pytorch/vision
+    PR 9606): the stream is synchronised first. Imitated on the CPU: the order of the two calls."""
+    import deit.device_decode as dd
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append('synchronize')
+
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: Stream())
+    monkeypatch.setattr(dd, 'decode_jpeg', lambda jpegs, mode, device: calls.append('decode') or
+                        [torch.zeros(3, 8, 8, dtype=torch.uint8) for _ in jpegs])
+    from deit.datasets import CheckedImageFolder
+    ds = CheckedImageFolder(str(odd_images(tmp_path)), transform=deferred_pair(input_size=64)[1])
+    batch = collate_encoded([ds[0], ds[2]])  # two JPEGs handed over as bytes
+    assert len(dd.DeviceDecoder(64, 'cuda').decode(batch)) == 2 and calls == ['synchronize', 'decode']
+    calls.clear()
+    dd.DeviceDecoder(64, 'cpu').decode(batch)
+    assert calls == ['decode']  # nothing to wait for on the CPU
+
+
 def test_gpu_decode_falls_back_per_image_as_the_cpu_path(tmp_path):
     from deit.datasets import CheckedImageFolder
     default, deferred = deferred_pair(input_size=64)
