@@ -8,7 +8,7 @@
 #    the cores per GPU each needs; 3b. --gpu-decode's nvJPEG batch equals its CPU decode within a few levels
 # 4. the trainer itself, in a new folder: one AMP epoch on a ZIP cache with the EMA kept on the CPU
 #    (--model-ema-force-cpu); the EMA metrics it logs must equal a blocking CPU evaluation of its checkpoint
-# 5. the trainer with --gpu-decode --device-aug: one AMP epoch
+# 5. the trainer with --gpu-decode --device-aug: one AMP epoch in fp16, one in bf16
 # Every check that asserts prints "<check>: OK". A failing section is reported and the next one runs (a GPU
 # lease is short: one run should show every failure); the script exits 1 if any section failed.
 set -uo pipefail
@@ -57,8 +57,9 @@ ema_epoch() {
   "$PY" -m benchmarks.gpu_asserts ema "$WORK/run" --data-path "$WORK/data/full" --cache
 }
 
-gpu_decode_epoch() {
-  train_epoch run_gpu_decode --gpu-decode --device-aug && echo "gpu-decode trainer: OK"
+gpu_decode_epoch() {  # fp16, then bf16 with another seed: torchvision's CUDA decoder once corrupted memory there
+  train_epoch run_gpu_decode --gpu-decode --device-aug || return
+  train_epoch run_gpu_decode_bf16 --gpu-decode --device-aug --amp-dtype bfloat16 --seed 1 && echo "gpu-decode trainer: OK"
 }
 
 "$PY" -c 'import torch, timm, PIL; assert torch.cuda.is_available(), "no CUDA device";
