@@ -65,7 +65,7 @@ def run_training(cfg, run: Run, data: Data, output_dir: Path | None, stop_signal
         check_finite(state, epoch, test_stats if evaluated else {}, output_dir)
         # timm's plateau schedule watches the metric it is given (as timm's train.py); without it DeiT's call
         # never lowers the lr. Time-based schedules ignore it.
-        state.lr_scheduler.step(epoch + 1, test_stats['acc1'] if evaluated else None)
+        state.lr_scheduler.step(schedule_index(cfg, epoch + 1), test_stats['acc1'] if evaluated else None)
         is_best = evaluated and test_stats['acc1'] > state.max_accuracy
         if evaluated:
             state.max_accuracy = max(state.max_accuracy, test_stats['acc1'])
@@ -84,6 +84,12 @@ def run_training(cfg, run: Run, data: Data, output_dir: Path | None, stop_signal
         tb.close()
     print(f'Training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     return test_stats
+
+
+def schedule_index(cfg, epoch: int) -> int:
+    """The schedule index whose lr ``epoch`` trains at: ``epoch`` (timm's train.py, which steps with epoch + 1
+    after each epoch) or, with ``--lr-step deit``, one behind (DeiT's main.py steps with epoch)."""
+    return epoch if cfg.lr_step == 'timm' else max(epoch - 1, 0)
 
 
 def train_epoch(cfg, run: Run, data: Data, epoch: int, output_dir: Path | None,

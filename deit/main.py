@@ -21,7 +21,7 @@ from deit.build import (Data, amp_dtype, build_data, build_model, build_optimiza
 from deit.config import RunConfig, recipe_text, resolve_config
 from deit.datasets import build_dataset, check_same_classes
 from deit.engine import NonFiniteLossError
-from deit.loop import Run, evaluate_run, loss_scaler, parameter_checksum, run_training
+from deit.loop import Run, evaluate_run, loss_scaler, parameter_checksum, run_training, schedule_index
 from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, WorkerSignals
 from deit.rundir import (RunDirLocked, StdoutCopy, lock_run_dir, release_run_dir, remove_stale_temp_files,
                          repair_epoch_files, set_aside_run)
@@ -105,7 +105,7 @@ def execute(args, cfg: RunConfig, dataset_train, dataset_val, cleanup: contextli
     if ckpt is not None:
         resume_run(cfg, run, ckpt, resume_path)
         del ckpt
-    run.state.lr_scheduler.step(run.state.start_epoch)
+    run.state.lr_scheduler.step(schedule_index(cfg, run.state.start_epoch))
     if cfg.eval:  # --eval measures the weights it was given, not an EMA
         stats = evaluate_run(cfg, run, data, ema=False)
         print(f'Accuracy of the network on the {stats["n"]} test images: {stats["acc1"]:.2f}%')

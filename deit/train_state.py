@@ -174,7 +174,7 @@ def load_scheduler_state(scheduler, state: dict) -> None:
 RUN_ARGS = ('model', 'input_size', 'loss', 'alpha', 'alpha_end', 'alpha_schedule', 'data_set', 'epochs', 'base_lr',
             'opt', 'weight_decay', 'sched', 'warmup_epochs', 'mixup', 'cutmix', 'aa', 'reprob', 'smoothing',
             'drop_path', 'ols_a', 'zipf_weight', 'zipf_power', 'logit_penalty_beta', 'bce_loss',
-            'distillation_type', 'unscale_lr')
+            'distillation_type', 'unscale_lr', 'lr_step')
 
 
 def check_same_run(config, ckpt: dict, path: str) -> None:

@@ -52,6 +52,7 @@ def test_recipe_table_as_parsed():
     # DeiT-S, paper (default): "we also omit CutMix and Mixup" (Sec. 5.1); official code: DeiT's defaults
     assert (paper['mixup'], paper['cutmix']) == (0.0, 0.0)
     assert (official['mixup'], official['cutmix']) == (0.8, 1.0)
+    assert (paper['lr_step'], official['lr_step']) == ('timm', 'deit')  # DeiT's main.py: step(epoch)
     for r in (paper, official):
         assert r['model'] == 'deit_small_patch16_224' and r['epochs'] == 300 and r['total_batch'] == 1024
         assert (r['opt'], r['lr'], r['weight_decay'], r['sched'], r['warmup_epochs']) == ('adamw', 5e-4, 0.05,

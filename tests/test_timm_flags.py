@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,16 @@ def test_multistep_milestones_and_rate_reach_the_schedule():
         scheduler.step(epoch)
         lrs.append(optimizer.param_groups[0]['lr'])
     assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025, 0.025])
+
+
+def test_deits_lr_step_runs_one_epoch_behind_timms(tmp_path):
+    """--lr-step deit: epoch e trains at the schedule's lr(e - 1), as DeiT's main.py (step(epoch) after each
+    epoch); timm's (default) at lr(e). Read from the lr each epoch logged."""
+    lrs = {}
+    for mode in ('timm', 'deit'):
+        out = tmp_path / mode
+        assert cli(TINY + ['--data-set', 'DEMO', '--epochs', '4', '--warmup-epochs', '2', '--max-steps-per-epoch', '1',
+                           '--eval-every', '4', '--lr-step', mode, '--output_dir', str(out)]) == 0
+        lrs[mode] = [json.loads(line)['lr'] for line in (out / 'log.txt').read_text().splitlines()]
+    assert lrs['timm'][0] < lrs['timm'][1] < lrs['timm'][2]  # warm-up, then the cosine
+    assert lrs['deit'] == pytest.approx([lrs['timm'][0]] + lrs['timm'][:3])
