@@ -284,3 +284,13 @@ def test_class_map_prints_the_permutation(tmp_path, capsys):
     assert main(['--map', str(tmp_path / 'map.txt'), '--imagefolder', str(tmp_path / 'train')]) == 0
     out = capsys.readouterr().out
     assert 'zip 0 -> folder 1' in out and 'zip 1 -> folder 0' in out
+
+
+def test_every_recipe_file_parses_and_passes_the_checks():
+    """recipes/*.yaml are deit.main recipes (the catalogue of results beside them is read by tools.reproduce)."""
+    from deit.args import check_args
+    files = sorted(p for p in (ROOT / 'recipes').glob('*.yaml') if p.name != 'catalogue.yaml')
+    assert len(files) >= 8
+    for path in files:
+        args = parse_args(['-c', str(path), '--data-path', '/data'])
+        assert check_args(args) is None, path.name
