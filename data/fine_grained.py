@@ -21,7 +21,6 @@ from pathlib import Path
 import scipy.io
 import torch
 
-from data.decode import decode_image, read_image_file
 from data.skip import SkipCounter
 
 CUB_CLASSES, CARS_CLASSES = 200, 196
@@ -100,5 +99,4 @@ class ImageListDataset(SkipCounter, torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, target = self.samples[i]
-        return self._sample(lambda: decode_image(read_image_file(path), path, lazy=self.lazy_decode), target)
+        return self._sample_file(*self.samples[i])

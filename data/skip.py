@@ -8,7 +8,7 @@ import multiprocessing as mp
 
 import torch
 
-from data.decode import CorruptImageError
+from data.decode import CorruptImageError, decode_image, read_image_file
 
 
 class SkipCounter:
@@ -40,6 +40,10 @@ class SkipCounter:
                 raise
             self.count_skip()
             return None
+
+    def _sample_file(self, path: str, target: int):
+        """:meth:`_sample` of an image file (the folder-like sets: ImageFolder, CUB, Cars)."""
+        return self._sample(lambda: decode_image(read_image_file(path), path, lazy=self.lazy_decode), target)
 
     def pop_skipped(self) -> int:
         """Images skipped since the last call (all workers together)."""

@@ -22,7 +22,6 @@ from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 from torchvision import datasets, transforms
 
 from data.cifar import ArrayImageDataset, archive_folder, long_tailed_indices, read_cifar, read_corruptions
-from data.decode import decode_image, read_image_file
 from data.fine_grained import CARS_CLASSES, CUB_CLASSES, ImageListDataset, cars_samples, cub_samples
 from data.skip import SkipCounter
 from data.zip_cache import ZipImageDataset
@@ -75,8 +74,7 @@ class CheckedImageFolder(SkipCounter, datasets.ImageFolder):
         SkipCounter.__init__(self, skip_bad)
 
     def __getitem__(self, i: int):
-        path, target = self.samples[i]
-        return self._sample(lambda: decode_image(read_image_file(path), path, lazy=self.lazy_decode), target)
+        return self._sample_file(*self.samples[i])
 
 
 def _folder(root: Path, split_names: tuple[str, ...], transform, skip_bad: bool = False) -> datasets.ImageFolder:
