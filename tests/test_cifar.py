@@ -74,6 +74,8 @@ def test_cifar10c_is_the_evaluation_split_of_a_cifar10_run(tmp_path):
     images, all_labels, names = read_corruptions(tmp_path)
     assert images.shape == (40, 32, 32, 3) and names == ['fog', 'gaussian_noise']
     assert all_labels[20:].tolist() == labels.tolist()
+    assert all(isinstance(a, np.memmap) for a in images.arrays)  # read in place, not copied into memory
+    assert np.array_equal(images[25], np.load(folder / 'gaussian_noise.npy')[5])
     out = tmp_path / 'run'
     assert cli(TINY + ['--data-set', 'CIFAR10C', '--data-path', str(tmp_path), '--epochs', '1',
                        '--output_dir', str(out)]) == 0
