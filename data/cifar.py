@@ -27,6 +27,7 @@ ARCHIVES = {  # name -> (folder, train files, test files, label key)
     'CIFAR100': ('cifar-100-python', ('train',), ('test',), b'fine_labels'),
 }
 CORRUPTIONS_FOLDER = 'CIFAR-10-C'
+IMBALANCE_RATIO = 100.0  # largest / smallest class: the harder of the official long-tailed table's two
 
 
 def archive_folder(root: str | Path, name: str) -> Path | None:

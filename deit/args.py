@@ -11,6 +11,7 @@ import sys
 
 from timm.utils import ParseKwargs
 
+from data.cifar import IMBALANCE_RATIO
 from data.zip_cache import CACHE_MODES
 from deit.datasets import DATA_SETS, DEFAULT_CROP_RATIO, auto_augment, mixup_active
 from deit.device_decode import INTERPOLATIONS
@@ -181,7 +182,7 @@ def _data(p) -> None:
     g('--data-path', default=None, help='data set root (ImageNet folders, or the ZIP cache with --cache)')
     g('--data-set', default='IMNET', choices=DATA_SETS,
       help='DEMO: the built-in digits set; CIFAR*: the official python archives (deit/datasets.py)')
-    g('--imbalance-ratio', type=float, default=100.0,
+    g('--imbalance-ratio', type=float, default=IMBALANCE_RATIO,
       help='CIFAR*_LT: images of the largest / the smallest training class (Cao et al. 2019; 50 and 100 in the '
            'official long-tailed table)')
     g('--cache', action='store_true', help='read IMNET from the in-memory ZIP cache (data/)')

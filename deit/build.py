@@ -21,6 +21,7 @@ from data.zip_cache import ShardSampler
 from deit.datasets import device_rand_augment, mixup_active, normalization
 from deit.device_aug import DeviceBatches
 from deit.device_decode import DeviceDecoder, collate_encoded
+from deit.engine import LossScaler
 from deit.criterion import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
 from deit.preemption import WorkerSignals
@@ -105,6 +106,11 @@ def setup_device(cfg) -> tuple[torch.device, bool]:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels (DeiT)
     amp = device.type == 'cuda' if cfg.amp is None else cfg.amp
     return device, amp
+
+
+def loss_scaler(device: torch.device, amp: bool, dtype: torch.dtype) -> LossScaler:
+    """Loss scaling only where float16 needs it (bfloat16 has float32's range)."""
+    return LossScaler(device.type, enabled=amp and device.type == 'cuda' and dtype == torch.float16)
 
 
 def amp_dtype(cfg, device: torch.device) -> torch.dtype:

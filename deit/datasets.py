@@ -21,7 +21,8 @@ from PIL import Image
 from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets, transforms
 
-from data.cifar import ArrayImageDataset, archive_folder, long_tailed_indices, read_cifar, read_corruptions
+from data.cifar import (IMBALANCE_RATIO, ArrayImageDataset, archive_folder, long_tailed_indices, read_cifar,
+                        read_corruptions)
 from data.fine_grained import CARS_CLASSES, CUB_CLASSES, ImageListDataset, cars_samples, cub_samples
 from data.skip import SkipCounter
 from data.zip_cache import ZipImageDataset
@@ -120,7 +121,7 @@ def build_dataset(is_train: bool, args, transform=None):
         samples, classes = FINE_GRAINED[name]
         return ImageListDataset(samples(root, is_train), classes, transform, skip_bad), classes
     elif name in CIFAR_ARRAYS or name in ('CIFAR10', 'CIFAR100') and archive_folder(root, name):
-        return cifar_arrays(name, root, is_train, transform, getattr(args, 'imbalance_ratio', 100.0))
+        return cifar_arrays(name, root, is_train, transform, getattr(args, 'imbalance_ratio', IMBALANCE_RATIO))
     elif name in ('CIFAR10', 'CIFAR100', 'FOLDER'):
         ds = _folder(root, ('train',) if is_train else ('val', 'test'), transform, skip_bad)
         expected = {'CIFAR10': 10, 'CIFAR100': 100}.get(name)

@@ -186,9 +186,9 @@ def evaluate(data_loader: Iterable, model, device=None, amp: bool = False, n_bin
                              dtype=torch.float64)
         bins.update(output.softmax(1), target)
         if class_counts:
-            hit = (output.argmax(1) == target).double().cpu()
-            per_class[0].index_add_(0, target.cpu(), hit)
-            per_class[1].index_add_(0, target.cpu(), torch.ones_like(hit))
+            labels, hit = target.cpu(), (output.argmax(1) == target).double().cpu()
+            per_class[0].index_add_(0, labels, hit)
+            per_class[1].index_add_(0, labels, torch.ones_like(hit))
     if distributed_sum:
         all_reduce_sum(sums)
         bins.load_tensor(all_reduce_sum(bins.as_tensor()))

@@ -17,7 +17,7 @@ import torch
 from data.io import save_atomic
 from deit import distributed as du
 from deit.build import Data
-from deit.engine import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
+from deit.engine import NonFiniteLossError, evaluate, train_one_epoch
 from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal
 from deit.rundir import open_tensorboard, write_log
 from deit.train_state import TrainingState, checkpoint_dict, rng_state
@@ -41,11 +41,6 @@ class Run:
     @property
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.state.model.parameters() if p.requires_grad)
-
-
-def loss_scaler(device: torch.device, amp: bool, dtype: torch.dtype) -> LossScaler:
-    """Loss scaling only where float16 needs it (bfloat16 has float32's range)."""
-    return LossScaler(device.type, enabled=amp and device.type == 'cuda' and dtype == torch.float16)
 
 
 def run_training(cfg, run: Run, data: Data, output_dir: Path | None, stop_signal: StopSignal | None = None) -> dict:
@@ -148,7 +143,7 @@ def evaluate_run(cfg, run: Run, data: Data, final: bool = True, ema: bool = True
     """
     dist_sum = cfg.distributed and cfg.dist_eval
     kw = dict(amp=run.amp and run.device.type == 'cuda', amp_dtype=run.amp_dtype, distributed_sum=dist_sum,
-              print_freq=cfg.print_freq, class_counts=long_tailed_counts(data.train))
+              print_freq=cfg.print_freq, class_counts=imbalanced_class_counts(data.train))
     stats = evaluate(data.loader_val, run.model, memory_format=run.memory_format, **kw)
     passes = 1
     model_ema = run.state.model_ema if ema else None
@@ -167,7 +162,7 @@ def evaluate_run(cfg, run: Run, data: Data, final: bool = True, ema: bool = True
     return stats if dist_sum else du.broadcast_object(stats)
 
 
-def long_tailed_counts(train) -> list[int] | None:
+def imbalanced_class_counts(train) -> list[int] | None:
     """Training images per class of a long-tailed set (its evaluation adds many/medium/few-shot top-1)."""
     counts = getattr(train, 'class_counts', None)
     return counts if counts and max(counts) > min(counts) else None

@@ -16,12 +16,12 @@ import torch
 from deit import distributed as du
 from deit.args import check_args
 from deit.recipes import parse_args
-from deit.build import (Data, amp_dtype, build_data, build_model, build_optimization, setup_criterion, setup_device,
-                        wrap_model)
+from deit.build import (Data, amp_dtype, build_data, build_model, build_optimization, loss_scaler, setup_criterion,
+                        setup_device, wrap_model)
 from deit.config import RunConfig, recipe_text, resolve_config
 from deit.datasets import build_dataset, check_same_classes
 from deit.engine import NonFiniteLossError
-from deit.loop import Run, evaluate_run, loss_scaler, parameter_checksum, run_training, schedule_index
+from deit.loop import Run, evaluate_run, parameter_checksum, run_training, schedule_index
 from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, WorkerSignals
 from deit.rundir import (RunDirLocked, StdoutCopy, lock_run_dir, release_run_dir, remove_stale_temp_files,
                          repair_epoch_files, set_aside_run)
