@@ -12,6 +12,7 @@ import sys
 from timm.utils import ParseKwargs
 
 from data.cifar import IMBALANCE_RATIO
+from data.cli import USAGE_ERROR
 from data.zip_cache import CACHE_MODES
 from deit.datasets import DATA_SETS, DEFAULT_CROP_RATIO, auto_augment, mixup_active
 from deit.device_decode import INTERPOLATIONS
@@ -23,7 +24,7 @@ class UsageError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(message)
-        self.code = 2
+        self.code = USAGE_ERROR
         print(message, file=sys.stderr, flush=True)
 
 

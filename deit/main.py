@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from data.cli import USAGE_ERROR
 from deit import distributed as du
 from deit.args import check_args
-from deit.recipes import parse_args
 from deit.build import (Data, amp_dtype, build_data, build_model, build_optimization, loss_scaler, setup_criterion,
                         setup_device, wrap_model)
 from deit.config import RunConfig, recipe_text, resolve_config
@@ -23,6 +23,7 @@ from deit.datasets import build_dataset, check_same_classes
 from deit.engine import NonFiniteLossError
 from deit.loop import Run, evaluate_run, parameter_checksum, run_training, schedule_index
 from deit.preemption import REQUEUE_EXIT, Preempted, StopSignal, WorkerSignals
+from deit.recipes import parse_args
 from deit.rundir import (RunDirLocked, StdoutCopy, lock_run_dir, release_run_dir, remove_stale_temp_files,
                          repair_epoch_files, set_aside_run)
 from deit.train_state import (TrainingState, check_same_run, read_resume_checkpoint, restore_weights, resume,
@@ -183,7 +184,7 @@ def cli(argv=None) -> int:
     except (ValueError, OSError, NonFiniteLossError) as e:  # OSError: e.g. no space left for log.txt
         if place is None or place.rank == 0:
             print(f'error: {error_line(e)}', file=sys.stderr, flush=True)
-        return 2 if not isinstance(e, NonFiniteLossError) else 3
+        return USAGE_ERROR if not isinstance(e, NonFiniteLossError) else 3
     except Preempted as e:
         if place.rank == 0:
             print(str(e), flush=True)
