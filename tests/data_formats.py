@@ -1,5 +1,5 @@
 """Small copies of outside data sets in their real on-disk formats, written the way their releases lay them
-out: the CIFAR-10 python archive, CUB-200-2011's tables and the Stanford Cars devkit's MATLAB annotations."""
+out: the CIFAR-10 and CIFAR-100 python archives, CUB-200-2011's tables and the Stanford Cars devkit's MATLAB annotations."""
 from __future__ import annotations
 
 import pickle
@@ -30,6 +30,24 @@ def write_cifar10(root, per_class_train: int = 10, per_class_test: int = 3):
         batch(part.tolist(), f'data_batch_{i}')
     first_test = batch(np.repeat(np.arange(10), per_class_test).tolist(), 'test_batch')
     return first_test
+
+
+def write_cifar100(root, per_class_train: int = 1, per_class_test: int = 1):
+    """cifar-100-python/ as the official archive unpacks: one pickled dict each for train and test, labels under
+    b'fine_labels' (and the 20 superclasses under b'coarse_labels'), plus the meta file with the names."""
+    folder = root / 'cifar-100-python'
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, per_class in (('train', per_class_train), ('test', per_class_test)):
+        labels = np.repeat(np.arange(100), per_class)
+        with open(folder / name, 'wb') as f:
+            pickle.dump({b'filenames': [f'{i}.png'.encode() for i in range(len(labels))],
+                         b'batch_label': f'{name}ing batch 1 of 1'.encode(), b'fine_labels': labels.tolist(),
+                         b'coarse_labels': (labels // 5).tolist(),
+                         b'data': rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)}, f, protocol=2)
+    with open(folder / 'meta', 'wb') as f:
+        pickle.dump({b'fine_label_names': [f'class_{c}'.encode() for c in range(100)],
+                     b'coarse_label_names': [f'super_{c}'.encode() for c in range(20)]}, f, protocol=2)
 
 
 def write_cub(root, classes: int = 3, per_class: int = 6):

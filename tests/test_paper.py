@@ -140,3 +140,18 @@ def test_the_resnet_recipe_builds_plain_momentum_and_torchvisions_initialisation
     optimizer, _ = build_optimization(cfg, model)
     group = optimizer.param_groups[0]
     assert group['nesterov'] is False and group['momentum'] == 0.9 and group['lr'] == pytest.approx(0.85)
+
+
+@pytest.mark.parametrize('recipe, model, weight_decay, lr', [
+    ('resnet50_torchvision_v1.yaml', 'resnet18', 1e-4, 0.1), ('mobilenetv2_torchvision.yaml', None, 4e-5, 0.045)])
+def test_torchvision_recipes_decay_every_parameter_at_their_own_lr(recipe, model, weight_decay, lr):
+    """torchvision's reference trainer applies weight decay to BatchNorm and biases too (timm's and DeiT's
+    default leaves 1-d parameters out), and its lr is given for the recipe's batch, not scaled by batch / 512."""
+    args = parse_args(['-c', str(ROOT / 'recipes' / recipe), *(['--model', model] if model else []),
+                       '--input-size', '32', '--data-path', '.'])
+    cfg = resolve_config(args, 10)
+    built = build_model(cfg, 10, torch.device('cpu'))
+    optimizer, _ = build_optimization(cfg, built)
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [weight_decay]
+    assert sum(p.numel() for p in optimizer.param_groups[0]['params']) == sum(p.numel() for p in built.parameters())
+    assert optimizer.param_groups[0]['nesterov'] is False and optimizer.param_groups[0]['lr'] == pytest.approx(lr)

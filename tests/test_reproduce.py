@@ -2,14 +2,18 @@
 entry per data format trains one CPU epoch through the launcher and prints measured beside reported."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
+import torchvision
 import yaml
 
 from deit.recipes import parse_args
-from tests.conftest import ROOT, run_module
-from tests.data_formats import write_cars, write_cifar10, write_cub
-from tools.reproduce import load_catalogue, main
+from tests.conftest import ROOT, make_imagefolder, run_module
+from tests.data_formats import write_cars, write_cifar10, write_cifar100, write_cub
+from tools.reproduce import comparison, load_catalogue, main
 
 SMALL = ['--epochs', '1', '--warmup-epochs', '0', '--batch-size', '8', '--num_workers', '0', '--no-pin-mem',
          '--print-freq', '0']
@@ -30,12 +34,16 @@ def test_the_list_and_the_ids(capsys):
 def test_every_entry_resolves_with_dry_run(entry_id, capsys):
     entry = load_catalogue()[entry_id]
     assert main([entry_id, '--dry-run', '--data-path', '/data']) == 0
-    command, config = capsys.readouterr().out.split('\n', 1)
+    out = capsys.readouterr().out
+    then = 'then: python -m tools.analyze ' + ' '.join(entry['analysis']) if 'analysis' in entry else 'then:'
+    assert out.rstrip().endswith(then) == ('analysis' in entry) and out.count('then:') == ('analysis' in entry)
+    command, config = out.removesuffix(then + '\n').split('\n', 1)
     assert command.startswith('scripts/train_with_MaxSup.sh -c ') and entry_id in command
     config = yaml.safe_load(config)
     recipe = yaml.safe_load((ROOT / entry['recipe']).read_text())
     flags = entry.get('flags', [])
-    assert config['model'] == recipe['model'] and config['data_path'] == '/data'
+    model = flags[flags.index('--model') + 1] if '--model' in flags else recipe['model']
+    assert config['model'] == model and config['data_path'] == '/data'
     assert config['loss'] == flags[flags.index('--loss') + 1]
     assert parse_args(['-c', str(ROOT / entry['recipe']), *map(str, flags)]).epochs == recipe['epochs']
 
@@ -55,7 +63,8 @@ def test_the_catalogue_names_bad_entries(tmp_path):
     ('lt-cifar10-r50-maxsup', lambda root: write_cifar10(root, per_class_train=200), []),  # many, medium and few
     ('cifar10c-resnet50-ls', write_cifar10, ['--model', 'resnet32_cifar']),
     ('cub-resnet50-maxsup', write_cub, ['--model', 'resnet18', '--input-size', '32']),
-    ('cars-resnet50-zipf', write_cars, ['--model', 'resnet18', '--input-size', '32'])])
+    ('cars-resnet50-zipf', write_cars, ['--model', 'resnet18', '--input-size', '32']),
+    ('cifar100-mobilenetv2-maxsup', write_cifar100, [])])
 def test_one_epoch_per_data_format_through_the_launcher(entry_id, write, shrink, tmp_path):
     write(tmp_path / 'data')
     if entry_id.startswith('cifar10c'):  # CIFAR-10-C beside the archive: 2 corruptions of the 30 test images
@@ -70,3 +79,54 @@ def test_one_epoch_per_data_format_through_the_launcher(entry_id, write, shrink,
     reported = load_catalogue()[entry_id]['reported']
     summary = r.stdout[r.stdout.index(f'{entry_id} ('):]
     assert all(f'reported {v:g}' in summary for v in reported.values()) and 'measured        -' not in summary
+
+
+def test_entries_without_a_filed_number_say_why_and_print_what_they_measured(capsys):
+    entries = load_catalogue()
+    unfiled = [e for e in entries.values() if not e['reported']]
+    assert {e['source'] for e in unfiled} >= {'paper, Table 4 (ImageNet)', 'paper, Table 4 (CIFAR-100)'}
+    assert main(['--list']) == 0
+    out = capsys.readouterr().out
+    assert all(f'{e["id"]}\n  {e["source"]}: {e["row"]}\n  reported: - ({e["note"]})' in out for e in unfiled)
+    assert comparison(unfiled[0], {'test_acc1': 71.25}) == ['  test_acc1          measured    71.25   reported not filed']
+
+
+@pytest.fixture(scope='module')
+def released_resnet50(tmp_path_factory):
+    """The ResNet-50 release's form: torchvision's resnet50 state_dict (a small head here)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp('release') / 'resnet50_maxsup.pth'
+    torch.save(torchvision.models.resnet50(num_classes=4).state_dict(), path)
+    return path
+
+
+def test_feature_entry_analyses_a_given_checkpoint(released_resnet50, tmp_path, capsys):
+    data = make_imagefolder(tmp_path / 'imagenet')
+    out = tmp_path / 'run'
+    assert main(['features-resnet50-maxsup', '--checkpoint', str(released_resnet50), '--data-path', str(data),
+                 '--output-dir', str(out), '--', '--max-samples', '8', '--input-size', '64', '--num-workers', '0']) == 0
+    table = json.loads((out / 'analysis' / 'features' / 'features.json').read_text())['features-resnet50-maxsup']
+    summary = capsys.readouterr().out.split('features-resnet50-maxsup (official README, Table 1')[1]
+    for split in ('train', 'val'):
+        for metric, reported in (('d_within', {'train': 0.2926, 'val': 0.2998}), ('r2', {'train': 0.5188,
+                                                                                         'val': 0.4972})):
+            line = f'  {metric + "_" + split:18s} measured {table[split][metric]:>8.4g}   reported {reported[split]:g}'
+            assert line in summary, summary
+    assert not (out / 'log.txt').exists()  # no training
+
+
+def test_transfer_entry_probes_the_cifar10_archive(released_resnet50, tmp_path, capsys):
+    write_cifar10(tmp_path / 'cifar')
+    out = tmp_path / 'run'
+    assert main(['transfer-resnet50-ls', '--checkpoint', str(released_resnet50), '--transfer-data',
+                 str(tmp_path / 'cifar'), '--output-dir', str(out), '--', '--input-size', '32',
+                 '--num-workers', '0']) == 0
+    probe = json.loads((out / 'analysis' / 'transfer' / 'transfer.json').read_text())['transfer-resnet50-ls']
+    assert probe['test_accuracy'] * 30 == pytest.approx(round(probe['test_accuracy'] * 30))  # of 30 test images
+    assert (f'  transfer_acc1      measured {100 * probe["test_accuracy"]:>8.4g}   reported 74.58'
+            in capsys.readouterr().out)
+
+
+def test_checkpoint_is_refused_for_an_entry_that_trains(released_resnet50, capsys):
+    assert main(['cub-resnet50-ls', '--checkpoint', str(released_resnet50)]) == 2
+    assert '--checkpoint is for analysis entries' in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
     python -m tools.analyze logits     --ckpt ce=a.pth --ckpt maxsup=b.pth --data-path /data/imagenet --out viz
     python -m tools.analyze features   --ckpt ... [--max-samples 10000]          # d_within, R^2 (Table 2)
-    python -m tools.analyze transfer   --ckpt ... --transfer-data /data/cifar10  # linear probe
+    python -m tools.analyze transfer   --ckpt ... --transfer-data /data/cifar10  # linear probe (an ImageFolder,
+                                       [--transfer-set CIFAR10|CIFAR100]         # or the python archive)
     python -m tools.analyze gradcam    --ckpt ... [--num-images 6]               # Figure 3 grid
     python -m tools.analyze projection --ckpt ... --classes 0 1 2                # Mueller et al. 2019
     python -m tools.analyze cam-boxes  --ckpt ... --boxes LOC_val_solution.csv   # Grad-CAM vs boxes (Sec. 5.4)
@@ -79,11 +80,12 @@ def cmd_features(models, args, out: Path) -> dict:
 
 def cmd_transfer(models, args, out: Path) -> dict:
     if not args.transfer_data:
-        raise ValueError('transfer needs --transfer-data (an ImageFolder with train/ and val/)')
+        raise ValueError('transfer needs --transfer-data (an ImageFolder with train/ and val/, or with '
+                         '--transfer-set CIFAR10|CIFAR100 the python archive)')
     res = {}
     for name, model in models.items():
-        tr = outputs(model, args, 'train', data_set='FOLDER', data_path=args.transfer_data, name=name)
-        te = outputs(model, args, 'val', data_set='FOLDER', data_path=args.transfer_data, name=name)
+        tr, te = (outputs(model, args, split, data_set=args.transfer_set, data_path=args.transfer_data, name=name)
+                  for split in ('train', 'val'))
         res[name] = analysis.linear_probe(tr['features'].numpy(), tr['labels'].numpy(), te['features'].numpy(),
                                           te['labels'].numpy(), seed=args.seed)
     plots.bar_table({k: [100 * v['test_accuracy']] for k, v in res.items()}, 'linear-probe top-1 (%)',
@@ -187,6 +189,8 @@ def main(argv=None) -> int:
                     help='|z| below this counts as near zero (official viz/logits.py: 0.01; the official notebook '
                          "viz/logits_viz.ipynb's figures use 0.001 for most models)")
     ap.add_argument('--transfer-data', default=None)
+    ap.add_argument('--transfer-set', default='FOLDER', choices=('FOLDER', 'CIFAR10', 'CIFAR100'),
+                    help='transfer: what --transfer-data holds (CIFAR*: the python archive; the paper probes CIFAR-10)')
     ap.add_argument('--num-images', type=int, default=6)
     ap.add_argument('--boxes', default=None, help='cam-boxes: LOC_val_solution.csv or a folder of val XML files')
     ap.add_argument('--cam-target', choices=('label', 'prediction'), default='label',

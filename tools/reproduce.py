@@ -5,9 +5,14 @@ number its source reports.
     python -m tools.reproduce --list --ids             # the ids alone, one a line
     python -m tools.reproduce ID --dry-run             # the launcher's command and the resolved configuration
     python -m tools.reproduce ID --data-path PATH [--output-dir DIR] [-- deit.main flags]
+    python -m tools.reproduce ID --checkpoint CK --data-path PATH [-- tools.analyze flags]    # analysis entries
 
 A run goes through scripts/train_with_MaxSup.sh (NGPUS / NNODES as there), then prints each measured number
 beside the reported one. Flags after ``--`` override the entry's (e.g. a shorter run: ``-- --epochs 1``).
+An analysis entry (feature metrics, linear transfer) trains its checkpoint the same way, then runs
+``tools.analyze`` on it; with ``--checkpoint`` (e.g. a released one) it skips the training, and the flags after
+``--`` go to the analysis. An entry whose source number is not filed here runs the same and prints what it
+measured.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import yaml
 
 from data.cli import one_line_errors
 from deit.recipes import as_recipe, parse_args
+from tools import analyze
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE = ROOT / 'recipes' / 'catalogue.yaml'
@@ -30,12 +36,17 @@ CATALOGUE = ROOT / 'recipes' / 'catalogue.yaml'
 
 def load_catalogue(path: Path = CATALOGUE) -> dict[str, dict]:
     """id -> entry; an entry without its fields or with a repeated id is named."""
-    entries = (yaml.safe_load(path.read_text()) or {}).get('entries') or []
+    try:
+        entries = (yaml.safe_load(path.read_text()) or {}).get('entries') or []
+    except yaml.YAMLError as e:
+        raise ValueError(f'{path}: not YAML: {" ".join(str(e).split())}') from None
     out = {}
     for n, entry in enumerate(entries, 1):
         missing = {'id', 'source', 'row', 'reported', 'recipe', 'data'} - set(entry)
         if missing:
             raise ValueError(f'{path}: entry {n} ({entry.get("id", "no id")}) lacks {sorted(missing)}')
+        if not entry['reported'] and not entry.get('note'):
+            raise ValueError(f'{path}: entry {n} ({entry["id"]}) reports no number and has no note saying why')
         if entry['id'] in out:
             raise ValueError(f'{path}: id {entry["id"]} is given twice')
         out[entry['id']] = entry
@@ -58,32 +69,61 @@ def measured(record: dict, metric: str):
     return record.get(metric)
 
 
+def analysis_record(command: str, result: dict) -> dict:
+    """tools.analyze's JSON for one checkpoint as catalogue metrics: features -> d_within_<split>, r2_<split>;
+    transfer -> transfer_acc1 (percent, as the README's table)."""
+    (numbers,) = result.values()
+    if command == 'features':
+        return {f'{m}_{split}': numbers[split][m] for split in ('train', 'val') for m in ('d_within', 'r2')}
+    return {'transfer_acc1': 100 * numbers['test_accuracy']}
+
+
 def comparison(entry: dict, record: dict) -> list[str]:
-    """One line per reported metric: measured vs reported."""
+    """One line per reported metric: measured vs reported (top-1 alone where the number is not filed)."""
     lines = []
-    for metric, value in entry['reported'].items():
+    for metric, value in (entry['reported'] or {'test_acc1': None}).items():
         got = measured(record, metric)
-        lines.append(f'  {metric:18s} measured {"-" if got is None else f"{got:.4g}":>8s}   reported {value:g}')
+        lines.append(f'  {metric:18s} measured {"-" if got is None else f"{got:.4g}":>8s}   reported '
+                     f'{"not filed" if value is None else f"{value:g}"}')
     return lines
 
 
 def list_entries(entries: dict[str, dict]) -> None:
     for entry in entries.values():
-        numbers = ', '.join(f'{k} {v:g}' for k, v in entry['reported'].items())
+        numbers = ', '.join(f'{k} {v:g}' for k, v in entry['reported'].items()) or f'- ({entry["note"]})'
+        command = f'python -m tools.reproduce {entry["id"]} --data-path PATH'
+        if 'analysis' in entry:
+            command += f'  (or --checkpoint CK{" --transfer-data CIFAR" if entry["analysis"][0] == "transfer" else ""})'
         print(f'{entry["id"]}\n  {entry["source"]}: {entry["row"]}\n  reported: {numbers}\n  data: {entry["data"]}\n'
-              f'  command: python -m tools.reproduce {entry["id"]} --data-path PATH')
+              f'  command: {command}')
 
 
-def run(entry: dict, argv: list[str], output_dir: str) -> int:
-    """The entry through the usual launcher; then measured vs reported from its log."""
+def report(entry: dict, record: dict, where: str) -> None:
+    print(f'{entry["id"]} ({entry["source"]}: {entry["row"]}), {where}:')
+    print('\n'.join(comparison(entry, record)))
+
+
+def train(entry: dict, argv: list[str], output_dir: str) -> tuple[int, dict | None]:
+    """The entry through the usual launcher: its exit code and the last evaluated record of its log."""
     code = subprocess.call(['bash', str(ROOT / 'scripts' / 'train_with_MaxSup.sh'), *argv], cwd=ROOT,
                            env={**os.environ, 'PYTHON': os.environ.get('PYTHON', sys.executable)})
     log = Path(output_dir) / 'log.txt'
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
     evaluated = [r for r in records if 'test_acc1' in r]
-    if evaluated:
-        print(f'{entry["id"]} ({entry["source"]}: {entry["row"]}), epoch {evaluated[-1]["epoch"]}:')
-        print('\n'.join(comparison(entry, evaluated[-1])))
+    return code, evaluated[-1] if evaluated else None
+
+
+def run_analysis(entry: dict, checkpoint: str, data_path: str | None, transfer_data: str | None,
+                 output_dir: str, extra: list[str]) -> int:
+    """tools.analyze on one checkpoint with the entry's command and flags; then measured vs reported."""
+    command, *flags = entry['analysis']
+    argv = [command, '--ckpt', f'{entry["id"]}={checkpoint}', '--out', str(Path(output_dir) / 'analysis'), *flags]
+    argv += ['--data-path', data_path] if data_path else []
+    argv += ['--transfer-data', transfer_data] if transfer_data else []
+    code = analyze.main(argv + extra)
+    if code == 0:
+        result = json.loads((Path(output_dir) / 'analysis' / command / f'{command}.json').read_text())
+        report(entry, analysis_record(command, result), f'analysis of {checkpoint}')
     return code
 
 
@@ -98,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument('--dry-run', action='store_true', help="print the command and the resolved configuration")
     ap.add_argument('--data-path', default=None)
     ap.add_argument('--output-dir', default=None, help='default: output/reproduce/<id>')
+    ap.add_argument('--checkpoint', default=None, help='analysis entries: analyse this checkpoint, no training')
+    ap.add_argument('--transfer-data', default=None, help='transfer entries: the CIFAR-10 python archive')
     args = ap.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
     entries = load_catalogue()
     if args.list and args.ids:
@@ -109,13 +151,25 @@ def main(argv=None) -> int:
     if args.id not in entries:
         raise ValueError(f'unknown id {args.id!r}: python -m tools.reproduce --list --ids lists them')
     entry = entries[args.id]
+    if args.checkpoint and 'analysis' not in entry:
+        raise ValueError(f'{args.id} trains and evaluates; --checkpoint is for analysis entries (--list says which)')
     output_dir = args.output_dir or f'output/reproduce/{args.id}'
-    train = trainer_argv(entry, args.data_path, output_dir, extra)
+    argv = trainer_argv(entry, args.data_path, output_dir, [] if args.checkpoint else extra)
     if args.dry_run:
-        print('scripts/train_with_MaxSup.sh ' + shlex.join(train))
-        print(yaml.safe_dump(as_recipe(parse_args(train)), sort_keys=True), end='')
+        print('scripts/train_with_MaxSup.sh ' + shlex.join(argv))
+        print(yaml.safe_dump(as_recipe(parse_args(argv)), sort_keys=True), end='')
+        if 'analysis' in entry:
+            print('then: python -m tools.analyze ' + shlex.join(entry['analysis']))
         return 0
-    return run(entry, train, output_dir)
+    if args.checkpoint:
+        return run_analysis(entry, args.checkpoint, args.data_path, args.transfer_data, output_dir, extra)
+    code, record = train(entry, argv, output_dir)
+    if 'analysis' in entry:
+        return code or run_analysis(entry, str(Path(output_dir) / 'checkpoint.pth'), args.data_path,
+                                    args.transfer_data, output_dir, [])
+    if record is not None:
+        report(entry, record, f'epoch {record["epoch"]}')
+    return code
 
 
 if __name__ == '__main__':
