@@ -151,15 +151,21 @@ class ZipfLabelSmoothing(nn.Module):
 
         L = CE(z, y) + weight * KL
 
-    Soft targets (Mixup): CE against t, and the excluded (target) class is argmax(t). The authors' ``--dense``
-    variant ranks by votes of per-location predictions of a CNN feature map and is not reproduced here.
+    Soft targets (Mixup): CE against t, and the excluded (target) class is argmax(t).
+
+    ``dense`` is the authors' ``--dense`` (their README's runs): the classes are ranked by votes instead of
+    logits, one vote per location of the CNN's last feature map, for the class the classifier predicts there
+    (``gen_pdf``: counts of the per-location argmax, then the same ``rankdata``). :func:`attach_dense_votes`
+    collects the votes of each training forward into ``votes``; each loss call consumes them.
     """
 
-    def __init__(self, weight: float = 1.0, power: float = 1.0, loss_mask: bool = False, validate: bool = True):
+    def __init__(self, weight: float = 1.0, power: float = 1.0, loss_mask: bool = False, dense: bool = False,
+                 validate: bool = True):
         super().__init__()
         if weight < 0 or power <= 0:
             raise ValueError(f'Zipf LS needs weight >= 0 and power > 0, got weight={weight}, power={power}')
         self.weight, self.power, self.loss_mask, self.validate = float(weight), float(power), loss_mask, validate
+        self.dense, self.votes = dense, None
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         validate_inputs(self, logits, target, 'ZipfLabelSmoothing')
@@ -167,7 +173,7 @@ class ZipfLabelSmoothing(nn.Module):
         labels = target if target.dim() == 1 else target.argmax(1)
         is_gt = F.one_hot(labels, z.shape[1]).bool()
         with torch.no_grad():
-            neg = -z
+            neg = -self._take_votes(z) if self.dense else -z
             rank = torch.searchsorted(neg.sort(dim=1).values.contiguous(), neg.contiguous()) + 1  # method='min'
             q = rank.double().pow(-self.power).masked_fill(is_gt, 0.0)
             q = (q / q.sum(1, keepdim=True)).float()
@@ -180,7 +186,38 @@ class ZipfLabelSmoothing(nn.Module):
             kl_term = kl.mean()
         return _cross_entropy(z, target).mean() + self.weight * kl_term
 
+    def _take_votes(self, z: Tensor) -> Tensor:
+        votes, self.votes = self.votes, None
+        if votes is None or votes.shape != z.shape:
+            raise RuntimeError(f'Zipf LS --zipf-dense: no votes of this batch ({tuple(z.shape)} logits, votes '
+                               f'{None if votes is None else tuple(votes.shape)}): attach_dense_votes must hook the '
+                               f'model whose logits these are, and each training forward needs its loss call')
+        return votes
+
     def extra_repr(self) -> str:
-        return f'weight={self.weight}, power={self.power}, loss_mask={self.loss_mask}'
+        return (f'weight={self.weight}, power={self.power}, loss_mask={self.loss_mask}'
+                f'{", dense voting" if self.dense else ""}')
+
+
+def attach_dense_votes(model: nn.Module, zipf: ZipfLabelSmoothing):
+    """Zipf LS's dense voting: in training forwards, the classifier is applied at every location of the feature
+    map that ``model.global_pool`` pools (the authors apply their fc to the last feature map of a ResNet,
+    DenseNet or MobileNet the same way), and the per-location argmax classes are counted into ``zipf.votes``
+    (N x K). Models whose pooled features do not go straight to the classifier (a ViT's tokens; ConvNeXt's
+    norm after pooling) are refused. Returns the hook's handle."""
+    pool = getattr(model, 'global_pool', None)
+    classifier = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    if not isinstance(pool, nn.Module) or not isinstance(classifier, nn.Linear):
+        raise ValueError(f'--zipf-dense votes with the classifier at each location of a CNN\'s last feature map; '
+                         f'{type(model).__name__} has no global_pool module feeding a linear classifier')
+
+    def vote(module, inputs, output):
+        if module.training:
+            with torch.no_grad():
+                picks = classifier(inputs[0].flatten(2).transpose(1, 2)).argmax(-1)  # N x HW
+                zipf.votes = torch.zeros(picks.shape[0], classifier.out_features, device=picks.device).scatter_add_(
+                    1, picks, torch.ones(picks.shape, device=picks.device))
+
+    return pool.register_forward_hook(vote)
 
 

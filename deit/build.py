@@ -22,6 +22,7 @@ from deit.datasets import device_rand_augment, mixup_active, normalization
 from deit.device_aug import DeviceBatches
 from deit.device_decode import DeviceDecoder, collate_encoded
 from deit.engine import LossScaler
+from deit.baselines import attach_dense_votes
 from deit.criterion import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
 from deit.preemption import WorkerSignals
@@ -170,10 +171,13 @@ def build_model(cfg, nb_classes: int, device) -> torch.nn.Module:
     return model.to(device)
 
 
-def setup_criterion(cfg, nb_classes: int, mixup_fn, device):
-    """deit.criterion.build_criterion with the distillation teacher loaded; printed and moved to ``device``."""
+def setup_criterion(cfg, nb_classes: int, mixup_fn, device, model: torch.nn.Module | None = None):
+    """deit.criterion.build_criterion with the distillation teacher loaded; printed and moved to ``device``.
+    Zipf LS with dense voting gets its votes from ``model``'s training forwards."""
     teacher = load_teacher(cfg, nb_classes, device) if cfg.distillation_type != 'none' else None
     criterion, base, schedule = build_criterion(cfg, nb_classes, mixup_fn is not None, teacher)
+    if getattr(base, 'dense', False):
+        attach_dense_votes(model, base)
     print(f'criterion: {base}' + (f', {schedule}' if schedule else ''))
     return criterion.to(device), base, schedule
 

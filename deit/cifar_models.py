@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import timm
 import torch.nn.functional as F
+from timm.layers import SelectAdaptivePool2d
 from timm.models import register_model
 from torch import nn
 
@@ -54,6 +55,7 @@ class CifarResNet(nn.Module):
             cin = width
         self.layers = nn.Sequential(*layers)
         self.num_features = cin
+        self.global_pool = SelectAdaptivePool2d(pool_type='avg', flatten=True)  # timm's name and module
         self.fc = nn.Linear(cin, num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -62,8 +64,11 @@ class CifarResNet(nn.Module):
     def forward_features(self, x):
         return self.layers(F.relu(self.bn1(self.conv1(x))))
 
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
     def forward_head(self, x, pre_logits: bool = False):
-        x = x.mean((2, 3))
+        x = self.global_pool(x)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x):

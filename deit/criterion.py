@@ -119,14 +119,17 @@ LOSS_REGISTRY: dict[str, LossSpec] = {
     'ols': LossSpec(OnlineLabelSmoothing, lambda cls, o: cls(o['nb_classes'], a=o['ols_a'], smoothing=o['alpha']),
                     (LossOption('--ols-a', 'ols_a', 'a', 'OLS: weight of the hard-label CE'),)),
     'zipf': LossSpec(ZipfLabelSmoothing, lambda cls, o: cls(o['zipf_weight'], o['zipf_power'],
-                                                            loss_mask=o['zipf_loss_mask']),
+                                                            loss_mask=o['zipf_loss_mask'], dense=o['zipf_dense']),
                      (LossOption('--zipf-weight', 'zipf_weight', 'weight',
                                  "Zipf LS: weight of the KL term (the authors' loss_lambda; its default in their "
-                                 "train.py; their README's runs use 0.1 with --dense voting, not reproduced here)"),
+                                 "train.py; their README's runs use 0.1 with --zipf-dense)"),
                       LossOption('--zipf-power', 'zipf_power', 'power', 'Zipf LS: exponent of the rank law'),
                       LossOption('--zipf-loss-mask', 'zipf_loss_mask', 'loss_mask',
                                  "Zipf LS term on correctly classified samples only (the authors' --mask; off, "
-                                 "as theirs)"))),
+                                 "as theirs)"),
+                      LossOption('--zipf-dense', 'zipf_dense', 'dense',
+                                 "Zipf LS ranks by dense votes: the classifier at each location of a CNN's last "
+                                 "feature map (the authors' --dense, used in their README's runs)"))),
     'logit_penalty': LossSpec(LogitPenaltyLoss, lambda cls, o: cls(o['logit_penalty_beta']),
                               (LossOption('--logit-penalty-beta', 'logit_penalty_beta', 'beta',
                                           'logit penalty: beta / 2 * sum z^2'),)),

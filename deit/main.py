@@ -117,7 +117,7 @@ def execute(args, cfg: RunConfig, dataset_train, dataset_val, cleanup: contextli
 def build_run(cfg: RunConfig, data: Data, device: torch.device, amp: bool) -> Run:
     """Model, criterion, optimisation and the training state around them (before DDP and the EMA)."""
     model = build_model(cfg, data.nb_classes, device)
-    criterion, base_criterion, schedule = setup_criterion(cfg, data.nb_classes, data.mixup_fn, device)
+    criterion, base_criterion, schedule = setup_criterion(cfg, data.nb_classes, data.mixup_fn, device, model)
     optimizer, lr_scheduler = build_optimization(cfg, model)
     dtype = amp_dtype(cfg, device)
     state = TrainingState(model, optimizer, lr_scheduler, loss_scaler(device, amp, dtype), base_criterion,

@@ -4,12 +4,14 @@ from argparse import Namespace
 
 import pytest
 import torch
+import timm
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-from deit.baselines import LogitPenaltyLoss, OnlineLabelSmoothing, ZipfLabelSmoothing
+from deit.baselines import attach_dense_votes, LogitPenaltyLoss, OnlineLabelSmoothing, ZipfLabelSmoothing
 
+from deit.cifar_models import resnet32_cifar
 from deit.criterion import AlphaSchedule, create_criterion, DistillationLoss, LOSSES
 
 from deit.losses import LabelSmoothingLoss, LabelSmoothingPartLoss, ls_decomposition, MaxSupLoss, MaxSupLossReference
@@ -250,13 +252,17 @@ def test_ols_accumulates_correct_samples_and_swaps_at_epoch_end():
     assert torch.allclose(ols(z, F.one_hot(y, K).float()), ols(z, y), atol=1e-6)
 
 
-def _official_zipf_term(logits, labels, power=1.0, loss_mask=False):
+def _official_zipf_term(logits, labels, power=1.0, loss_mask=False, dense_argmax=None):
     """Transcription of megvii-research/zipfls pytorch_zipfls/losses.py: gen_pdf (hard rank, 'rank_zipf',
-    with_target=False) + kl_loss, on CPU."""
+    with_target=False; with ``dense_argmax`` its dense branch, which ranks vote counts) + kl_loss, on CPU."""
     from scipy.stats import rankdata
     n, c = logits.shape
     mask = torch.ones_like(logits).scatter_(1, labels.unsqueeze(1), 0.)
-    rank = rankdata(-logits.detach().numpy(), axis=1, method='min')
+    ranked = logits.detach()
+    if dense_argmax is not None:
+        scores = torch.zeros([n, max(c, dense_argmax.shape[1])])
+        ranked = scores.scatter_add(1, dense_argmax, torch.ones_like(scores))[:, :c]
+    rank = rankdata(-ranked.numpy(), axis=1, method='min')
     dist = (1 / rank) ** power
     dist = dist[mask.bool().numpy()].reshape((n, c - 1))
     pdf = torch.Tensor(dist / dist.sum(axis=1, keepdims=True))
@@ -284,6 +290,34 @@ def test_zipf_matches_the_authors_formula_values_and_gradients(power, loss_mask)
     ours.backward()
     ref.backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+def test_zipf_dense_votes_match_the_authors_dense_branch():
+    """--zipf-dense: the classes are ranked by the votes of the classifier at each location of the last feature
+    map, computed as the authors' train forward does (their fc on every location, argmax per location)."""
+    torch.manual_seed(0)
+    model = resnet32_cifar(num_classes=10).train()
+    zipf = ZipfLabelSmoothing(weight=0.5, dense=True)
+    handle = attach_dense_votes(model, zipf)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    logits = model(x)
+    fmap = model.forward_features(x)  # train-mode BatchNorm: the same batch statistics, the same map
+    n, c, h, w = fmap.shape
+    dense_argmax = model.fc(fmap.permute(0, 2, 3, 1).reshape(n * h * w, c)).reshape(n, h * w, -1).argmax(axis=2)
+    assert torch.equal(zipf.votes.sum(1), torch.full((6,), 64.0))  # 8 x 8 locations
+    ours = zipf(logits, y)
+    ref = F.cross_entropy(logits, y) + 0.5 * _official_zipf_term(logits, y, dense_argmax=dense_argmax)
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-5)
+    assert ours.item() != pytest.approx(ZipfLabelSmoothing(weight=0.5)(logits, y).item(), abs=1e-4)  # not logits
+    assert zipf.votes is None  # each loss call consumes its batch's votes
+    with pytest.raises(RuntimeError, match='no votes of this batch'):
+        zipf(logits, y)
+    model.eval()
+    model(x)
+    assert zipf.votes is None  # evaluation forwards do not vote
+    handle.remove()
+    with pytest.raises(ValueError, match='VisionTransformer has no global_pool module'):
+        attach_dense_votes(timm.create_model('deit_tiny_patch16_224', num_classes=10), zipf)
 
 
 def test_zipf_ranks_include_the_target_class():

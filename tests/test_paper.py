@@ -155,3 +155,15 @@ def test_torchvision_recipes_decay_every_parameter_at_their_own_lr(recipe, model
     assert [g['weight_decay'] for g in optimizer.param_groups] == [weight_decay]
     assert sum(p.numel() for p in optimizer.param_groups[0]['params']) == sum(p.numel() for p in built.parameters())
     assert optimizer.param_groups[0]['nesterov'] is False and optimizer.param_groups[0]['lr'] == pytest.approx(lr)
+
+
+def test_zipf_dense_trains_a_cnn_and_refuses_a_vit_in_one_line(tmp_path, capsys):
+    from deit.main import cli
+    flags = [*TINY, '--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '3', '--mixup', '0',
+             '--cutmix', '0', '--loss', 'zipf', '--zipf-dense', '--zipf-weight', '0.1']
+    assert cli([*flags, '--model', 'resnet32_cifar', '--output_dir', str(tmp_path / 'cnn')]) == 0
+    assert 'criterion: ZipfLabelSmoothing(weight=0.1, power=1.0, loss_mask=False, dense voting)' in capsys.readouterr().out
+    assert cli([*flags, '--output_dir', str(tmp_path / 'vit')]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --zipf-dense votes with the classifier at each location of a CNN's last feature map; "
+        "VisionTransformer has no global_pool module feeding a linear classifier"]
