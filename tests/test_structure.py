@@ -6,7 +6,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.static
 
 PACKAGES = ('data', 'deit', 'tools', 'segmentation', 'benchmarks')
 LIBRARY = ('data', 'deit')  # the floors the rest builds on
