@@ -1,5 +1,6 @@
 """Small copies of outside data sets in their real on-disk formats, written the way their releases lay them
-out: the CIFAR-10 and CIFAR-100 python archives, CUB-200-2011's tables and the Stanford Cars devkit's MATLAB annotations."""
+out: the CIFAR-10 and CIFAR-100 python archives, CUB-200-2011's tables and the Stanford Cars devkit's MATLAB
+annotations."""
 from __future__ import annotations
 
 import pickle

@@ -164,12 +164,43 @@ def test_expand_nodelist_rejects_malformed(bad):
         du.expand_nodelist(bad)
 
 
-def test_first_host_prefers_scontrol(tmp_path, monkeypatch):
+def test_expand_nodelist_skips_empty_items_and_names_the_whole_list_when_it_fails():
+    assert du.expand_nodelist('a1,,b[2-3]') == ['a1', 'b2', 'b3']
+    with pytest.raises(ValueError, match=r"node list 'c1,a\[x-2\]': bad range 'x-2'"):
+        du.expand_nodelist('c1,a[x-2]')
+    with pytest.raises(ValueError, match='unbalanced brackets'):  # nested groups are not SLURM's syntax
+        du.expand_nodelist('a[[1-2]]')
+
+
+def _fake_scontrol(tmp_path, monkeypatch, script: str) -> None:
     fake = tmp_path / 'scontrol'
-    fake.write_text('#!/bin/sh\necho "from-scontrol-$3"\necho other\n')
+    fake.write_text('#!/bin/sh\n' + script)
     fake.chmod(0o755)
     monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
+
+
+def test_first_host_prefers_scontrol(tmp_path, monkeypatch):
+    # answers only `scontrol show hostnames LIST`, as the real one does
+    _fake_scontrol(tmp_path, monkeypatch, '[ "$1 $2" = "show hostnames" ] || exit 3\necho "from-scontrol-$3"\n'
+                                          'echo other\n')
     assert du.first_host('weird[1-2]') == 'from-scontrol-weird[1-2]'
+
+
+def test_first_host_does_not_trust_a_failed_scontrol(tmp_path, monkeypatch):
+    _fake_scontrol(tmp_path, monkeypatch, 'echo "error-text"\nexit 1\n')
+    assert du.first_host('node[3-4]') == 'node3'  # our parser's answer, not the failed command's output
+
+
+def test_first_host_bounds_a_hanging_scontrol(monkeypatch):
+    calls = []
+
+    def hanging(cmd, **kw):
+        calls.append(kw.get('timeout'))
+        raise subprocess.TimeoutExpired(cmd, kw.get('timeout'))
+    monkeypatch.setattr(du.shutil, 'which', lambda name: '/usr/bin/scontrol')
+    monkeypatch.setattr(du.subprocess, 'run', hanging)
+    assert du.first_host('node[5-6]') == 'node5'
+    assert calls and calls[0] is not None and 0 < calls[0] <= 30
 
 
 def test_slurm_variables_outside_a_job_step_run_single_process(capsys):

@@ -17,7 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 import data.decode as decode
-from data.build_zip_cache import build
+from data.build_zip_cache import build, entries_from_map, scan_flat_val, shrink
 from data.decode import CorruptImageError, LazyJpeg, decode_image, read_image_file
 from data.skip import collate_skip_bad
 from data.zip_cache import ZipImageDataset
@@ -27,7 +27,8 @@ from deit.datasets import build_transform, device_rand_augment
 from deit.device_aug import _OPS, DeviceBatches
 from deit.device_decode import DeviceDecoder, collate_encoded
 from deit.transforms import DraftRandomResizedCrop, EncodedImage
-from tests.conftest import TINY, checksums, make_imagefolder, run_module
+from data.zip_index import CacheError
+from tests.conftest import TINY, checksums, make_image, make_imagefolder, run_module
 
 
 def photo(w: int, h: int, quality: int = 90) -> bytes:
@@ -181,6 +182,58 @@ def test_build_cache_max_size_downscales_large_images_only(tmp_path):
     big.write_bytes(b'not a jpeg')
     with pytest.raises(Exception, match=r'big\.jpg: cannot decode image for --max-size'):
         build(src, tmp_path / 'out2', max_size=500)
+
+
+def _png(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, 'PNG')
+    return out.getvalue()
+
+
+def test_shrink_keeps_the_limit_size_and_reencodes_with_the_area_filter_at_the_quality_asked(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 256, (64, 96), dtype=np.uint8)  # grey noise: no chroma loss
+    noise = Image.fromarray(grey).convert('RGB')
+    at_limit = _png(noise)
+    assert shrink(at_limit, tmp_path / 'a.png', 96, 90) == at_limit  # a longer side of max_size: byte for byte
+    out = Image.open(io.BytesIO(shrink(at_limit, tmp_path / 'a.png', 48, 100)))
+    assert out.format == 'JPEG' and out.size == (48, 32)
+    reference = io.BytesIO()
+    noise.resize((48, 32), Image.BOX).save(reference, 'JPEG', quality=100)
+    assert out.quantization == Image.open(reference).quantization  # quality 100's tables
+    got = np.asarray(out, np.float32)
+    box = np.asarray(noise.resize((48, 32), Image.BOX), np.float32)
+    bicubic = np.asarray(noise.resize((48, 32), Image.BICUBIC), np.float32)
+    assert np.abs(got - box).mean() < 2 < 5 < np.abs(got - bicubic).mean()  # the area filter, not the default
+    rgba = Image.new('RGBA', (80, 40), (200, 10, 10, 128))
+    assert Image.open(io.BytesIO(shrink(_png(rgba), tmp_path / 'b.png', 40, 90))).mode == 'RGB'
+    for size, expect in (((400, 2), (100, 1)), ((2, 400), (1, 100))):  # a side never rounds to 0, nor up to 2
+        thin = _png(Image.new('RGB', size, (9, 9, 9)))
+        assert Image.open(io.BytesIO(shrink(thin, tmp_path / 'c.png', 100, 90))).size == expect
+
+
+def test_official_map_listing_an_image_twice_is_refused_naming_the_line(tmp_path):
+    split = make_imagefolder(tmp_path / 'src', n_classes=2, n_train=2, n_val=1)
+    (tmp_path / 'map.txt').write_text('class_0/000.jpg\t0\nclass_1/000.jpg\t1\nclass_0/000.jpg\t0\n')
+    with pytest.raises(CacheError, match=r"map\.txt:3: image 'class_0/000\.jpg' listed twice"):
+        entries_from_map(split / 'train', tmp_path / 'map.txt')
+
+
+def test_flat_val_labels_by_name_or_index_and_errors_naming_the_line(tmp_path):
+    val = tmp_path / 'val'
+    val.mkdir()
+    for i in range(3):
+        make_image(i, 0).save(val / f'v{i}.JPEG')
+    labels = tmp_path / 'labels.txt'
+    labels.write_text('v2.JPEG 2\nv0.JPEG b\nv1.JPEG 0\n')  # a class name or a label index
+    assert scan_flat_val(val, labels, ['a', 'b', 'c']) == [('v0.JPEG', 1), ('v1.JPEG', 0), ('v2.JPEG', 2)]
+    for text, message in (('v0.JPEG a\nv1.JPEG\n', r':2: expected "<image name> <class or label>", got '
+                                                    r"'v1\.JPEG\\n'"),
+                          ('v0.JPEG a\nv1.JPEG 3\n', r":2: unknown class '3'"),  # one past the last label
+                          ('v0.JPEG zebra\n', r":1: unknown class 'zebra'"),
+                          ('v0.JPEG a\nv9.JPEG a\n', r":2: image 'v9\.JPEG' not found in .*val")):
+        labels.write_text(text)
+        with pytest.raises(CacheError, match=r'labels\.txt' + message):
+            scan_flat_val(val, labels, ['a', 'b', 'c'])
 
 
 def test_lazy_dataset_skips_a_truncated_jpeg_found_inside_the_draft_crop(tmp_path):

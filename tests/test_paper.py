@@ -162,7 +162,8 @@ def test_zipf_dense_trains_a_cnn_and_refuses_a_vit_in_one_line(tmp_path, capsys)
     flags = [*TINY, '--data-set', 'DEMO', '--epochs', '1', '--max-steps-per-epoch', '3', '--mixup', '0',
              '--cutmix', '0', '--loss', 'zipf', '--zipf-dense', '--zipf-weight', '0.1']
     assert cli([*flags, '--model', 'resnet32_cifar', '--output_dir', str(tmp_path / 'cnn')]) == 0
-    assert 'criterion: ZipfLabelSmoothing(weight=0.1, power=1.0, loss_mask=False, dense voting)' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'criterion: ZipfLabelSmoothing(weight=0.1, power=1.0, loss_mask=False, dense voting)' in out
     assert cli([*flags, '--output_dir', str(tmp_path / 'vit')]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --zipf-dense votes with the classifier at each location of a CNN's last feature map; "

@@ -413,10 +413,49 @@ def test_gloo_interface_is_chosen_only_where_gloo_would_bind_loopback():
     assert du.interface_addresses().get('lo') == '127.0.0.1'  # the real table of this host
 
 
-def test_set_gloo_interface_exports_the_choice(monkeypatch):
+def test_gloo_interface_routes_to_the_masters_port_and_reads_nccl_lists_as_nccl_does():
+    addresses = {'lo': '127.0.0.1', 'ib0': '10.1.0.5', 'ib1': '10.2.0.5', 'eth0': '192.0.2.7'}
+    routed, source = [], ['10.1.0.5']
+    route = lambda host, port: routed.append((host, port)) or source[0]  # noqa: E731
+    choose = lambda env: du.gloo_interface(env, hostname_address=lambda: '127.0.1.1', route=route,  # noqa: E731
+                                           interfaces=lambda: addresses)
+    env = {'MASTER_ADDR': '10.1.0.1', 'MASTER_PORT': '29600'}
+    assert choose(env) == 'ib0' and routed == [('10.1.0.1', 29600)]
+    assert choose({'MASTER_ADDR': '10.1.0.1'}) == 'ib0' and routed[-1] == ('10.1.0.1', 29500)  # torch's default
+    assert choose({**env, 'NCCL_SOCKET_IFNAME': 'xx,ib1'}) == 'ib1'  # a comma list of prefixes
+    assert choose({**env, 'NCCL_SOCKET_IFNAME': '^docker,eth'}) == 'ib0'  # '^' excludes the whole list
+    assert choose({**env, 'NCCL_SOCKET_IFNAME': '=ib1,eth0'}) == 'ib0'  # '=' exact names: left to the route
+    source[0] = '10.9.9.9'
+    assert choose(env) is None  # no interface of this host has the routed address
+
+
+def test_route_source_address_asks_the_kernel():
+    assert du.route_source_address('localhost', 9) == '127.0.0.1'
+
+
+def test_interface_addresses_skip_interfaces_without_ipv4(monkeypatch):
+    """SIOCGIFADDR answers a struct ifreq: the name, then a sockaddr_in whose address is at bytes 20-24."""
+    table = {b'lo': '127.0.0.1', b'ib0': '10.1.0.5'}
+
+    def ioctl(fd, request, ifreq):
+        name = ifreq.rstrip(b'\0')
+        if request != 0x8915 or name not in table:
+            raise OSError(99, 'Cannot assign requested address')
+        return ifreq[:20] + du.socket.inet_aton(table[name]) + ifreq[24:]
+    monkeypatch.setattr(du.socket, 'if_nameindex', lambda: [(1, 'lo'), (2, 'noip0'), (3, 'ib0')])
+    monkeypatch.setattr(du.fcntl, 'ioctl', ioctl)
+    assert du.interface_addresses() == {'lo': '127.0.0.1', 'ib0': '10.1.0.5'}
+
+
+def test_set_gloo_interface_exports_the_choice(monkeypatch, capsys):
     monkeypatch.setattr(du, 'gloo_interface', lambda env: 'ib0')
     env = {}
     assert du.set_gloo_interface(env) == 'ib0' and env == {'GLOO_SOCKET_IFNAME': 'ib0'}
+    assert capsys.readouterr().out == ("gloo: this host's name resolves to a loopback address; using interface ib0 "
+                                       "(set GLOO_SOCKET_IFNAME to choose another)\n")
+    monkeypatch.setattr(du, 'gloo_interface', lambda env: None)
+    env = {}
+    assert du.set_gloo_interface(env) is None and env == {} and capsys.readouterr().out == ''
 
 
 def test_segmentation_launcher_refuses_multi_node_without_rendezvous():

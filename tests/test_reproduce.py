@@ -88,7 +88,8 @@ def test_entries_without_a_filed_number_say_why_and_print_what_they_measured(cap
     assert main(['--list']) == 0
     out = capsys.readouterr().out
     assert all(f'{e["id"]}\n  {e["source"]}: {e["row"]}\n  reported: - ({e["note"]})' in out for e in unfiled)
-    assert comparison(unfiled[0], {'test_acc1': 71.25}) == ['  test_acc1          measured    71.25   reported not filed']
+    assert comparison(unfiled[0], {'test_acc1': 71.25}) == [
+        '  test_acc1          measured    71.25   reported not filed']
 
 
 @pytest.fixture(scope='module')

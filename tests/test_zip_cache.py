@@ -360,6 +360,74 @@ def test_zip64_member_past_4gb_parses_as_zipfile_does(tmp_path):
         assert [ds.read_bytes(i) for i in range(len(ds))] == [zf.read(n) for n in want]
 
 
+def _names(table: dict) -> list[str]:
+    blob, starts = table['name_blob'], table['name_starts']
+    return [bytes(blob[starts[k]:starts[k + 1] - 1]).decode('utf-8') for k in range(len(starts) - 1)]
+
+
+def test_zip64_extra_field_after_other_extra_fields():
+    """The ZIP64 field (tag 1) holds only the header fields that read 0xFFFFFFFF, in the order uncompressed size,
+    compressed size, offset; other tools put their fields (timestamps 0x5455, Unix ids 0x7875, padding) before it."""
+    from data.zip_index import _zip64_extra
+    U32 = 0xFFFFFFFF
+    timestamp = struct.pack('<HHB', 0x5455, 5, 3) + struct.pack('<I', 1_700_000_000)
+    ids = struct.pack('<HHBBB', 0x7875, 3, 1, 1, 0)[:7]  # 7 bytes: a header of length 3
+    zip64 = struct.pack('<HHQQ', 1, 16, 6 << 30, 7 << 30)
+    assert _zip64_extra(timestamp + ids + zip64, U32, 100, U32) == (6 << 30, 100, 7 << 30)
+    assert _zip64_extra(zip64[:4] + struct.pack('<QQ', 5 << 30, 9 << 30), 10, U32, U32) == (10, 5 << 30, 9 << 30)
+    assert _zip64_extra(timestamp + ids, 10, 20, 30) == (10, 20, 30)  # no ZIP64 field: the header's values
+    padding = struct.pack('<HH', 0xCAFE, 0x8000) + bytes(0x8000)  # a field of 32 KiB (its length >= 2**15)
+    assert _zip64_extra(padding + zip64, U32, 100, U32) == (6 << 30, 100, 7 << 30)
+
+
+def _zip_with_names(path, raw_names: dict[bytes, bytes], flag_bits: int = 0) -> None:
+    """A zip written by zipfile with ASCII placeholder names, then the names' bytes replaced in the local and
+    central headers (how other tools store cp437 or mislabelled names); ``flag_bits`` is OR-ed into every
+    central record's general-purpose flags."""
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
+        for k, placeholder in enumerate(raw_names):
+            zf.writestr(placeholder.decode(), _jpeg(0, k))
+    data = bytearray(path.read_bytes())
+    for placeholder, raw in raw_names.items():
+        data = bytearray(bytes(data).replace(placeholder, raw))
+    at = data.find(b'PK\x01\x02')
+    while at >= 0:
+        flags = struct.unpack_from('<H', data, at + 8)[0]
+        struct.pack_into('<H', data, at + 8, flags | flag_bits)
+        at = data.find(b'PK\x01\x02', at + 4)
+    path.write_bytes(bytes(data))
+
+
+def test_member_names_cp437_without_the_utf8_flag_and_utf8_with_it(tmp_path):
+    from data.zip_index import read_central_directory
+    legacy = tmp_path / 'legacy.zip'  # cp437 (the zip default): 0x82 is e-acute; bit 0 set as some tools do
+    _zip_with_names(legacy, {b'n0/caf_.jpg': b'n0/caf\x82.jpg', b'n0/plain.jpg': b'n0/plain.jpg'}, flag_bits=1)
+    assert _names(read_central_directory(legacy)) == ['n0/caf\u00e9.jpg', 'n0/plain.jpg']
+    utf8 = tmp_path / 'utf8.zip'
+    with zipfile.ZipFile(utf8, 'w', zipfile.ZIP_STORED) as zf:  # zipfile sets the UTF-8 flag for such names
+        zf.writestr('n0/caf\u00e9.jpg', _jpeg(0, 0))
+        zf.writestr('n0/\u732b.jpg', _jpeg(0, 1))
+    assert _names(read_central_directory(utf8)) == ['n0/caf\u00e9.jpg', 'n0/\u732b.jpg']
+    liar = tmp_path / 'liar.zip'  # the UTF-8 flag set, the bytes latin-1
+    _zip_with_names(liar, {b'n0/caf_.jpg': b'n0/caf\xe9.jpg'}, flag_bits=0x800)
+    with pytest.raises(CacheError, match=r"liar\.zip: member 1 of the central directory: its name b'n0/caf\\xe9\.jpg' "
+                                         r"is not UTF-8 though its UTF-8 flag is set"):
+        read_central_directory(liar)
+
+
+def test_directory_entries_are_dropped_with_their_names(tmp_path):
+    """`zip -r train.zip train` (the official README's command) stores a record per folder."""
+    from data.zip_index import read_central_directory
+    zp = tmp_path / 'train.zip'
+    with zipfile.ZipFile(zp, 'w', zipfile.ZIP_STORED) as zf:
+        for name in ('train/', 'train/n0/', 'train/n0/a.jpg', 'train/n0/b.jpg', 'train/n1/', 'train/n1/c.jpg'):
+            zf.writestr(name, b'' if name.endswith('/') else _jpeg(0, len(name)))
+    table = read_central_directory(zp)
+    assert _names(table) == ['train/n0/a.jpg', 'train/n0/b.jpg', 'train/n1/c.jpg']
+    with zipfile.ZipFile(zp) as zf:
+        assert [zf.getinfo(n).file_size for n in _names(table)] == table['sizes'].tolist()
+
+
 # ---------------------------------------------------------------- label checks, defaults and edge cases users rely on
 def test_check_labels_names_what_is_wrong(tmp_path):
     with pytest.raises(CacheError, match=r'^m.txt: labels must cover 0..12; missing \[1, 2, 3, 4, 5, 6, 7, 8, 9, '
