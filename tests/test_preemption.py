@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -380,6 +381,59 @@ def test_no_flock_falls_back_to_an_exclusive_lock_file(code, tmp_path, monkeypat
     owner.write_text('host another-node, pid 1\n')  # cannot be checked from here
     with pytest.raises(rundir.RunDirLocked, match='delete .*lock.owner if that run is gone'):
         rundir.lock_run_dir(tmp_path)
+
+
+def test_lock_file_edge_cases(tmp_path, monkeypatch, capsys):
+    """Its mode; an empty owner line; a dead owner whose file another run removes first; a race lost twice; a
+    release after the file is gone; an owner pid of another user counts as alive."""
+    def no_flock(*a):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(rundir.fcntl, 'flock', no_flock)
+    owner = tmp_path / '.lock.owner'
+    old_umask = os.umask(0o022)
+    try:
+        lock = rundir.lock_run_dir(tmp_path)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(owner.stat().st_mode) == 0o644
+    owner.unlink()
+    rundir.release_run_dir(lock)  # already gone: nothing to do
+    owner.write_text('')  # another node's run between creating and writing the file
+    with pytest.raises(rundir.RunDirLocked, match=r'in use by a running training \(unknown owner, per '):
+        rundir.lock_run_dir(tmp_path)
+    owner.write_text(f'host {socket.gethostname()}, pid 999999999\n')
+
+    def dead_and_taken_over(pid):  # another run removes the dead owner's file first
+        owner.unlink()
+        return False
+    monkeypatch.setattr(rundir, '_alive', dead_and_taken_over)
+    rundir.release_run_dir(rundir.lock_run_dir(tmp_path))
+    monkeypatch.setattr(rundir, '_alive', lambda pid: False)
+    real_open = os.open
+
+    def always_taken(path, *a, **kw):  # every attempt finds a file again: the race is lost
+        if str(path).endswith('.lock.owner'):
+            Path(path).write_text(f'host {socket.gethostname()}, pid 999999999\n')
+            raise FileExistsError(path)
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(os, 'open', always_taken)
+    with pytest.raises(rundir.RunDirLocked, match=r'lock\.owner: another run took the lock at the same moment; '
+                                                  r'choose another --output_dir'):
+        rundir.lock_run_dir(tmp_path)
+    monkeypatch.undo()
+    assert rundir._alive(os.getpid()) and not rundir._alive(999999999)
+
+
+def test_an_owner_pid_of_another_user_is_alive(monkeypatch):
+    def eperm(pid, sig):
+        raise PermissionError(errno.EPERM, 'Operation not permitted')
+    monkeypatch.setattr(rundir.os, 'kill', eperm)
+    assert rundir._alive(1)
+
+
+def test_stdout_copy_is_stdout_for_everything_else():
+    copy = rundir.StdoutCopy()
+    assert copy.encoding == sys.stdout.encoding and copy.fileno == sys.stdout.fileno
 
 
 def test_a_flock_held_by_another_process_is_still_refused(tmp_path):
