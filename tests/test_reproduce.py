@@ -131,3 +131,20 @@ def test_transfer_entry_probes_the_cifar10_archive(released_resnet50, tmp_path, 
 def test_checkpoint_is_refused_for_an_entry_that_trains(released_resnet50, capsys):
     assert main(['cub-resnet50-ls', '--checkpoint', str(released_resnet50)]) == 2
     assert '--checkpoint is for analysis entries' in capsys.readouterr().err
+
+
+def test_figure_entry_draws_the_checkpoints_it_is_given_side_by_side(released_resnet50, tmp_path, capsys):
+    data = make_imagefolder(tmp_path / 'imagenet')
+    out = tmp_path / 'run'
+    assert main(['figure-logits-resnet50', '--data-path', str(data), '--output-dir', str(out)]) == 2
+    assert 'give them with --checkpoint NAME=CK' in capsys.readouterr().err
+    assert main(['figure-logits-resnet50', '--checkpoint', f'maxsup={released_resnet50}', f'ls={released_resnet50}',
+                 '--data-path', str(data), '--output-dir', str(out), '--', '--max-samples', '8', '--input-size', '64',
+                 '--num-workers', '0']) == 0
+    stats = json.loads((out / 'analysis' / 'logits' / 'logits.json').read_text())
+    assert sorted(stats) == ['ls', 'maxsup'] and (out / 'analysis' / 'logits' / 'logits.png').stat().st_size > 0
+    assert stats['ls']['threshold'] == 0.001  # the entry's threshold, the official notebook's
+    assert f'figure-logits-resnet50 (official README, Figure 3 (logit distribution, LS vs MaxSup)): {out}' in (
+        capsys.readouterr().out)
+    assert main(['features-resnet50-ls', '--checkpoint', 'a.pth', 'b.pth']) == 2
+    assert 'measures one model: give one --checkpoint' in capsys.readouterr().err

@@ -6,13 +6,14 @@ number its source reports.
     python -m tools.reproduce ID --dry-run             # the launcher's command and the resolved configuration
     python -m tools.reproduce ID --data-path PATH [--output-dir DIR] [-- deit.main flags]
     python -m tools.reproduce ID --checkpoint CK --data-path PATH [-- tools.analyze flags]    # analysis entries
+    python -m tools.reproduce ID --checkpoint maxsup=A ls=B --data-path PATH                  # figure entries
 
 A run goes through scripts/train_with_MaxSup.sh (NGPUS / NNODES as there), then prints each measured number
 beside the reported one. Flags after ``--`` override the entry's (e.g. a shorter run: ``-- --epochs 1``).
 An analysis entry (feature metrics, linear transfer) trains its checkpoint the same way, then runs
 ``tools.analyze`` on it; with ``--checkpoint`` (e.g. a released one) it skips the training, and the flags after
-``--`` go to the analysis. An entry whose source number is not filed here runs the same and prints what it
-measured.
+``--`` go to the analysis. A figure entry draws the checkpoints it is given side by side. An entry whose
+source number is not filed here runs the same and prints what it measured.
 """
 from __future__ import annotations
 
@@ -92,7 +93,9 @@ def list_entries(entries: dict[str, dict]) -> None:
     for entry in entries.values():
         numbers = ', '.join(f'{k} {v:g}' for k, v in entry['reported'].items()) or f'- ({entry["note"]})'
         command = f'python -m tools.reproduce {entry["id"]} --data-path PATH'
-        if 'analysis' in entry:
+        if entry.get('figure'):
+            command = f'python -m tools.reproduce {entry["id"]} --data-path PATH --checkpoint NAME=CK ...'
+        elif 'analysis' in entry:
             command += f'  (or --checkpoint CK{" --transfer-data CIFAR" if entry["analysis"][0] == "transfer" else ""})'
         print(f'{entry["id"]}\n  {entry["source"]}: {entry["row"]}\n  reported: {numbers}\n  data: {entry["data"]}\n'
               f'  command: {command}')
@@ -113,17 +116,21 @@ def train(entry: dict, argv: list[str], output_dir: str) -> tuple[int, dict | No
     return code, evaluated[-1] if evaluated else None
 
 
-def run_analysis(entry: dict, checkpoint: str, data_path: str | None, transfer_data: str | None,
+def run_analysis(entry: dict, checkpoints: list[str], data_path: str | None, transfer_data: str | None,
                  output_dir: str, extra: list[str]) -> int:
-    """tools.analyze on one checkpoint with the entry's command and flags; then measured vs reported."""
+    """tools.analyze with the entry's command and flags; then measured vs reported (a figure: where it is)."""
     command, *flags = entry['analysis']
-    argv = [command, '--ckpt', f'{entry["id"]}={checkpoint}', '--out', str(Path(output_dir) / 'analysis'), *flags]
+    named = [c if '=' in c else f'{entry["id"]}={c}' for c in checkpoints]
+    argv = [command, *(a for c in named for a in ('--ckpt', c)), '--out', str(Path(output_dir) / 'analysis'), *flags]
     argv += ['--data-path', data_path] if data_path else []
     argv += ['--transfer-data', transfer_data] if transfer_data else []
     code = analyze.main(argv + extra)
-    if code == 0:
+    if code == 0 and entry.get('figure'):
+        print(f'{entry["id"]} ({entry["source"]}): {Path(output_dir) / "analysis" / command}/ beside the source\'s '
+              f'figure')
+    elif code == 0:
         result = json.loads((Path(output_dir) / 'analysis' / command / f'{command}.json').read_text())
-        report(entry, analysis_record(command, result), f'analysis of {checkpoint}')
+        report(entry, analysis_record(command, result), f'analysis of {checkpoints[0]}')
     return code
 
 
@@ -138,7 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument('--dry-run', action='store_true', help="print the command and the resolved configuration")
     ap.add_argument('--data-path', default=None)
     ap.add_argument('--output-dir', default=None, help='default: output/reproduce/<id>')
-    ap.add_argument('--checkpoint', default=None, help='analysis entries: analyse this checkpoint, no training')
+    ap.add_argument('--checkpoint', nargs='+', default=None, metavar='[NAME=]CK',
+                    help='analysis entries: analyse this checkpoint (figures: one or more), no training')
     ap.add_argument('--transfer-data', default=None, help='transfer entries: the CIFAR-10 python archive')
     args = ap.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
     entries = load_catalogue()
@@ -153,6 +161,11 @@ def main(argv=None) -> int:
     entry = entries[args.id]
     if args.checkpoint and 'analysis' not in entry:
         raise ValueError(f'{args.id} trains and evaluates; --checkpoint is for analysis entries (--list says which)')
+    if entry.get('figure') and not (args.checkpoint or args.dry_run):
+        raise ValueError(f'{args.id} draws the models of a figure side by side: give them with --checkpoint '
+                         f'NAME=CK ... (e.g. maxsup=... ls=... baseline=...)')
+    if args.checkpoint and len(args.checkpoint) > 1 and not entry.get('figure'):
+        raise ValueError(f'{args.id} measures one model: give one --checkpoint')
     output_dir = args.output_dir or f'output/reproduce/{args.id}'
     argv = trainer_argv(entry, args.data_path, output_dir, [] if args.checkpoint else extra)
     if args.dry_run:
@@ -165,7 +178,7 @@ def main(argv=None) -> int:
         return run_analysis(entry, args.checkpoint, args.data_path, args.transfer_data, output_dir, extra)
     code, record = train(entry, argv, output_dir)
     if 'analysis' in entry:
-        return code or run_analysis(entry, str(Path(output_dir) / 'checkpoint.pth'), args.data_path,
+        return code or run_analysis(entry, [str(Path(output_dir) / 'checkpoint.pth')], args.data_path,
                                     args.transfer_data, output_dir, [])
     if record is not None:
         report(entry, record, f'epoch {record["epoch"]}')
