@@ -58,7 +58,8 @@ MUTANTS ?=
 mutation: setup setup-seg
 	$(PIP) install -r requirements/mutation.txt
 	set -f; OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m mutmut run --max-children $$(nproc) $(MUTANTS)
-	$(PY) -m tools.mutation_report --out docs/mutation.md --command "make mutation$(if $(MUTANTS), MUTANTS='$(MUTANTS)')"
+	$(PY) -m tools.mutation_report --out docs/mutation.md --previous docs/mutation.md \
+	    --command "make mutation$(if $(MUTANTS), MUTANTS='$(MUTANTS)')"
 
 clean:
 	rm -rf $(VENV) output .pytest_cache

@@ -212,3 +212,26 @@ def test_figures_show_their_numbers_from_zero(monkeypatch, tmp_path):
     table = {'m': {'train': {'d_within': 1e-4, 'r2': 0.9}, 'val': {'d_within': 2e-4, 'r2': 0.8}}}
     plots.feature_figure(table, tmp_path / 'f.png')
     assert [a.get_ylabel().split()[0] for a in figs[-1].axes] == ['d_within', 'R²']
+
+
+def test_mutation_report_scores_the_run_and_keeps_the_previous_table_for_modules_not_run(tmp_path, monkeypatch):
+    from tools import mutation_report
+    monkeypatch.setattr(mutation_report, 'MODULES', ('deit/a.py', 'data/b.py'))
+    (tmp_path / 'mutants' / 'deit').mkdir(parents=True)
+    (tmp_path / 'mutants' / 'data').mkdir()
+    codes = {'deit.a.x_f__mutmut_1': 1, 'deit.a.x_f__mutmut_2': 0, 'deit.a.x_f__mutmut_3': 1,
+             'deit.a.x_f__mutmut_4': -24, 'deit.a.x_f__mutmut_5': 0}
+    (tmp_path / 'mutants' / 'deit' / 'a.py.meta').write_text(json.dumps({'exit_code_by_key': codes}))
+    (tmp_path / 'mutants' / 'data' / 'b.py.meta').write_text(json.dumps({'exit_code_by_key': {'data.b.x_g__mutmut_1':
+                                                                                               None}}))
+    (tmp_path / 'eq.txt').write_text('deit.a.x_f__mutmut_5  the same bytes either way\n')
+    (tmp_path / 'old.md').write_text('# Mutation testing\n\n| module | mutants | score |\n|---|---|---|\n'
+                                     '| `data/b.py` | 9 | 100.0 % |\n\nScore = ...\n')
+    out = tmp_path / 'report.md'
+    assert mutation_report.main(['--mutants', str(tmp_path / 'mutants'), '--equivalent', str(tmp_path / 'eq.txt'),
+                                 '--out', str(out), '--previous', str(tmp_path / 'old.md')]) == 0
+    text = out.read_text()
+    assert '| `deit/a.py` | 5 | 3 | 1 | 0 | 0 | 1 | 75.0 % |' in text  # 3 killed (a timeout too) of 4
+    assert '| `data/b.py` | 1 | 0 | 0 | 0 | 1 | 0 | not run yet |' in text
+    assert '- `deit.a.x_f__mutmut_2 (survived)`' in text and '`deit.a.x_f__mutmut_5`: the same bytes' in text
+    assert text.split('## The previous report')[1].count('| `data/b.py` | 9 | 100.0 % |') == 1

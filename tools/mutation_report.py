@@ -72,7 +72,18 @@ def module_rows(mutants: Path, equivalent: dict) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict], equivalent: dict, command: str, max_survivors: int) -> str:
+def previous_table(text: str) -> list[str]:
+    """The score table of an earlier report (its first Markdown table, with its header)."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('| module |')), None)
+    if start is None:
+        return []
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith('|')), len(lines))
+    return lines[start:end]
+
+
+def render(rows: list[dict], equivalent: dict, command: str, max_survivors: int,
+           previous: list[str] | None = None) -> str:
     out = ['# Mutation testing', '', f'Produced by `{command}` (mutmut 3, `tools/mutation_report.py`).', '',
            WHY, '',
            '| module | mutants | killed | survived | no tests | not run | equivalent | score |',
@@ -88,6 +99,9 @@ def render(rows: list[dict], equivalent: dict, command: str, max_survivors: int)
     out += ['', 'Score = killed / (mutants - equivalent - not run); a timeout counts as killed. Results accumulate '
                 'in `mutants/` over runs: a mutant runs again when its function changes, or when named on the '
                 'command line (how survivors were re-checked after new tests).', '']
+    if previous and any(r.get('counted') == 0 for r in rows):
+        out += ['## The previous report', '', 'Modules not run this time ("not run yet" above) as the previous '
+                'report measured them, under the module names of its time:', '', *previous, '']
     for r in rows:
         if r.get('survivors'):
             out += [f'## Surviving mutants of `{r["module"]}`', '']
@@ -108,9 +122,12 @@ def main(argv=None) -> int:
     ap.add_argument('--out', type=Path, default=None)
     ap.add_argument('--command', default='make mutation')
     ap.add_argument('--survivors', type=int, default=40, help='survivors listed per module')
+    ap.add_argument('--previous', type=Path, default=None,
+                    help="an earlier report: its table is kept for the modules this run did not reach")
     a = ap.parse_args(argv)
     equivalent = load_equivalent(a.equivalent)
-    text = render(module_rows(a.mutants, equivalent), equivalent, a.command, a.survivors)
+    previous = previous_table(a.previous.read_text()) if a.previous and a.previous.is_file() else None
+    text = render(module_rows(a.mutants, equivalent), equivalent, a.command, a.survivors, previous)
     if a.out:
         a.out.write_text(text)
     print(text)
