@@ -462,7 +462,7 @@ def test_amp_autocast_and_gradient_clipping_reach_the_step(capsys):
             seen.append(torch.is_autocast_enabled('cpu'))
             return super().forward(x)
 
-    batches = [(torch.randn(2, 4) * 100, torch.tensor([0, 1]))]
+    batches = [(torch.randn(2, 4, generator=torch.Generator().manual_seed(0)) * 100, torch.tensor([0, 1]))]
     crit = lambda x, out, y: F.cross_entropy(out.float(), y)  # noqa: E731
     for amp in (True, False):
         m = Probe(4, 3)
@@ -471,8 +471,10 @@ def test_amp_autocast_and_gradient_clipping_reach_the_step(capsys):
     assert seen == [True, False]  # bf16 autocast on the CPU when asked for
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 3)
+    x = batches[0][0]
+    wrong = [(x, m(x).argmin(1).detach())]  # the least likely class: a large gradient, whatever the draw
     start = [p.detach().clone() for p in m.parameters()]
-    train_one_epoch(m, crit, batches, torch.optim.SGD(m.parameters(), lr=1.0), torch.device('cpu'), 0,
+    train_one_epoch(m, crit, wrong, torch.optim.SGD(m.parameters(), lr=1.0), torch.device('cpu'), 0,
                     LossScaler('cpu', False), max_norm=0.01, print_freq=0)
     step = torch.cat([(p.detach() - s).flatten() for p, s in zip(m.parameters(), start)])
     assert step.norm() == pytest.approx(0.01, rel=1e-4)  # lr 1 x gradient clipped to norm 0.01
