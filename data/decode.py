@@ -100,7 +100,8 @@ def decode_image(data: bytes, name: str, lazy: bool = False) -> Image.Image | La
 def decode_reduced(jpeg: LazyJpeg, reduce: int) -> Image.Image:
     """Decode at 1/``reduce`` of the size (1, 2, 4 or 8) with libjpeg's scaled IDCT, as RGB.
 
-    Each side becomes ceil(side / reduce), as both decoders scale; the cost falls roughly with the pixels."""
+    Each side becomes ceil(side / reduce), as both decoders scale (PIL: sides of at least ``reduce`` pixels);
+    the cost falls roughly with the pixels."""
     if _use_simplejpeg():
         if jpeg.header is not None:  # opened by PIL (--jpeg-draft), whose Image.open applied the bomb limit
             w, h = jpeg.header.size
@@ -117,8 +118,8 @@ def decode_reduced(jpeg: LazyJpeg, reduce: int) -> Image.Image:
             pass
     try:
         img = jpeg.header if jpeg.header is not None else Image.open(io.BytesIO(jpeg.data))
-        if reduce > 1 and img.mode in ('RGB', 'L'):
-            img.draft(img.mode, (-(-img.width // reduce), -(-img.height // reduce)))
+        if reduce > 1 and img.mode in ('RGB', 'L'):  # PIL takes the scale min(side // asked side): ask floors
+            img.draft(img.mode, (max(1, img.width // reduce), max(1, img.height // reduce)))
         img.load()
         return img.convert('RGB')
     except DECODE_ERRORS as e:

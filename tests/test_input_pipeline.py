@@ -184,6 +184,50 @@ def test_build_cache_max_size_downscales_large_images_only(tmp_path):
         build(src, tmp_path / 'out2', max_size=500)
 
 
+def _jpeg_bytes(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, 'JPEG', quality=90)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize('decoder', ['simplejpeg', 'PIL'])
+def test_decode_reduced_gives_ceil_of_each_side_over_the_factor(decoder, monkeypatch):
+    """Odd sides (most ImageNet photos) round up; with simplejpeg, sides of 1 pixel make each minimum count on
+    its own (the other side would allow a smaller scale)."""
+    if decoder == 'PIL':
+        monkeypatch.setenv('MAXSUP_NO_SIMPLEJPEG', '1')
+    elif decode.simplejpeg is None:
+        pytest.skip('simplejpeg is not installed')
+    rng = np.random.default_rng(0)
+    for size in ((37, 23), (500, 375)) + (((64, 1), (1, 64)) if decoder == 'simplejpeg' else ()):
+        for mode in ('RGB', 'L'):
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            img = Image.fromarray(pixels).convert(mode)
+            data = _jpeg_bytes(img)
+            for reduce in (1, 2, 4, 8):
+                out = decode.decode_reduced(LazyJpeg(data, 'x.jpg', None), reduce)
+                assert out.mode == 'RGB' and out.size == (-(-size[0] // reduce), -(-size[1] // reduce)), (
+                    size, mode, reduce)
+    cmyk = _jpeg_bytes(Image.new('CMYK', (40, 24), (10, 20, 30, 0)))  # PIL drafts RGB and grey only
+    assert decode.decode_reduced(LazyJpeg(cmyk, 'c.jpg', None), 2).size == ((40, 24) if decoder == 'PIL' else (20, 12))
+
+
+def test_pixel_limit_is_twice_pils_bomb_limit_from_the_header(monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 50)
+    decode.check_pixel_count(10, 10, 'ok.jpg')  # exactly 2 x the limit: allowed, as PIL allows it
+    with pytest.raises(CorruptImageError, match=r"^big\.jpg: 10 x 11 pixels is over PIL's decompression-bomb limit "
+                                                r"\(100 pixels; PIL\.Image\.MAX_IMAGE_PIXELS\)$"):
+        decode.check_pixel_count(10, 11, 'big.jpg')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)  # the limit switched off
+    decode.check_pixel_count(10**5, 10**5, 'huge.jpg')
+
+
+def test_non_jpeg_images_decode_to_rgb():
+    for mode in ('L', 'P', 'RGBA', 'I;16'):
+        img = Image.new(mode, (5, 4))
+        assert decode.decode_image(_png(img), 'x.png').mode == 'RGB', mode
+
+
 def _png(img: Image.Image) -> bytes:
     out = io.BytesIO()
     img.save(out, 'PNG')
