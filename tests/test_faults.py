@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -95,6 +96,53 @@ def test_resume_cuts_every_per_epoch_file_back_to_the_checkpoint(tmp_path):
     (tmp_path / 'summary.csv').write_text('epoch,loss\n0,1\nzero,2\n1,3\n')
     with pytest.raises(ValueError, match=r'summary.csv:3: not an epoch row'):
         repair_epoch_files(tmp_path, 1, None)
+
+
+def test_repair_log_keeps_what_the_checkpoint_covers_line_by_line(tmp_path, capsys):
+    from deit.rundir import repair_log
+    log = tmp_path / 'log.txt'
+    repair_log(tmp_path, 1, None)
+    assert not log.exists()  # nothing logged yet, nothing to restore: no file made
+    lines = [json.dumps({'epoch': 0}), '', json.dumps({'note': 'no epoch'}), json.dumps({'epoch': 1, 'x': 2}),
+             json.dumps({'epoch': 2}), '{"epoch": 3, "tor']
+    log.write_text('\n'.join(lines) + '\n')
+    repair_log(tmp_path, 1, None)
+    assert log.read_text().splitlines() == [lines[0], lines[2], lines[3]]  # blank, later and torn lines dropped
+    out = capsys.readouterr().out
+    assert 'log.txt:6: dropping a torn last line' in out and f'repaired {log}: now ends at epoch 1 (6 -> 3 lines)' in out
+    log.write_text(json.dumps({'note': 'no epoch'}) + '\n' + json.dumps({'epoch': 0}) + '\n')
+    repair_log(tmp_path, 0, {'epoch': 0})
+    assert [json.loads(x) for x in log.read_text().splitlines()] == [{'note': 'no epoch'}, {'epoch': 0}]
+    repair_log(tmp_path, -1, None)  # preempted inside epoch 0: a record without an epoch is kept
+    assert [json.loads(x) for x in log.read_text().splitlines()] == [{'note': 'no epoch'}]
+    log.write_text(json.dumps({'epoch': 0}) + '\n[1, 2]\n' + json.dumps({'epoch': 1}) + '\n')
+    with pytest.raises(ValueError, match=r'log\.txt:2: not a log record \(a JSON list, not an epoch record\); fix or '
+                                         r'remove that line, then resume'):
+        repair_log(tmp_path, 1, None)
+
+
+def test_repair_summary_keeps_rows_the_checkpoint_covers_and_restores_its_record(tmp_path, capsys):
+    from deit.rundir import repair_epoch_files, repair_summary
+    path = tmp_path / 'summary.csv'
+    rows = 'epoch,loss,acc\r\n0,1.5,10\r\n1,1.0,20\r\n2,0.5,30\r\n'
+    path.write_bytes(rows.encode())
+    repair_summary(tmp_path, 2, None)
+    assert path.read_bytes() == rows.encode() and capsys.readouterr().out == ''  # complete up to 2: untouched
+    repair_summary(tmp_path, 5, None)  # no record to restore for an epoch without a row
+    assert path.read_bytes() == rows.encode()
+    path.write_bytes((rows + '3,0.2').encode())  # a torn last row
+    repair_summary(tmp_path, 1, None)
+    assert path.read_bytes() == b'epoch,loss,acc\r\n0,1.5,10\r\n1,1.0,20\r\n'
+    out = capsys.readouterr().out
+    assert f'note: {path}:5: dropping a torn last row' in out
+    assert f'repaired {path}: now ends at epoch 1 (4 -> 2 rows)' in out
+    repair_epoch_files(tmp_path, 2, {'epoch': 2, 'loss': 0.5})  # the checkpoint's record, one column missing
+    assert path.read_bytes() == b'epoch,loss,acc\r\n0,1.5,10\r\n1,1.0,20\r\n2,0.5,\r\n'
+    long = ','.join(['x' * 30] * 4)
+    path.write_text(f'epoch,loss\n0,1\n{long}\n1,3\n')
+    with pytest.raises(ValueError, match=re.escape(f"summary.csv:3: not an epoch row ({long[:80]!r}); fix or remove "
+                                                   f"that line, then resume")):
+        repair_summary(tmp_path, 1, None)
 
 
 # ---- kills at each write boundary -----------------------------------------------------------------------
