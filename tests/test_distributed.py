@@ -183,3 +183,20 @@ def test_submitit_debug_executor_runs_the_trainer(tmp_path):
     result = job.result()
     assert result['test']['n'] == 450 and (out / 'checkpoint.pth').is_file()
     assert torch.load(out / 'checkpoint.pth', weights_only=False)['epoch'] == 0
+
+
+def test_collective_helpers_in_a_one_process_group(tmp_path):
+    """The helpers take the process-group path as soon as a group exists, also with one rank (what two ranks do
+    is tested through torchrun above)."""
+    import torch.distributed as dist
+    from deit import distributed as du
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "rendezvous"}', rank=0, world_size=1)
+    try:
+        assert du.is_dist() and du.get_rank() == 0 and du.get_world_size() == 1 and du.is_main_process()
+        t = torch.tensor([1.5, 2.0])
+        assert du.all_reduce_sum(t) is t and t.tolist() == [1.5, 2.0]
+        assert du.any_rank(True) is True and du.any_rank(False) is False
+        assert du.broadcast_object({'a': 1}) == {'a': 1} and du.all_gather_object('x') == ['x']
+    finally:
+        du.cleanup()
+    assert not du.is_dist() and du.any_rank(True) is True and du.all_gather_object(3) == [3]
