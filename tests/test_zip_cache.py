@@ -7,6 +7,7 @@ import mmap
 import os
 import pickle
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -400,9 +401,13 @@ def _zip_with_names(path, raw_names: dict[bytes, bytes], flag_bits: int = 0) -> 
 
 def test_member_names_cp437_without_the_utf8_flag_and_utf8_with_it(tmp_path):
     from data.zip_index import read_central_directory
-    legacy = tmp_path / 'legacy.zip'  # cp437 (the zip default): 0x82 is e-acute; bit 0 set as some tools do
-    _zip_with_names(legacy, {b'n0/caf_.jpg': b'n0/caf\x82.jpg', b'n0/plain.jpg': b'n0/plain.jpg'}, flag_bits=1)
-    assert _names(read_central_directory(legacy)) == ['n0/caf\u00e9.jpg', 'n0/plain.jpg']
+    legacy = tmp_path / 'legacy.zip'  # cp437 (the zip default): 0x82 is e-acute, 0x80 C-cedilla; bit 0 set as
+    _zip_with_names(legacy, {b'n0/caf_.jpg': b'n0/caf\x82.jpg', b'n0/_a.jpg': b'n0/\x80a.jpg',  # some tools do
+                             b'n0/plain.jpg': b'n0/plain.jpg'}, flag_bits=1)
+    assert _names(read_central_directory(legacy)) == ['n0/caf\u00e9.jpg', 'n0/\u00c7a.jpg', 'n0/plain.jpg']
+    lookalike = tmp_path / 'lookalike.zip'  # cp437 bytes that happen to be valid UTF-8: still cp437, unflagged
+    _zip_with_names(lookalike, {b'n0/__.jpg': b'n0/\xc3\xa9.jpg'})
+    assert _names(read_central_directory(lookalike)) == ['n0/\u251c\u2310.jpg']
     utf8 = tmp_path / 'utf8.zip'
     with zipfile.ZipFile(utf8, 'w', zipfile.ZIP_STORED) as zf:  # zipfile sets the UTF-8 flag for such names
         zf.writestr('n0/caf\u00e9.jpg', _jpeg(0, 0))
@@ -413,6 +418,35 @@ def test_member_names_cp437_without_the_utf8_flag_and_utf8_with_it(tmp_path):
     with pytest.raises(CacheError, match=r"liar\.zip: member 1 of the central directory: its name b'n0/caf\\xe9\.jpg' "
                                          r"is not UTF-8 though its UTF-8 flag is set"):
         read_central_directory(liar)
+
+
+def test_index_file_layout_header_then_arrays_each_on_a_64_byte_boundary(tmp_path):
+    """The .idx format: magic, the header's length (u64), the JSON header; the arrays from the first multiple of
+    64 after it, each padded to a multiple of 64, the file ending with the last one's padding; mode 0o644 (a
+    cache others read)."""
+    from data.zip_index import INDEX_MAGIC, read_index, write_index
+    arrays = {'a': np.arange(13, dtype=np.int64), 'b': np.arange(130, dtype=np.uint8), 'c': np.ones(3, np.int16)}
+    old_umask = os.umask(0o077)
+    try:
+        for pad in range(64):  # every position of the header's end within a 64-byte block
+            path = tmp_path / f'{pad}.idx'
+            write_index(path, {'zip': 'x' * pad}, arrays)
+            raw = path.read_bytes()
+            assert raw.startswith(INDEX_MAGIC)
+            n = struct.unpack_from('<Q', raw, len(INDEX_MAGIC))[0]
+            header = json.loads(raw[len(INDEX_MAGIC) + 8:len(INDEX_MAGIC) + 8 + n])
+            start = -(-(len(INDEX_MAGIC) + 8 + n) // 64) * 64
+            offsets, expect = [header['arrays'][k][2] for k in arrays], 0
+            for k, a in arrays.items():
+                assert header['arrays'][k][2] == expect and (start + expect) % 64 == 0
+                assert raw[start + expect:start + expect + a.nbytes] == a.tobytes()
+                expect += -(-a.nbytes // 64) * 64
+            assert len(raw) == start + expect and offsets == [0, 128, 320]
+            got = read_index(path, {'zip': 'x' * pad})
+            assert all(np.array_equal(got[k], a) for k, a in arrays.items())
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    finally:
+        os.umask(old_umask)
 
 
 def test_directory_entries_are_dropped_with_their_names(tmp_path):
