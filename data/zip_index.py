@@ -52,14 +52,19 @@ def _end_records(mm, path: Path) -> tuple[int, int, int, int, bytes]:
     _, _, _, _, entries, cd_size, cd_offset, _ = EOCD.unpack_from(mm, pos)
     eocd = bytes(mm[pos:pos + EOCD.size])
     end_of_cd = pos
-    if (entries == U16 or cd_size == U32 or cd_offset == U32) and pos >= EOCD64_LOCATOR.size:
-        sig, _, rec64, _ = EOCD64_LOCATOR.unpack_from(mm, pos - EOCD64_LOCATOR.size)
-        if sig == b'PK\x06\x07':
-            sig64, _, _, _, _, _, _, entries, cd_size, cd_offset = EOCD64.unpack_from(mm, rec64)
-            if sig64 != b'PK\x06\x06':
-                raise CacheError(f'{path}: bad ZIP64 end record')
-            end_of_cd = rec64
-            eocd += bytes(mm[rec64:rec64 + EOCD64.size])
+    # A ZIP64 end record, when its locator precedes the end record, holds the values (zipfile writes one as soon
+    # as the directory starts past 2 GiB, with the plain record's fields still exact). It sits where the locator
+    # says, or, in an archive with bytes prepended, right before the locator (zipfile's rule).
+    if pos >= EOCD64_LOCATOR.size and mm[pos - EOCD64_LOCATOR.size:pos - EOCD64_LOCATOR.size + 4] == b'PK\x06\x07':
+        rec64 = EOCD64_LOCATOR.unpack_from(mm, pos - EOCD64_LOCATOR.size)[2]
+        before = pos - EOCD64_LOCATOR.size - EOCD64.size
+        at = next((r for r in (rec64, before) if 0 <= r <= len(mm) - EOCD64.size and mm[r:r + 4] == b'PK\x06\x06'),
+                  None)
+        if at is None:
+            raise CacheError(f'{path}: bad ZIP64 end record')
+        _, _, _, _, _, _, _, entries, cd_size, cd_offset = EOCD64.unpack_from(mm, at)
+        end_of_cd = at
+        eocd += bytes(mm[at:at + EOCD64.size])
     concat = end_of_cd - cd_size - cd_offset  # bytes prepended to the archive (zipfile allows it too)
     if concat < 0:
         raise CacheError(f'{path}: central directory runs past its end record (truncated or corrupt zip)')
@@ -93,6 +98,7 @@ def read_central_directory(path: str | os.PathLike) -> dict:
         raise CacheError(f'{path}: empty file')
     with open(path, 'rb') as f:
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    buf = cd = None
     try:
         n, cd_size, cd_off, concat, eocd = _end_records(mm, path)
         buf = np.frombuffer(mm, np.uint8)

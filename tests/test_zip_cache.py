@@ -449,6 +449,54 @@ def test_index_file_layout_header_then_arrays_each_on_a_64_byte_boundary(tmp_pat
         os.umask(old_umask)
 
 
+def test_central_directory_of_zips_other_tools_write(tmp_path, monkeypatch):
+    """Member comments, real timestamps, deflated members, ZIP64 records and a ZIP64 end record beside exact
+    plain fields (zipfile writes them past ZIP64_LIMIT, 2 GiB, lowered here) and bytes prepended to the archive
+    (a self-extractor): every member's data offset, size and CRC as zipfile reads them, in the index's dtypes."""
+    from data.zip_index import read_central_directory
+    monkeypatch.setattr(zipfile, 'ZIP64_LIMIT', 40)
+    plain = tmp_path / 'plain.zip'
+    with zipfile.ZipFile(plain, 'w', zipfile.ZIP_STORED) as zf:
+        for k in range(4):
+            info = zipfile.ZipInfo(f'n{k % 2}/{k}.jpg', date_time=(2024, 5, 6, 7, 8, 10 + 2 * k))
+            info.comment = f'member comment {k}'.encode() * (k + 1)
+            info.compress_type = zipfile.ZIP_DEFLATED if k == 2 else zipfile.ZIP_STORED
+            zf.writestr(info, _jpeg(k, k))
+    monkeypatch.undo()
+    sfx = tmp_path / 'sfx.zip'
+    sfx.write_bytes(b'#!/bin/sh\necho a self-extracting stub\n' * 3 + plain.read_bytes())
+    for zp in (plain, sfx):
+        want = _member_table(zp)
+        got = read_central_directory(zp)
+        assert {n: (int(o), int(s), int(c)) for n, o, s, c in
+                zip(_names(got), got['offsets'], got['sizes'], got['crcs'])} == want
+        assert got['methods'].tolist() == [0, 0, 8, 0]
+        assert [got[k].dtype for k in ('offsets', 'sizes', 'methods', 'crcs')] == [np.int64, np.int64, np.int8,
+                                                                                  np.uint32]
+        with zipfile.ZipFile(zp) as zf:
+            assert sum(i.file_size > 40 for i in zf.infolist()) == 4  # ZIP64 records, all of them
+    broken = tmp_path / 'broken.zip'
+    broken.write_bytes(plain.read_bytes().replace(b'PK\x06\x06', b'PK\x06\x00'))
+    with pytest.raises(CacheError, match=r'broken\.zip: bad ZIP64 end record'):
+        read_central_directory(broken)
+
+
+def test_central_directory_of_an_empty_zip_and_of_files_that_are_no_zip(tmp_path):
+    from data.zip_index import read_central_directory
+    empty = tmp_path / 'empty.zip'
+    zipfile.ZipFile(empty, 'w').close()
+    got = read_central_directory(empty)
+    assert len(got['offsets']) == 0 and _names(got) == [] and got['methods'].dtype == np.int8
+    with pytest.raises(FileNotFoundError, match=f'^zip file not found: {re.escape(str(tmp_path / "none.zip"))}$'):
+        read_central_directory(tmp_path / 'none.zip')
+    (tmp_path / 'zero.zip').write_bytes(b'')
+    with pytest.raises(CacheError, match=f'^{re.escape(str(tmp_path / "zero.zip"))}: empty file$'):
+        read_central_directory(tmp_path / 'zero.zip')
+    (tmp_path / 'one.zip').write_bytes(b'P')
+    with pytest.raises(CacheError, match=f'^{re.escape(str(tmp_path / "one.zip"))}: not a readable zip file'):
+        read_central_directory(tmp_path / 'one.zip')
+
+
 def test_directory_entries_are_dropped_with_their_names(tmp_path):
     """`zip -r train.zip train` (the official README's command) stores a record per folder."""
     from data.zip_index import read_central_directory
