@@ -208,6 +208,10 @@ def test_decode_reduced_gives_ceil_of_each_side_over_the_factor(decoder, monkeyp
                 out = decode.decode_reduced(LazyJpeg(data, 'x.jpg', None), reduce)
                 assert out.mode == 'RGB' and out.size == (-(-size[0] // reduce), -(-size[1] // reduce)), (
                     size, mode, reduce)
+    if decoder == 'PIL':  # a side below 2 x the factor: PIL's scale comes from the other side alone
+        for size, expect in (((3, 40), (2, 20)), ((40, 3), (20, 2))):
+            data = _jpeg_bytes(Image.new('RGB', size, (9, 99, 199)))
+            assert decode.decode_reduced(LazyJpeg(data, 'x.jpg', None), 2).size == expect
     cmyk = _jpeg_bytes(Image.new('CMYK', (40, 24), (10, 20, 30, 0)))  # PIL drafts RGB and grey only
     assert decode.decode_reduced(LazyJpeg(cmyk, 'c.jpg', None), 2).size == ((40, 24) if decoder == 'PIL' else (20, 12))
 
@@ -220,6 +224,11 @@ def test_pixel_limit_is_twice_pils_bomb_limit_from_the_header(monkeypatch):
         decode.check_pixel_count(10, 11, 'big.jpg')
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)  # the limit switched off
     decode.check_pixel_count(10**5, 10**5, 'huge.jpg')
+
+
+def test_a_jpeg_whose_header_is_broken_is_named_when_opened_lazily():
+    with pytest.raises(CorruptImageError, match=r'^bad\.jpg: cannot decode image \('):
+        decode_image(b'\xff\xd8\xff\xe0 not a JPEG header at all', 'bad.jpg', lazy=True)
 
 
 def test_non_jpeg_images_decode_to_rgb():
