@@ -406,7 +406,7 @@ def test_member_names_cp437_without_the_utf8_flag_and_utf8_with_it(tmp_path):
                              b'n0/plain.jpg': b'n0/plain.jpg'}, flag_bits=1)
     assert _names(read_central_directory(legacy)) == ['n0/caf\u00e9.jpg', 'n0/\u00c7a.jpg', 'n0/plain.jpg']
     lookalike = tmp_path / 'lookalike.zip'  # cp437 bytes that happen to be valid UTF-8: still cp437, unflagged
-    _zip_with_names(lookalike, {b'n0/__.jpg': b'n0/\xc3\xa9.jpg'})
+    _zip_with_names(lookalike, {b'n0/__.jpg': b'n0/\xc3\xa9.jpg'}, flag_bits=1)
     assert _names(read_central_directory(lookalike)) == ['n0/\u251c\u2310.jpg']
     utf8 = tmp_path / 'utf8.zip'
     with zipfile.ZipFile(utf8, 'w', zipfile.ZIP_STORED) as zf:  # zipfile sets the UTF-8 flag for such names
@@ -495,6 +495,43 @@ def test_central_directory_of_an_empty_zip_and_of_files_that_are_no_zip(tmp_path
     (tmp_path / 'one.zip').write_bytes(b'P')
     with pytest.raises(CacheError, match=f'^{re.escape(str(tmp_path / "one.zip"))}: not a readable zip file'):
         read_central_directory(tmp_path / 'one.zip')
+
+
+def test_central_directory_entries_that_point_outside_the_file_are_named(tmp_path):
+    """A central record whose local-header offset or size points past the file or at something else: one line
+    naming the zip and the member (a zip cut short, or overwritten)."""
+    from data.zip_index import read_central_directory
+    good = tmp_path / 'good.zip'
+    with zipfile.ZipFile(good, 'w', zipfile.ZIP_STORED) as zf:
+        zf.writestr('n0/a.jpg', _jpeg(0, 0))
+        zf.writestr('n0/b.jpg', _jpeg(0, 1))
+    raw = good.read_bytes()
+    second = raw.find(b'PK\x01\x02', raw.find(b'PK\x01\x02') + 4)  # b.jpg's central record
+
+    def edited(name, offset, fmt, value):
+        data = bytearray(raw)
+        struct.pack_into(fmt, data, second + offset, value)
+        (tmp_path / name).write_bytes(bytes(data))
+        return tmp_path / name
+    cases = [(edited('past.zip', 42, '<I', len(raw) - 10), r'past\.zip: a member header lies past the end of the '
+                                                           r'file \(truncated zip\)$'),
+             (edited('moved.zip', 42, '<I', 3), r'moved\.zip@/n0/b\.jpg: bad local header \(corrupt zip\)$'),
+             (edited('long.zip', 20, '<I', len(raw)), r'long\.zip@/n0/b\.jpg: member runs past the end of the file '
+                                                     r'\(truncated\)$')]
+    for path, message in cases:
+        with pytest.raises(CacheError, match=message):
+            read_central_directory(path)
+    data = bytearray(raw)
+    struct.pack_into('<HH', data, raw.rfind(b'PK\x05\x06') + 8, 5, 5)  # the end record claims 5 members
+    (tmp_path / 'claims.zip').write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r'claims\.zip: central directory too short for 5 records \(corrupt zip\)$'):
+        read_central_directory(tmp_path / 'claims.zip')
+    for k in range(4):  # each byte of the local signature is checked
+        data = bytearray(raw)
+        data[struct.unpack_from('<I', raw, second + 42)[0] + k] ^= 0xFF
+        (tmp_path / f'sig{k}.zip').write_bytes(bytes(data))
+        with pytest.raises(CacheError, match=rf'sig{k}\.zip@/n0/b\.jpg: bad local header'):
+            read_central_directory(tmp_path / f'sig{k}.zip')
 
 
 def test_directory_entries_are_dropped_with_their_names(tmp_path):
