@@ -284,6 +284,19 @@ def test_index_is_stored_reused_and_rebuilt_when_stale(tmp_path, capsys):
     ds = ZipImageDataset(zp, mp_, cache_mode='no')
     assert 'stale' in capsys.readouterr().out and len(ds) == 3 and ds.sample_name(2) == 'train.zip@/c/z.jpg'
     assert ds.read_bytes(2) == _jpeg(2)
+    # rewritten to the same name, size and mtime, other end records: 3 bytes of data less, a 3-byte comment
+    st = zp.stat()
+    with zipfile.ZipFile(zp) as zf:
+        members = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    with zipfile.ZipFile(zp, 'w', zipfile.ZIP_STORED) as zf:
+        zf.writestr(members[0][0], members[0][1][:-3])
+        for name, data in members[1:]:
+            zf.writestr(name, data)
+        zf.comment = b'abc'
+    os.utime(zp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert zp.stat().st_size == st.st_size and zp.stat().st_mtime_ns == st.st_mtime_ns
+    ds = ZipImageDataset(zp, mp_, cache_mode='no')
+    assert 'stale' in capsys.readouterr().out and ds.read_bytes(0) == _jpeg(0)[:-3] and ds.read_bytes(2) == _jpeg(2)
     # a corrupt index is named and made again, never trusted
     (tmp_path / 'train.zip.idx').write_bytes(b'MAXSUP-ZIPIDX\n' + b'\xff' * 40)
     ds = ZipImageDataset(zp, mp_, cache_mode='no')
@@ -462,6 +475,7 @@ def test_central_directory_of_zips_other_tools_write(tmp_path, monkeypatch):
             info.comment = f'member comment {k}'.encode() * (k + 1)
             info.compress_type = zipfile.ZIP_DEFLATED if k == 2 else zipfile.ZIP_STORED
             zf.writestr(info, _jpeg(k, k))
+        zf.writestr('n1/z.bin', b'PK\x05\x06' + bytes(18))  # the end record's signature in the last member's data
     monkeypatch.undo()
     sfx = tmp_path / 'sfx.zip'
     sfx.write_bytes(b'#!/bin/sh\necho a self-extracting stub\n' * 3 + plain.read_bytes())
@@ -470,11 +484,11 @@ def test_central_directory_of_zips_other_tools_write(tmp_path, monkeypatch):
         got = read_central_directory(zp)
         assert {n: (int(o), int(s), int(c)) for n, o, s, c in
                 zip(_names(got), got['offsets'], got['sizes'], got['crcs'])} == want
-        assert got['methods'].tolist() == [0, 0, 8, 0]
+        assert got['methods'].tolist() == [0, 0, 8, 0, 0]
         assert [got[k].dtype for k in ('offsets', 'sizes', 'methods', 'crcs')] == [np.int64, np.int64, np.int8,
                                                                                   np.uint32]
         with zipfile.ZipFile(zp) as zf:
-            assert sum(i.file_size > 40 for i in zf.infolist()) == 4  # ZIP64 records, all of them
+            assert sum(i.file_size > 40 for i in zf.infolist()) == 4  # ZIP64 records, all images
     broken = tmp_path / 'broken.zip'
     broken.write_bytes(plain.read_bytes().replace(b'PK\x06\x06', b'PK\x06\x00'))
     with pytest.raises(CacheError, match=r'broken\.zip: bad ZIP64 end record'):
