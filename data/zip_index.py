@@ -55,9 +55,10 @@ def _end_records(mm, path: Path) -> tuple[int, int, int, int, bytes]:
     # A ZIP64 end record, when its locator precedes the end record, holds the values (zipfile writes one as soon
     # as the directory starts past 2 GiB, with the plain record's fields still exact). It sits where the locator
     # says, or, in an archive with bytes prepended, right before the locator (zipfile's rule).
-    if pos >= EOCD64_LOCATOR.size and mm[pos - EOCD64_LOCATOR.size:pos - EOCD64_LOCATOR.size + 4] == b'PK\x06\x07':
-        rec64 = EOCD64_LOCATOR.unpack_from(mm, pos - EOCD64_LOCATOR.size)[2]
-        before = pos - EOCD64_LOCATOR.size - EOCD64.size
+    locator = pos - EOCD64_LOCATOR.size
+    sig, _, rec64, _ = EOCD64_LOCATOR.unpack_from(mm, locator) if locator >= 0 else (b'', 0, 0, 0)
+    if sig == b'PK\x06\x07':
+        before = locator - EOCD64.size
         at = next((r for r in (rec64, before) if 0 <= r <= len(mm) - EOCD64.size and mm[r:r + 4] == b'PK\x06\x06'),
                   None)
         if at is None:

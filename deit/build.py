@@ -19,11 +19,11 @@ from data.io import CheckpointError
 from data.skip import collate_skip_bad
 from data.zip_cache import ShardSampler
 from deit.datasets import device_rand_augment, mixup_active, normalization
+from deit.baselines import attach_dense_votes
+from deit.criterion import build_criterion
 from deit.device_aug import DeviceBatches
 from deit.device_decode import DeviceDecoder, collate_encoded
 from deit.engine import LossScaler
-from deit.baselines import attach_dense_votes
-from deit.criterion import build_criterion
 from deit.models import adapt_state_dict_for_finetune, create_model
 from deit.preemption import WorkerSignals
 from deit.releases import read_state_dict
