@@ -17,6 +17,7 @@ import torch
 
 from data.io import CheckpointError, torch_load
 from deit import distributed as du
+from deit.criterion import loss_options
 from deit.releases import state_dict_mismatch
 
 
@@ -171,10 +172,11 @@ def load_scheduler_state(scheduler, state: dict) -> None:
 
 
 # ---- which checkpoint to resume, and whether it is this run's ------------------------------------------------
+# The arguments that define a run; every loss's own options come from the loss registry (one home).
 RUN_ARGS = ('model', 'input_size', 'loss', 'alpha', 'alpha_end', 'alpha_schedule', 'data_set', 'epochs', 'base_lr',
             'opt', 'weight_decay', 'sched', 'warmup_epochs', 'mixup', 'cutmix', 'aa', 'reprob', 'smoothing',
-            'drop_path', 'ols_a', 'zipf_weight', 'zipf_power', 'logit_penalty_beta', 'bce_loss',
-            'distillation_type', 'unscale_lr', 'lr_step')
+            'drop_path', 'bce_loss', 'distillation_type', 'unscale_lr', 'lr_step',
+            *(option.dest for option, _ in loss_options()))
 
 
 def check_same_run(config, ckpt: dict, path: str) -> None:

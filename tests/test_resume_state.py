@@ -164,6 +164,10 @@ def test_check_same_run_compares_run_defining_args_and_total_batch():
         "total_batch: 128 in the checkpoint, 64 now. Start fresh with another --output_dir (or "
         "--no-auto-resume: that run's files are moved to ./previous_run first), or continue that checkpoint "
         "on purpose with --resume ck.pth")
+    dense = {'args': _saved(loss='zipf', zipf_dense=True, focal_gamma=2.0), 'world_size': 2}  # every loss option
+    with pytest.raises(ValueError, match=r"Differing arguments: zipf_dense: True in the checkpoint, False now\. "):
+        check_same_run(at(Namespace(**{**vars(now), 'loss': 'zipf', 'zipf_dense': False, 'focal_gamma': 2.0}),
+                          128), dense, 'ck.pth')
 
 
 # ---------------------------------------------------------------- which file every rank resumes from
