@@ -31,12 +31,17 @@ from data.zip_index import CacheError
 from tests.conftest import TINY, checksums, make_image, make_imagefolder, run_module
 
 
+def encoded(img: Image.Image, fmt: str = 'JPEG', **save_kw) -> bytes:
+    """The file bytes of ``img`` saved as ``fmt``."""
+    out = io.BytesIO()
+    img.save(out, fmt, **save_kw)
+    return out.getvalue()
+
+
 def photo(w: int, h: int, quality: int = 90) -> bytes:
     """A JPEG of a real photo (scikit-learn's china.jpg) at w x h."""
     from sklearn.datasets import load_sample_images
-    buf = io.BytesIO()
-    Image.fromarray(load_sample_images().images[0]).resize((w, h), Image.BICUBIC).save(buf, 'JPEG', quality=quality)
-    return buf.getvalue()
+    return encoded(Image.fromarray(load_sample_images().images[0]).resize((w, h), Image.BICUBIC), quality=quality)
 
 
 def recipe(**kw) -> Namespace:
@@ -184,12 +189,6 @@ def test_build_cache_max_size_downscales_large_images_only(tmp_path):
         build(src, tmp_path / 'out2', max_size=500)
 
 
-def _jpeg_bytes(img: Image.Image) -> bytes:
-    out = io.BytesIO()
-    img.save(out, 'JPEG', quality=90)
-    return out.getvalue()
-
-
 @pytest.mark.parametrize('decoder', ['simplejpeg', 'PIL'])
 def test_decode_reduced_gives_ceil_of_each_side_over_the_factor(decoder, monkeypatch):
     """Odd sides (most ImageNet photos) round up; with simplejpeg, sides of 1 pixel make each minimum count on
@@ -203,16 +202,16 @@ def test_decode_reduced_gives_ceil_of_each_side_over_the_factor(decoder, monkeyp
         for mode in ('RGB', 'L'):
             pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
             img = Image.fromarray(pixels).convert(mode)
-            data = _jpeg_bytes(img)
+            data = encoded(img, quality=90)
             for reduce in (1, 2, 4, 8):
                 out = decode.decode_reduced(LazyJpeg(data, 'x.jpg', None), reduce)
                 assert out.mode == 'RGB' and out.size == (-(-size[0] // reduce), -(-size[1] // reduce)), (
                     size, mode, reduce)
     if decoder == 'PIL':  # a side below 2 x the factor: PIL's scale comes from the other side alone
         for size, expect in (((3, 40), (2, 20)), ((40, 3), (20, 2))):
-            data = _jpeg_bytes(Image.new('RGB', size, (9, 99, 199)))
+            data = encoded(Image.new('RGB', size, (9, 99, 199)), quality=90)
             assert decode.decode_reduced(LazyJpeg(data, 'x.jpg', None), 2).size == expect
-    cmyk = _jpeg_bytes(Image.new('CMYK', (40, 24), (10, 20, 30, 0)))  # PIL drafts RGB and grey only
+    cmyk = encoded(Image.new('CMYK', (40, 24), (10, 20, 30, 0)), quality=90)  # PIL drafts RGB and grey only
     assert decode.decode_reduced(LazyJpeg(cmyk, 'c.jpg', None), 2).size == ((40, 24) if decoder == 'PIL' else (20, 12))
 
 
@@ -234,19 +233,13 @@ def test_a_jpeg_whose_header_is_broken_is_named_when_opened_lazily():
 def test_non_jpeg_images_decode_to_rgb():
     for mode in ('L', 'P', 'RGBA', 'I;16'):
         img = Image.new(mode, (5, 4))
-        assert decode.decode_image(_png(img), 'x.png').mode == 'RGB', mode
-
-
-def _png(img: Image.Image) -> bytes:
-    out = io.BytesIO()
-    img.save(out, 'PNG')
-    return out.getvalue()
+        assert decode.decode_image(encoded(img, 'PNG'), 'x.png').mode == 'RGB', mode
 
 
 def test_shrink_keeps_the_limit_size_and_reencodes_with_the_area_filter_at_the_quality_asked(tmp_path):
     grey = np.random.default_rng(0).integers(0, 256, (64, 96), dtype=np.uint8)  # grey noise: no chroma loss
     noise = Image.fromarray(grey).convert('RGB')
-    at_limit = _png(noise)
+    at_limit = encoded(noise, 'PNG')
     assert shrink(at_limit, tmp_path / 'a.png', 96, 90) == at_limit  # a longer side of max_size: byte for byte
     out = Image.open(io.BytesIO(shrink(at_limit, tmp_path / 'a.png', 48, 100)))
     assert out.format == 'JPEG' and out.size == (48, 32)
@@ -258,9 +251,9 @@ def test_shrink_keeps_the_limit_size_and_reencodes_with_the_area_filter_at_the_q
     bicubic = np.asarray(noise.resize((48, 32), Image.BICUBIC), np.float32)
     assert np.abs(got - box).mean() < 2 < 5 < np.abs(got - bicubic).mean()  # the area filter, not the default
     rgba = Image.new('RGBA', (80, 40), (200, 10, 10, 128))
-    assert Image.open(io.BytesIO(shrink(_png(rgba), tmp_path / 'b.png', 40, 90))).mode == 'RGB'
+    assert Image.open(io.BytesIO(shrink(encoded(rgba, 'PNG'), tmp_path / 'b.png', 40, 90))).mode == 'RGB'
     for size, expect in (((400, 2), (100, 1)), ((2, 400), (1, 100))):  # a side never rounds to 0, nor up to 2
-        thin = _png(Image.new('RGB', size, (9, 9, 9)))
+        thin = encoded(Image.new('RGB', size, (9, 9, 9)), 'PNG')
         assert Image.open(io.BytesIO(shrink(thin, tmp_path / 'c.png', 100, 90))).size == expect
 
 
