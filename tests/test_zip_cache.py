@@ -351,6 +351,18 @@ def test_other_compression_modes_are_refused_naming_the_member(tmp_path, method)
         ZipImageDataset(zp, tmp_path / 'train_map.txt', cache_mode='no')
 
 
+def _names(table: dict) -> list[str]:
+    """The member names of read_central_directory's table, in order."""
+    blob, starts = table['name_blob'], table['name_starts']
+    return [bytes(blob[starts[k]:starts[k + 1] - 1]).decode('utf-8') for k in range(len(starts) - 1)]
+
+
+def _members(table: dict) -> dict:
+    """read_central_directory's table in _member_table's form: name -> (data offset, size, crc)."""
+    return {n: (int(o), int(s), int(c)) for n, o, s, c in
+            zip(_names(table), table['offsets'], table['sizes'], table['crcs'])}
+
+
 def test_zip64_member_past_4gb_parses_as_zipfile_does(tmp_path):
     """A sparse file: 5 GiB of hole, then a zip whose headers sit past 4 GiB (ZIP64 offsets)."""
     from data.zip_index import read_central_directory
@@ -364,19 +376,11 @@ def test_zip64_member_past_4gb_parses_as_zipfile_does(tmp_path):
     assert zp.stat().st_size > 5 << 30
     want = _member_table(zp)
     assert min(off for off, _, _ in want.values()) > 1 << 32
-    got = read_central_directory(zp)
-    names = bytes(got['name_blob']).decode('utf-8').split('\n')[:-1]
-    assert {n: (int(o), int(s), int(c)) for n, o, s, c in
-            zip(names, got['offsets'], got['sizes'], got['crcs'])} == want
+    assert _members(read_central_directory(zp)) == want
     (tmp_path / 'big_map.txt').write_text(''.join(f'{n}\t0\n' for n in want))
     ds = ZipImageDataset(zp, tmp_path / 'big_map.txt', cache_mode='no')
     with zipfile.ZipFile(zp) as zf:
         assert [ds.read_bytes(i) for i in range(len(ds))] == [zf.read(n) for n in want]
-
-
-def _names(table: dict) -> list[str]:
-    blob, starts = table['name_blob'], table['name_starts']
-    return [bytes(blob[starts[k]:starts[k + 1] - 1]).decode('utf-8') for k in range(len(starts) - 1)]
 
 
 def test_zip64_extra_field_after_other_extra_fields():
@@ -482,8 +486,7 @@ def test_central_directory_of_zips_other_tools_write(tmp_path, monkeypatch):
     for zp in (plain, sfx):
         want = _member_table(zp)
         got = read_central_directory(zp)
-        assert {n: (int(o), int(s), int(c)) for n, o, s, c in
-                zip(_names(got), got['offsets'], got['sizes'], got['crcs'])} == want
+        assert _members(got) == want
         assert got['methods'].tolist() == [0, 0, 8, 0, 0]
         assert [got[k].dtype for k in ('offsets', 'sizes', 'methods', 'crcs')] == [np.int64, np.int64, np.int8,
                                                                                   np.uint32]
