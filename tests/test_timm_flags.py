@@ -134,4 +134,3 @@ def test_deits_lr_step_runs_one_epoch_behind_timms(tmp_path):
         lrs[mode] = [json.loads(line)['lr'] for line in (out / 'log.txt').read_text().splitlines()]
     assert lrs['timm'][0] < lrs['timm'][1] < lrs['timm'][2]  # warm-up, then the cosine
     assert lrs['deit'] == pytest.approx([lrs['timm'][0]] + lrs['timm'][:3])
-
