@@ -17,6 +17,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 
 REQUEUE_EXIT = 75
@@ -71,7 +72,12 @@ class WorkerSignals:
     safe point, so workers ignore SIGUSR1/SIGUSR2 and SIGTERM. But multiprocessing's exit handler ends
     leftover daemonic children with SIGTERM and then waits for them: a worker ignoring it for good hangs the
     trainer's exit forever (workers are left over when an error ends the run mid-epoch). So SIGTERM ends a
-    worker once the trainer has :meth:`release`-d it (a shared flag, set when the run is over)."""
+    worker once the trainer has :meth:`release`-d it (a shared flag, set when the run is over).
+
+    A worker hands each batch over as file descriptors that the trainer fetches from the worker's
+    resource_sharer thread. Ctrl-C in the middle of a fetch drops the connection, and that thread reports
+    the broken pipe through ``sys.excepthook`` as a traceback under the trainer's one "interrupted" line; in
+    a worker, a connection the trainer dropped is reported by the trainer, not there."""
 
     def __init__(self):
         self.released = mp.Value('b', 0, lock=False)
@@ -81,6 +87,7 @@ class WorkerSignals:
         for s in SIGNALS:
             signal.signal(s, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_term)
+        sys.excepthook = _quiet_about_dropped_connections(sys.excepthook)
 
     def _on_term(self, signum, frame) -> None:
         if self.released.value:
@@ -89,3 +96,10 @@ class WorkerSignals:
     def release(self) -> None:
         """In the trainer, when it is done with its loaders."""
         self.released.value = 1
+
+
+def _quiet_about_dropped_connections(hook):
+    def excepthook(kind, value, traceback):
+        if not issubclass(kind, (EOFError, ConnectionError)):
+            hook(kind, value, traceback)
+    return excepthook

@@ -584,3 +584,21 @@ def test_every_loss_computes_in_float32_under_bf16_autocast(name):
         low = crit(logits, target)
     assert low.dtype == torch.float32
     assert torch.allclose(low, reference, rtol=1e-5, atol=1e-6), (float(low), float(reference))
+
+
+def test_a_loader_worker_stays_quiet_when_the_trainer_drops_a_batch_handover():
+    """Batches reach the trainer as file descriptors, which it fetches from the worker's resource_sharer
+    thread. Ctrl-C in the middle of a fetch drops that connection, and the thread printed a traceback
+    (listener.accept ... EOFError) below the trainer's one 'interrupted' line."""
+    code = ('import os, socket, time; from multiprocessing import resource_sharer; '
+            'from deit.build import init_loader_worker, WorkerSignals; '
+            'init_loader_worker(WorkerSignals(), 0); '
+            'r, _ = os.pipe(); handover = resource_sharer.DupFd(r); '  # as torch shares a batch's storage
+            's = socket.socket(socket.AF_UNIX); s.connect(handover._id[0]); '
+            's.close(); time.sleep(1); '  # the trainer, interrupted before the handshake
+            'print("serving", resource_sharer._resource_sharer._thread.is_alive()); import sys; '
+            'sys.excepthook(ValueError, ValueError("other errors are still reported"), None)')
+    r = run_module(['-c', code])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == 'serving True'
+    assert r.stderr == 'ValueError: other errors are still reported\n'
