@@ -78,7 +78,7 @@ def _model(p) -> None:
     g('--pretrained', action='store_true',
       help="timm's hub download of pretrained weights: not supported (runs start from a file: --finetune PATH)")
     g('--sync-bn', action='store_true', help="timm's: BatchNorm synchronised across processes (distributed runs)")
-    g('--torchcompile', nargs='?', const='inductor', default=None, metavar='BACKEND',
+    g('--torchcompile', nargs='?', const='inductor', metavar='BACKEND',
       help="torch.compile the model (timm's flag; BACKEND default inductor); the checkpoint keeps plain names")
     g('--channels-last', action='store_true', help="channels-last memory format for model and batches (timm's "
                                                    "flag; faster convolutions, e.g. ResNet-50 under AMP)")
@@ -88,11 +88,11 @@ def _optimizer(p) -> None:
     g = p.add_argument_group('optimizer').add_argument
     g('--opt', default='adamw', help='timm optimizer name')
     g('--opt-eps', default=1e-8, type=float, help='optimizer epsilon')
-    g('--opt-betas', default=None, type=float, nargs='+', help='optimizer betas (default: the optimizer\'s)')
-    g('--clip-grad', type=float, default=None, help='gradient clipping threshold (off when unset)')
+    g('--opt-betas', type=float, nargs='+', help='optimizer betas (default: the optimizer\'s)')
+    g('--clip-grad', type=float, help='gradient clipping threshold (off when unset)')
     g('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
       help="timm's: what --clip-grad bounds: the global norm, each value, or adaptive (AGC)")
-    g('--layer-decay', type=float, default=None, help="timm's layer-wise lr decay (e.g. 0.65 to fine-tune a ViT)")
+    g('--layer-decay', type=float, help="timm's layer-wise lr decay (e.g. 0.65 to fine-tune a ViT)")
     g('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
       help="timm's: extra keyword arguments of the optimizer (e.g. foreach=False)")
     g('--momentum', type=float, default=0.9, help='SGD momentum')
@@ -102,7 +102,7 @@ def _optimizer(p) -> None:
     g('--lr', type=float, default=5e-4, help='base learning rate, for a total batch of 512 (see --unscale-lr)')
     g('--unscale-lr', action='store_true', help='use --lr as is, not lr * batch * world * accum / 512')
     g('--batch-size', '-b', default=64, type=int, help='per-process batch size')
-    g('--total-batch-size', default=None, type=int,
+    g('--total-batch-size', type=int,
       help='images per optimizer step over all processes; sets --batch-size = total / (world * accum)')
     g('--accum-iter', default=1, type=int, help='micro-batches per optimizer step (gradient accumulation)')
 
@@ -111,7 +111,7 @@ def _schedule(p) -> None:
     g = p.add_argument_group('schedule').add_argument
     g('--epochs', default=300, type=int, help='epochs to train')
     g('--sched', default='cosine', help='timm lr scheduler')
-    g('--lr-noise', type=float, nargs='+', default=None, help='lr noise on/off epoch fractions')
+    g('--lr-noise', type=float, nargs='+', help='lr noise on/off epoch fractions')
     g('--lr-noise-pct', type=float, default=0.67, help='lr noise limit')
     g('--lr-noise-std', type=float, default=1.0, help='lr noise std')
     g('--warmup-lr', type=float, default=1e-6, help='lr at the start of warm-up')
@@ -144,10 +144,10 @@ def _augmentation(p) -> None:
     g('--reprob', type=float, default=0.25, help='random erasing probability')
     g('--remode', default='pixel', help='random erasing mode')
     g('--recount', type=int, default=1, help='random erasing count')
-    g('--resplit', action='store_true', default=False, help='accepted for DeiT commands; no effect, as in DeiT')
+    g('--resplit', action='store_true', help='accepted for DeiT commands; no effect, as in DeiT')
     g('--mixup', type=float, default=0.8, help='Mixup alpha (0: off)')
     g('--cutmix', type=float, default=1.0, help='CutMix alpha (0: off)')
-    g('--cutmix-minmax', type=float, nargs='+', default=None, help='CutMix min/max ratio')
+    g('--cutmix-minmax', type=float, nargs='+', help='CutMix min/max ratio')
     g('--mixup-prob', type=float, default=1.0, help='probability of Mixup or CutMix per batch')
     g('--mixup-switch-prob', type=float, default=0.5, help='probability of CutMix when both are on')
     g('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'), help='how Mixup params are drawn')
@@ -180,7 +180,7 @@ def _loss(p) -> None:
 
 def _data(p) -> None:
     g = p.add_argument_group('data').add_argument
-    g('--data-path', default=None, help='data set root (ImageNet folders, or the ZIP cache with --cache)')
+    g('--data-path', help='data set root (ImageNet folders, or the ZIP cache with --cache)')
     g('--data-set', default='IMNET', choices=DATA_SETS,
       help='DEMO: the built-in digits set; CIFAR*: the official python archives (deit/datasets.py)')
     g('--imbalance-ratio', type=float, default=IMBALANCE_RATIO,
@@ -210,9 +210,9 @@ def _data(p) -> None:
 def _run(p) -> None:
     g = p.add_argument_group('run').add_argument
     g('-c', '--config', default='', help='recipe YAML (recipes/); its keys set defaults, flags override')
-    g('--output_dir', '--output-dir', default=None,
+    g('--output_dir', '--output-dir',
       help="run folder (default: output/train/<time>-<model>-<loss>); '' for none")
-    g('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    g('--device', help='cuda or cpu (default: cuda when available)')
     g('--seed', default=0, type=int, help='random seed (+ rank)')
     g('--resume', default='', help='checkpoint to resume from on purpose (other run arguments are allowed)')
     g('--auto-resume', action=argparse.BooleanOptionalAction, default=True,
@@ -220,7 +220,7 @@ def _run(p) -> None:
     g('--no-resume-opt', action='store_true',
       help="timm's: a resume restores weights, epoch, EMA and RNG streams, not the optimizer and loss-scaler state")
     g('--experiment', default='', help="timm's run name: the run folder is output/train/<name> (when no --output_dir)")
-    g('--checkpoint-hist', type=int, default=None,
+    g('--checkpoint-hist', type=int,
       help="timm's count of best checkpoints kept: not supported (checkpoint.pth and best_checkpoint.pth)")
     g('--eval-metric', default='top1', choices=('top1',),
       help="timm's metric that picks the best checkpoint: top-1 here, as DeiT")
@@ -231,12 +231,12 @@ def _run(p) -> None:
     g('--eval', action='store_true', help='evaluate only')
     g('--eval-every', default=1, type=int, help='evaluate every N epochs (and always after the last)')
     g('--dist-eval', action='store_true', help='shard evaluation over ranks (exact)')
-    g('--amp', action=argparse.BooleanOptionalAction, default=None, help='mixed precision (default: on for CUDA)')
-    g('--amp-dtype', choices=('float16', 'bfloat16'), default=None,
+    g('--amp', action=argparse.BooleanOptionalAction, help='mixed precision (default: on for CUDA)')
+    g('--amp-dtype', choices=('float16', 'bfloat16'),
       help="timm's flag: float16 (with loss scaling; the CUDA default) or bfloat16 (no scaling; the CPU's only "
            "choice); the losses compute in float32 either way")
     g('--print-freq', default=50, type=int, help='log every N steps (0: epoch summaries only)')
-    g('--max-steps-per-epoch', default=None, type=int, help='cap steps per epoch (smoke tests)')
+    g('--max-steps-per-epoch', type=int, help='cap steps per epoch (smoke tests)')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
