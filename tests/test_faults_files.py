@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._utils import ExceptionWrapper
 
 import data.io as io_module
 import deit.loop
 import deit.main as dm
+from data.decode import CorruptImageError
 from data.io import CheckpointError, SaveError, torch_load
 from tests.conftest import TINY, make_image
 
@@ -394,3 +396,18 @@ def test_an_error_in_a_loader_worker_is_reported_as_its_own_line():
         next(iter(loader))
     assert 'Original Traceback' in str(e.value)  # what torch hands back: the worker's whole traceback
     assert dm.error_line(e.value) == '/data/train.zip: the file shrank to 12 bytes while in use'
+
+
+def test_the_error_line_of_a_loader_worker_error_is_the_workers_own_message():
+    """torch re-raises a worker's error as "Caught X in DataLoader worker process N. Original Traceback ..."
+    followed by the whole traceback; the one line printed is the worker's message, ': ' inside it kept."""
+    try:
+        raise CorruptImageError('/d/a.jpg: cannot decode image (Truncated File Read)')
+    except CorruptImageError:
+        wrapped = ExceptionWrapper(where='in DataLoader worker process 0')
+    with pytest.raises(CorruptImageError) as e:
+        wrapped.reraise()
+    assert 'Original Traceback' in str(e.value)
+    assert dm.error_line(e.value) == '/d/a.jpg: cannot decode image (Truncated File Read)'
+    assert dm.error_line(ValueError('  --epochs 0: train for at least 1 epoch \n')) == \
+        '--epochs 0: train for at least 1 epoch'
