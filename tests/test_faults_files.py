@@ -18,6 +18,7 @@ import deit.loop
 import deit.main as dm
 from data.decode import CorruptImageError
 from data.io import CheckpointError, SaveError, torch_load
+from deit.datasets import CheckedImageFolder
 from tests.conftest import TINY, make_image
 
 DEMO = TINY + ['--data-set', 'DEMO', '--max-steps-per-epoch', '2']
@@ -350,8 +351,6 @@ def test_bad_images_are_named_or_skipped_and_counted(bad_image_tree, tmp_path, m
     for name, msg in (('bomb.jpg', "over PIL's decompression-bomb limit"), ('bomb.png', 'decompression bomb'),
                       ('broken.jpg', 'cannot read the file (No such file or directory)'),
                       ('locked.jpg', 'cannot read the file (Permission denied)')):
-        from deit.datasets import CheckedImageFolder
-        from data.decode import CorruptImageError
         ds = CheckedImageFolder(bad_image_tree / 'train', skip_bad=False)
         i = next(k for k, (p, _) in enumerate(ds.samples) if p.endswith(name))
         with pytest.raises(CorruptImageError, match=re.escape(name) + '.*' + re.escape(msg)):
