@@ -72,7 +72,7 @@ def _model(p) -> None:
     g('--model-ema-force-cpu', action='store_true',
       help='keep the EMA on the CPU (saves GPU memory); it is then evaluated only after the last epoch, on a '
            'copy on the training device, not every epoch on the CPU while the GPUs wait (as timm)')
-    g('--finetune', '--initial-checkpoint', dest='finetune', default='',
+    g('--finetune', '--initial-checkpoint', default='',
       help="initialise from this checkpoint (head reset / pos-embed resize as needed; timm's --initial-checkpoint "
            "loads strictly instead)")
     g('--pretrained', action='store_true',
@@ -156,9 +156,9 @@ def _augmentation(p) -> None:
 def _loss(p) -> None:
     g = p.add_argument_group('loss').add_argument
     g('--loss', default='maxsup', choices=LOSSES, help='the regulariser compared in the paper')
-    g('--alpha', '--maxsup-alpha', dest='alpha', type=float, default=ALPHA_DEFAULT,
+    g('--alpha', '--maxsup-alpha', type=float, default=ALPHA_DEFAULT,
       help='regulariser weight at epoch 0 (maxsup, ls, ls_reg_only, ls_err_only; ols: its initial smoothing)')
-    g('--alpha-end', '--maxsup-alpha-end', dest='alpha_end', type=float, default=0.2,
+    g('--alpha-end', '--maxsup-alpha-end', type=float, default=0.2,
       help='weight at the last epoch, linear in between: the paper schedules MaxSup AND label smoothing '
            '0.1 -> 0.2 by default (Sec. 5.1, App. F)')
     g('--alpha-schedule', choices=('linear', 'constant'), default='linear',
@@ -198,9 +198,9 @@ def _data(p) -> None:
     g('--jpeg-draft', action='store_true',
       help='opt-in deviation: decode a JPEG at 1/2, 1/4 or 1/8 DCT scale when the sampled crop is >= 2x the '
            'output (same crops; the reduction filter differs)')
-    g('--device-aug', '--gpu-aug', dest='device_aug', action='store_true',
+    g('--device-aug', '--gpu-aug', action='store_true',
       help='RandAugment of the batch on the device (GPU); workers only decode, crop and flip (needs --prefetcher)')
-    g('--gpu-decode', '--device-decode', dest='gpu_decode', action='store_true',
+    g('--gpu-decode', '--device-decode', action='store_true',
       help='decode training JPEGs on the device (nvJPEG via torchvision), batched: workers only read the header and '
            "draw timm's crop and flip (needs --prefetcher; with RandAugment, --device-aug)")
     g('--num_workers', '--num-workers', '-j', default=10, type=int, help='DataLoader workers per process')
