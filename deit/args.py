@@ -168,9 +168,9 @@ def _loss(p) -> None:
     g('--bce-loss', action='store_true', help='BCE on mixed labels (DeiT III); only with --loss ce')
     for option, default in loss_options():  # each loss's own flags, defaults from its constructor
         if isinstance(default, bool):
-            g(option.flag, dest=option.dest, action='store_true', help=option.help)
+            g(option.flag, action='store_true', help=option.help)
         else:
-            g(option.flag, dest=option.dest, type=type(default), default=default, help=option.help)
+            g(option.flag, type=type(default), default=default, help=option.help)
     g('--teacher-model', default='regnety_160', help='distillation teacher (timm name)')
     g('--teacher-path', default='', help='distillation teacher checkpoint')
     g('--distillation-type', default='none', choices=['none', 'soft', 'hard'], help='DeiT distillation')

@@ -85,9 +85,13 @@ class DistillationLoss(nn.Module):
 class LossOption:
     """A loss's hyper-parameter flag; the default is its constructor parameter's (``param``): one home."""
     flag: str
-    dest: str
     param: str
     help: str
+
+    @property
+    def dest(self) -> str:
+        """The attribute the parsed flag sets, as argparse names it."""
+        return self.flag.removeprefix('--').replace('-', '_')
 
 
 @dataclass(frozen=True)
@@ -117,24 +121,23 @@ LOSS_REGISTRY: dict[str, LossSpec] = {
     'ls_err_only': LossSpec(LabelSmoothingPartLoss, lambda cls, o: cls('error_enhancement', o['alpha']),
                             scheduled=True, hard_only=True),
     'ols': LossSpec(OnlineLabelSmoothing, lambda cls, o: cls(o['nb_classes'], a=o['ols_a'], smoothing=o['alpha']),
-                    (LossOption('--ols-a', 'ols_a', 'a', 'OLS: weight of the hard-label CE'),)),
+                    (LossOption('--ols-a', 'a', 'OLS: weight of the hard-label CE'),)),
     'zipf': LossSpec(ZipfLabelSmoothing, lambda cls, o: cls(o['zipf_weight'], o['zipf_power'],
                                                             loss_mask=o['zipf_loss_mask'], dense=o['zipf_dense']),
-                     (LossOption('--zipf-weight', 'zipf_weight', 'weight',
+                     (LossOption('--zipf-weight', 'weight',
                                  "Zipf LS: weight of the KL term (the authors' loss_lambda; its default in their "
                                  "train.py; their README's runs use 0.1 with --zipf-dense)"),
-                      LossOption('--zipf-power', 'zipf_power', 'power', 'Zipf LS: exponent of the rank law'),
-                      LossOption('--zipf-loss-mask', 'zipf_loss_mask', 'loss_mask',
+                      LossOption('--zipf-power', 'power', 'Zipf LS: exponent of the rank law'),
+                      LossOption('--zipf-loss-mask', 'loss_mask',
                                  "Zipf LS term on correctly classified samples only (the authors' --mask; off, "
                                  "as theirs)"),
-                      LossOption('--zipf-dense', 'zipf_dense', 'dense',
+                      LossOption('--zipf-dense', 'dense',
                                  "Zipf LS ranks by dense votes: the classifier at each location of a CNN's last "
                                  "feature map (the authors' --dense, used in their README's runs)"))),
     'logit_penalty': LossSpec(LogitPenaltyLoss, lambda cls, o: cls(o['logit_penalty_beta']),
-                              (LossOption('--logit-penalty-beta', 'logit_penalty_beta', 'beta',
-                                          'logit penalty: beta / 2 * sum z^2'),)),
+                              (LossOption('--logit-penalty-beta', 'beta', 'logit penalty: beta / 2 * sum z^2'),)),
     'focal': LossSpec(FocalLoss, lambda cls, o: cls(o['focal_gamma']),
-                      (LossOption('--focal-gamma', 'focal_gamma', 'gamma', 'focal loss: the exponent gamma'),)),
+                      (LossOption('--focal-gamma', 'gamma', 'focal loss: the exponent gamma'),)),
 }
 LOSSES = tuple(LOSS_REGISTRY)
 HARD_LABEL_LOSSES = tuple(n for n, spec in LOSS_REGISTRY.items() if spec.hard_only)
