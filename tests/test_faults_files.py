@@ -410,3 +410,19 @@ def test_the_error_line_of_a_loader_worker_error_is_the_workers_own_message():
     assert dm.error_line(e.value) == '/d/a.jpg: cannot decode image (Truncated File Read)'
     assert dm.error_line(ValueError('  --epochs 0: train for at least 1 epoch \n')) == \
         '--epochs 0: train for at least 1 epoch'
+
+
+@pytest.mark.parametrize('written', [False, True])
+def test_ctrl_c_names_the_resume_point_or_says_there_is_none(written, tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'run'
+    out.mkdir()
+    if written:
+        (out / 'checkpoint.pth').write_bytes(b'')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dm, 'execute', interrupted)
+    assert dm.cli(TINY + ['--data-set', 'DEMO', '--output_dir', str(out)]) == 130
+    where = f'the same command resumes from {out / "checkpoint.pth"} (its last completed epoch)' if written else \
+        'no checkpoint was written yet'
+    assert capsys.readouterr().err == f'\ninterrupted: {where}\n'

@@ -38,13 +38,16 @@ def test_end_to_end_mixup_cutmix_maxsup(tiny_imagefolder, tmp_path, capsys):
     assert {'model', 'optimizer', 'lr_scheduler', 'scaler', 'args', 'rng', 'criterion'} <= set(ck)
     assert (out / 'best_checkpoint.pth').is_file()
     assert any(p.name.startswith('events.out.tfevents') for p in (out / 'tb').iterdir())
+    n_parameters = sum(p.numel() for p in create_model('deit_demo_patch4_32', num_classes=4).parameters())
+    assert f'model deit_demo_patch4_32: {n_parameters / 1e6:.2f}M parameters, 4 classes\n' in capsys.readouterr().out
     # --eval on the saved checkpoint reproduces the logged test accuracy and reports ECE
-    capsys.readouterr()
     stats = main(get_args_parser().parse_args(TINY + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder),
                                                       '--eval', '--resume', str(out / 'checkpoint.pth')]))
     assert stats['acc1'] == pytest.approx(log[-1]['test_acc1'])
     assert 0 <= stats['ece'] <= 1 and stats['n'] == 24
-    assert 'Acc@1' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'Acc@1' in printed and f'evaluating {out / "checkpoint.pth"} (epoch 3)\n' in printed
+    assert f'Accuracy of the network on the 24 test images: {stats["acc1"]:.2f}%\n' in printed  # DeiT's line
     # without --model / --input-size: the checkpoint's own (recorded in its args), said in one line
     bare = without(without(TINY, '--model'), '--input-size')
     stats = main(parse_args(bare + ['--data-set', 'FOLDER', '--data-path', str(tiny_imagefolder), '--eval',
