@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import deit.main as dm
 from data.decode import CorruptImageError
 from data.io import CheckpointError, SaveError, torch_load
 from deit.datasets import CheckedImageFolder
+from deit.rundir import StdoutCopy, tb_scalars
 from tests.conftest import TINY, make_image
 
 DEMO = TINY + ['--data-set', 'DEMO', '--max-steps-per-epoch', '2']
@@ -426,3 +428,43 @@ def test_ctrl_c_names_the_resume_point_or_says_there_is_none(written, tmp_path, 
     where = f'the same command resumes from {out / "checkpoint.pth"} (its last completed epoch)' if written else \
         'no checkpoint was written yet'
     assert capsys.readouterr().err == f'\ninterrupted: {where}\n'
+
+
+class _Scalars:
+    """What TensorBoard's SummaryWriter is given."""
+
+    def __init__(self):
+        self.added, self.flushes = [], 0
+
+    def add_scalar(self, tag, value, step):
+        self.added.append((tag, value, step))
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_tensorboard_gets_the_train_and_test_numbers_and_alpha():
+    tb = _Scalars()
+    tb_scalars(tb, {'epoch': 3, 'alpha': 0.15, 'lr': 1e-3, 'train_lr': 1e-3, 'train_loss': 2.5, 'test_acc1': 40.0,
+                    'test_n': 24, 'train_skipped_images': 2, 'test_note': 'x', 'n_parameters': 10}, 3)
+    assert tb.added == [('train/lr', 1e-3, 3), ('train/loss', 2.5, 3), ('test/acc1', 40.0, 3), ('train/alpha', 0.15, 3)]
+    assert tb.flushes == 1
+    tb = _Scalars()
+    tb_scalars(tb, {'train_loss': 1, 'alpha': None}, 0)  # ce: no alpha
+    assert tb.added == [('train/loss', 1, 0)] and tb.flushes == 1
+
+
+def test_stdout_log_holds_what_was_printed_before_the_run_folder_was_known(tmp_path, capsys):
+    with StdoutCopy() as copy:
+        assert sys.stdout is copy
+        print('input pipeline: before the folder')
+        copy.attach(tmp_path / 'stdout.log')
+        print('epoch 0')  # line-buffered: in the file before the run ends (a tail -f, a killed run)
+        assert (tmp_path / 'stdout.log').read_text() == 'input pipeline: before the folder\nepoch 0\n'
+    assert sys.stdout is copy.real and copy.file.closed
+    assert capsys.readouterr().out == 'input pipeline: before the folder\nepoch 0\n'
+    (tmp_path / 'stdout.log').write_text('the previous attempt\n')
+    with StdoutCopy() as copy:  # a resumed run appends
+        print('resumed')
+        copy.attach(tmp_path / 'stdout.log')
+    assert (tmp_path / 'stdout.log').read_text() == 'the previous attempt\nresumed\n'
