@@ -200,3 +200,48 @@ def test_collective_helpers_in_a_one_process_group(tmp_path):
     finally:
         du.cleanup()
     assert not du.is_dist() and du.any_rank(True) is True and du.all_gather_object(3) == [3]
+
+
+STEP = {'SLURM_PROCID': '1', 'SLURM_NTASKS': '2', 'SLURM_STEP_ID': '0'}
+
+
+@pytest.mark.parametrize('env, expected', [
+    ({'RANK': '0', 'WORLD_SIZE': '1'},  # torchrun without LOCAL_RANK or a master: as given
+     {'rank': 0, 'world_size': 1, 'local_rank': 0, 'source': 'torchrun', 'master_addr': None, 'master_port': None}),
+    ({**STEP, 'SLURM_NODELIST': 'n[3-4]'},  # the oldest node-list name; no SLURM_LOCALID: 0
+     {'rank': 1, 'world_size': 2, 'local_rank': 0, 'source': 'slurm', 'master_addr': 'n3', 'master_port': '29500'}),
+    ({**STEP, 'SLURM_STEP_NODELIST': 's[1-2]', 'SLURM_JOB_NODELIST': 'j[1-2]', 'SLURM_JOBID': '7'},  # the step's
+     {'rank': 1, 'world_size': 2, 'local_rank': 0, 'source': 'slurm', 'master_addr': 's1', 'master_port': '15007'}),
+    ({**STEP, 'SLURM_JOB_NODELIST': 'j[1-2]', 'SLURM_NODELIST': 'x[1-2]', 'MASTER_ADDR': 'head'},
+     {'rank': 1, 'world_size': 2, 'local_rank': 0, 'source': 'slurm', 'master_addr': 'head', 'master_port': '29500'}),
+    ({'SLURM_PROCID': '0', 'SLURM_NTASKS': '2', 'SLURM_STEPID': '3', 'MASTER_ADDR': 'h'},  # STEPID: older name
+     {'rank': 0, 'world_size': 2, 'local_rank': 0, 'source': 'slurm', 'master_addr': 'h', 'master_port': '29500'}),
+    ({'SLURM_PROCID': '0', 'SLURM_STEP_NUM_TASKS': '', 'SLURM_NTASKS': '3', 'SLURM_STEP_ID': '0', 'MASTER_ADDR': 'h'},
+     {'rank': 0, 'world_size': 3, 'local_rank': 0, 'source': 'slurm', 'master_addr': 'h', 'master_port': '29500'}),
+])
+def test_dist_env_reads_each_launchers_variables(env, expected, monkeypatch):
+    monkeypatch.setattr('deit.distributed.shutil.which', lambda name: None)  # no scontrol: the node-list parser
+    assert dist_env(env) == expected
+
+
+@pytest.mark.parametrize('env', [
+    {'SLURM_PROCID': '0'},  # no task count: one task
+    {**STEP, 'SLURM_PROCID': '-1'},
+    {**STEP, 'SLURM_PROCID': '2'},
+    {**STEP, 'SLURM_STEP_ID': 'extern'},
+])
+def test_slurm_variables_of_no_job_step_task_run_single_process(env, capsys):
+    assert dist_env(env) is None
+    printed = capsys.readouterr().out
+    if 'SLURM_NTASKS' in env:
+        assert printed == (f'note: SLURM variables found (SLURM_PROCID={env["SLURM_PROCID"]}, 2 tasks) but this '
+                           f'process is not a task of a job step (SLURM_STEP_ID={env["SLURM_STEP_ID"]}): running as '
+                           f'a single process. Start multi-process runs with srun or torchrun.\n')
+    else:  # a one-task allocation: nothing to say
+        assert printed == ''
+
+
+def test_a_slurm_step_without_a_master_host_is_one_line():
+    with pytest.raises(ValueError) as e:
+        dist_env(STEP)
+    assert str(e.value) == 'SLURM run without MASTER_ADDR or SLURM_JOB_NODELIST: cannot find the master host'
