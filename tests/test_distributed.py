@@ -1,6 +1,7 @@
 """Distributed training on CPU with gloo: torchrun runs, samplers, SLURM env, launch scripts."""
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import subprocess
@@ -121,7 +122,7 @@ def test_slurm_env_initialises_rank_world_master():
         expand_nodelist('')
 
 
-def test_slurm_init_in_process(monkeypatch):
+def test_slurm_init_in_process(monkeypatch, capsys):
     """deit.distributed.init_distributed from SLURM variables, world of 1 real process (gloo)."""
     from deit import distributed as du
     import socket
@@ -134,7 +135,7 @@ def test_slurm_init_in_process(monkeypatch):
     monkeypatch.setenv('SLURM_PROCID', '0')
     monkeypatch.setenv('SLURM_STEP_ID', '0')
     monkeypatch.setenv('SLURM_NTASKS', '2')
-    monkeypatch.setenv('SLURM_LOCALID', '0')
+    monkeypatch.setenv('SLURM_LOCALID', '1')
     monkeypatch.setenv('SLURM_JOB_NODELIST', 'localhost')
     monkeypatch.setenv('MASTER_PORT', str(port))
     info = dist_env()
@@ -145,9 +146,12 @@ def test_slurm_init_in_process(monkeypatch):
     captured = {}
     place = du.init_distributed('cpu')
     import os
-    assert (place.rank, place.world_size, place.gpu, place.backend) == (0, 2, 0, 'gloo')
-    assert captured['backend'] == 'gloo' and captured['world_size'] == 2
-    assert os.environ['MASTER_ADDR'] == 'localhost' and os.environ['RANK'] == '0'
+    assert (place.rank, place.world_size, place.gpu, place.backend) == (0, 2, 1, 'gloo')
+    assert captured == {'backend': 'gloo', 'init_method': 'env://', 'world_size': 2, 'rank': 0,
+                        'timeout': datetime.timedelta(minutes=30)}
+    assert {k: os.environ[k] for k in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK')} == \
+        {'MASTER_ADDR': 'localhost', 'MASTER_PORT': str(port), 'RANK': '0', 'WORLD_SIZE': '2', 'LOCAL_RANK': '1'}
+    assert '| distributed init (rank 0/2, local 1, slurm, backend gloo)\n' in capsys.readouterr().out
 
 
 def test_launch_scripts_syntax_and_dry_run():
