@@ -96,6 +96,7 @@ def run_ranks(target, world: int, out_dir: Path, *args, timeout: float = 120) ->
         p.join(timeout)
         if p.is_alive():  # a rank stuck in teardown must not outlive the test
             p.terminate()
+            p.join()  # reaped here, not by whoever waits for any child later (mutmut's worker pool does)
     return [json.loads((Path(out_dir) / f'rank{r}.json').read_text()) for r in range(world)]
 
 

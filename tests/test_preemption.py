@@ -447,6 +447,7 @@ def test_a_flock_held_by_another_process_is_still_refused(tmp_path):
             rundir.lock_run_dir(tmp_path)
     finally:
         holder.kill()
+        holder.wait()  # reaped here, not by whoever waits for any child later (mutmut's worker pool does)
 
 
 # ------------------------------------------------------------------------------------------------------------
