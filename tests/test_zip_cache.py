@@ -17,6 +17,7 @@ from argparse import Namespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from data.build_zip_cache import build, main as build_main
@@ -970,3 +971,30 @@ def test_a_zip_truncated_under_a_running_reader_stops_it_with_one_line(tmp_path)
     out, err = child.communicate('go\n', timeout=60)
     assert child.returncode == 0, (child.returncode, err)
     assert out.startswith(f'CacheError {zp}: the file shrank to ') and "member 'a/7.jpg'" in out
+
+
+def test_the_cache_builder_command_line(tmp_path, capsys):
+    src = make_imagefolder(tmp_path / 'src', n_classes=2, n_train=3, n_val=2, size=40)
+    dst = tmp_path / 'cache'
+    assert build_main(['--src', str(src), '--dst', str(dst), '--max-size', '32', '--quality', '80']) == 0
+    assert capsys.readouterr().out.endswith(f'wrote {dst}: 2 classes, 6 train, 4 val images\n')
+    with zipfile.ZipFile(dst / 'train.zip') as z:
+        assert {max(Image.open(io.BytesIO(z.read(n))).size) for n in z.namelist()} == {32}
+    assert build_main(['--dst', str(dst), '--verify', '--max-size', '1', '--quality', '1']) == 0  # the edges
+    assert build_main(['--dst', str(dst), '--verify', '--quality', '100']) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == 'verify: 0 bad member(s)'
+    for bad, got in ((['--max-size', '0'], '0, 90'), (['--quality', '0'], 'None, 0'), (['--quality', '101'], 'None, 101'),
+                     (['--max-size', '0', '--quality', '50'], '0, 50')):
+        with pytest.raises(SystemExit) as e:
+            build_main(['--dst', str(dst), '--verify', *bad])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f'error: --max-size must be >= 1 and --quality within 1..100 (got {got})')
+    for argv, message in (([], 'the following arguments are required: --dst'),
+                          (['--dst', str(dst)], 'give --src to build, or --verify to check an existing cache')):
+        with pytest.raises(SystemExit) as e:
+            build_main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(f'error: {message}')
+    (tmp_path / 'a_file').write_text('')  # --dst names a file: refused before the tree is read
+    assert build_main(['--src', str(src), '--dst', str(tmp_path / 'a_file')]) == 2
+    assert capsys.readouterr().err == f'error: {tmp_path / "a_file"}: cannot write there (Not a directory)\n'
