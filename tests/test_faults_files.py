@@ -412,6 +412,13 @@ def test_the_error_line_of_a_loader_worker_error_is_the_workers_own_message():
     assert dm.error_line(e.value) == '/d/a.jpg: cannot decode image (Truncated File Read)'
     assert dm.error_line(ValueError('  --epochs 0: train for at least 1 epoch \n')) == \
         '--epochs 0: train for at least 1 epoch'
+    try:
+        raise CorruptImageError()
+    except CorruptImageError:
+        wrapped = ExceptionWrapper(where='in DataLoader worker process 1')
+    with pytest.raises(CorruptImageError) as e:
+        wrapped.reraise()
+    assert dm.error_line(e.value) == 'data.decode.CorruptImageError'  # no message: its type
 
 
 @pytest.mark.parametrize('written', [False, True])

@@ -6,13 +6,17 @@ subprocesses; these check each piece directly, including the multi-rank and CUDA
 """
 import random
 from argparse import Namespace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import deit.distributed as du
+import deit.main as dm
 from data.io import CheckpointError
+from deit.config import resolve_config
+from deit.recipes import parse_args
 from deit.train_state import check_same_run, read_resume_checkpoint, restore_rng, resume, rng_state, set_rng_state
 from tests.conftest import trained_checkpoint, training_state
 
@@ -215,3 +219,24 @@ def test_read_resume_checkpoint_rank_without_the_file_gets_rank0s_copy(tmp_path,
     # rank 1 whose own output dir has a checkpoint still follows rank 0's decision (here: start fresh)
     _as_rank(monkeypatch, 1, [None], [False, True])
     assert read_resume_checkpoint(args, tmp_path) == (None, None)
+
+
+@pytest.mark.parametrize('flags, restored', [([], True), (['--no-resume-opt'], False)])
+def test_a_resumed_run_restores_the_optimizer_unless_told_not_to(flags, restored, tmp_path):
+    src, ckpt, _ = trained_checkpoint()
+    run = SimpleNamespace(state=training_state(1), tb_resume=None)
+    cfg = resolve_config(parse_args(['--data-set', 'DEMO', '--output_dir', str(tmp_path), *flags]), 3)
+    dm.resume_run(cfg, run, ckpt, 'ck.pth')
+    assert run.state.start_epoch == 4 and run.tb_resume == (3, {'epoch': 3})  # TensorBoard resumes at the record
+    momentum = [s['momentum_buffer'] for s in run.state.optimizer.state_dict()['state'].values()]
+    expected = [s['momentum_buffer'] for s in src.optimizer.state_dict()['state'].values()] if restored else []
+    assert len(momentum) == len(expected) and all(torch.equal(a, b) for a, b in zip(momentum, expected))
+
+
+def test_eval_of_a_checkpoint_only_names_it(capsys):
+    run = SimpleNamespace(state=training_state(1), tb_resume=None)
+    before = {k: v.clone() for k, v in run.state.model.state_dict().items()}
+    dm.resume_run(resolve_config(parse_args(['--data-set', 'DEMO', '--eval']), 3), run, {'model': {}}, 'w.pth')
+    assert capsys.readouterr().out == 'evaluating w.pth (epoch ?)\n'  # weights only: no epoch recorded
+    assert run.state.start_epoch == 0 and run.tb_resume is None
+    assert all(torch.equal(v, before[k]) for k, v in run.state.model.state_dict().items())
