@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from data.build_zip_cache import build, main as build_main
+from data.build_zip_cache import build, main as build_main, scan_class_folders
 from data.class_map import class_permutation, convert_head, convert_predictions, invert
 import data.zip_cache as zc
 from data.decode import CorruptImageError, LazyJpeg
@@ -998,3 +998,17 @@ def test_the_cache_builder_command_line(tmp_path, capsys):
     (tmp_path / 'a_file').write_text('')  # --dst names a file: refused before the tree is read
     assert build_main(['--src', str(src), '--dst', str(tmp_path / 'a_file')]) == 2
     assert capsys.readouterr().err == f'error: {tmp_path / "a_file"}: cannot write there (Not a directory)\n'
+
+
+def test_a_tree_without_classes_or_images_is_named(tmp_path):
+    (tmp_path / 'train').mkdir()
+    (tmp_path / 'train' / 'notes.txt').write_text('')
+    with pytest.raises(CacheError) as e:
+        scan_class_folders(tmp_path / 'train')
+    assert str(e.value) == f'{tmp_path / "train"}: no class folders'
+    (tmp_path / 'train' / 'b').mkdir()
+    make_image(0, 0).save(tmp_path / 'train' / 'b' / '0.jpg')
+    (tmp_path / 'train' / 'a').mkdir()  # the first class, empty
+    with pytest.raises(CacheError) as e:
+        scan_class_folders(tmp_path / 'train')
+    assert str(e.value) == f'{tmp_path / "train" / "a"}: class folder without images'
