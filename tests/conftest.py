@@ -7,6 +7,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 from argparse import Namespace
 from pathlib import Path
 
@@ -14,8 +15,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """Under ``make mutation`` each mutant's tests run in a process forked from one that has run tests: a
+    cross-process lock taken there by a worker mutmut then killed stays taken (tqdm's write lock), and every
+    later worker that shows a progress bar would wait for it forever. Each worker gets a lock of its own."""
+    if os.environ.get('MUTANT_UNDER_TEST'):
+        tqdm.set_lock(threading.RLock())
 
 
 def pytest_collection_modifyitems(config, items):
