@@ -214,7 +214,7 @@ def test_figures_show_their_numbers_from_zero(monkeypatch, tmp_path):
     assert [a.get_ylabel().split()[0] for a in figs[-1].axes] == ['d_within', 'R²']
 
 
-def test_mutation_report_scores_the_run_and_keeps_the_previous_table_for_modules_not_run(tmp_path, monkeypatch):
+def test_mutation_report_scores_the_run_and_keeps_earlier_measurements_of_modules_not_run(tmp_path, monkeypatch):
     from tools import mutation_report
     monkeypatch.setattr(mutation_report, 'MODULES', ('deit/a.py', 'data/b.py'))
     (tmp_path / 'mutants' / 'deit').mkdir(parents=True)
@@ -225,8 +225,13 @@ def test_mutation_report_scores_the_run_and_keeps_the_previous_table_for_modules
     (tmp_path / 'mutants' / 'data' / 'b.py.meta').write_text(json.dumps({'exit_code_by_key': {'data.b.x_g__mutmut_1':
                                                                                                None}}))
     (tmp_path / 'eq.txt').write_text('deit.a.x_f__mutmut_5  the same bytes either way\n')
-    (tmp_path / 'old.md').write_text('# Mutation testing\n\n| module | mutants | score |\n|---|---|---|\n'
-                                     '| `data/b.py` | 9 | 100.0 % |\n\nScore = ...\n')
+    header = ('| module | mutants | killed | survived | no tests | not run | equivalent | score |\n'
+              '|---|---|---|---|---|---|---|---|\n')
+    (tmp_path / 'old.md').write_text(  # a report of a partial run, which kept the measurements before it
+        f'# Mutation testing\n\n{header}| `deit/a.py` | 5 | 1 | 3 | 0 | 0 | 1 | 25.0 % |\n'
+        '| `data/b.py` | 1 | 0 | 0 | 0 | 1 | 0 | not run yet |\n\nScore = ...\n\n## Earlier measurements\n\n'
+        f'{header}| `data/b.py` | 9 | 8 | 0 | 0 | 0 | 1 | 100.0 % |\n'
+        '| `deit/old.py` | 4 | 4 | 0 | 0 | 0 | 0 | 100.0 % |\n')
     out = tmp_path / 'report.md'
     assert mutation_report.main(['--mutants', str(tmp_path / 'mutants'), '--equivalent', str(tmp_path / 'eq.txt'),
                                  '--out', str(out), '--previous', str(tmp_path / 'old.md')]) == 0
@@ -234,4 +239,7 @@ def test_mutation_report_scores_the_run_and_keeps_the_previous_table_for_modules
     assert '| `deit/a.py` | 5 | 3 | 1 | 0 | 0 | 1 | 75.0 % |' in text  # 3 killed (a timeout too) of 4
     assert '| `data/b.py` | 1 | 0 | 0 | 0 | 1 | 0 | not run yet |' in text
     assert '- `deit.a.x_f__mutmut_2 (survived)`' in text and '`deit.a.x_f__mutmut_5`: the same bytes' in text
-    assert text.split('## The previous report')[1].count('| `data/b.py` | 9 | 100.0 % |') == 1
+    earlier = [line for line in text.split('## Earlier measurements')[1].split('\n## ')[0].splitlines()
+               if line.startswith('| `')]
+    assert earlier == ['| `data/b.py` | 9 | 8 | 0 | 0 | 0 | 1 | 100.0 % |',  # from two reports back
+                       '| `deit/old.py` | 4 | 4 | 0 | 0 | 0 | 0 | 100.0 % |']  # a module of its time; not a.py

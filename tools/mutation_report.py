@@ -72,18 +72,18 @@ def module_rows(mutants: Path, equivalent: dict) -> list[dict]:
     return rows
 
 
-def previous_table(text: str) -> list[str]:
-    """The score table of an earlier report (its first Markdown table, with its header)."""
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('| module |')), None)
-    if start is None:
-        return []
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith('|')), len(lines))
-    return lines[start:end]
+def previous_rows(text: str) -> dict[str, str]:
+    """Each module's latest measured row in an earlier report: from its own table, else from the rows it kept of
+    the reports before it (so a string of partial runs loses no measurement)."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith('| `') and not line.rstrip().endswith(('not run yet |', '| | | | | | |')):
+            rows.setdefault(line.split('`')[1], line)
+    return rows
 
 
 def render(rows: list[dict], equivalent: dict, command: str, max_survivors: int,
-           previous: list[str] | None = None) -> str:
+           previous: dict[str, str] | None = None) -> str:
     out = ['# Mutation testing', '', f'Produced by `{command}` (mutmut 3, `tools/mutation_report.py`).', '',
            WHY, '',
            '| module | mutants | killed | survived | no tests | not run | equivalent | score |',
@@ -99,9 +99,13 @@ def render(rows: list[dict], equivalent: dict, command: str, max_survivors: int,
     out += ['', 'Score = killed / (mutants - equivalent - not run); a timeout counts as killed. Results accumulate '
                 'in `mutants/` over runs: a mutant runs again when its function changes, or when named on the '
                 'command line (how survivors were re-checked after new tests).', '']
-    if previous and any(r.get('counted') == 0 for r in rows):
-        out += ['## The previous report', '', 'Modules not run this time ("not run yet" above) as the previous '
-                'report measured them, under the module names of its time:', '', *previous, '']
+    measured = {r['module'] for r in rows if r.get('counted')}
+    kept = [line for module, line in (previous or {}).items() if module not in measured]
+    if kept:
+        out += ['## Earlier measurements', '', 'Modules not measured in this run ("not run yet" above), as the latest '
+                'earlier report measured them, under the module names of its time:', '',
+                '| module | mutants | killed | survived | no tests | not run | equivalent | score |',
+                '|---|---|---|---|---|---|---|---|', *kept, '']
     for r in rows:
         if r.get('survivors'):
             out += [f'## Surviving mutants of `{r["module"]}`', '']
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
                     help="an earlier report: its table is kept for the modules this run did not reach")
     a = ap.parse_args(argv)
     equivalent = load_equivalent(a.equivalent)
-    previous = previous_table(a.previous.read_text()) if a.previous and a.previous.is_file() else None
+    previous = previous_rows(a.previous.read_text()) if a.previous and a.previous.is_file() else None
     text = render(module_rows(a.mutants, equivalent), equivalent, a.command, a.survivors, previous)
     if a.out:
         a.out.write_text(text)
