@@ -20,7 +20,7 @@ import deit.main as dm
 from data.decode import CorruptImageError
 from data.io import CheckpointError, SaveError, torch_load
 from deit.datasets import CheckedImageFolder
-from deit.rundir import StdoutCopy, tb_scalars
+from deit.rundir import StdoutCopy, repair_summary, tb_scalars
 from tests.conftest import TINY, make_image
 
 DEMO = TINY + ['--data-set', 'DEMO', '--max-steps-per-epoch', '2']
@@ -475,3 +475,13 @@ def test_stdout_log_holds_what_was_printed_before_the_run_folder_was_known(tmp_p
         print('resumed')
         copy.attach(tmp_path / 'stdout.log')
     assert (tmp_path / 'stdout.log').read_text() == 'the previous attempt\nresumed\n'
+
+
+def test_a_summary_csv_of_another_tool_is_refused_on_resume(tmp_path):
+    path = tmp_path / 'summary.csv'
+    path.write_text('step,loss\n1,2.5\n')  # another trainer's file in the run folder
+    with pytest.raises(ValueError) as e:
+        repair_summary(tmp_path, 0, None)
+    assert str(e.value) == f'{path}: not a summary.csv of this trainer (no "epoch" column in its header); move it ' \
+                           f'away, then resume'
+    assert path.read_text() == 'step,loss\n1,2.5\n'
