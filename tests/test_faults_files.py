@@ -20,7 +20,7 @@ import deit.main as dm
 from data.decode import CorruptImageError
 from data.io import CheckpointError, SaveError, torch_load
 from deit.datasets import CheckedImageFolder
-from deit.rundir import StdoutCopy, repair_summary, tb_scalars
+from deit.rundir import StdoutCopy, repair_summary, set_aside_run, tb_scalars
 from tests.conftest import TINY, make_image
 
 DEMO = TINY + ['--data-set', 'DEMO', '--max-steps-per-epoch', '2']
@@ -485,3 +485,19 @@ def test_a_summary_csv_of_another_tool_is_refused_on_resume(tmp_path):
     assert str(e.value) == f'{path}: not a summary.csv of this trainer (no "epoch" column in its header); move it ' \
                            f'away, then resume'
     assert path.read_text() == 'step,loss\n1,2.5\n'
+
+
+def test_a_fresh_start_moves_the_previous_runs_files_aside_together(tmp_path, capsys):
+    assert set_aside_run(tmp_path) is None and capsys.readouterr().out == ''  # an empty folder: nothing to move
+    for attempt in (1, 2):
+        (tmp_path / 'checkpoint.pth').write_text(f'run {attempt}')
+        (tmp_path / 'log.txt').write_text('{}\n')
+        (tmp_path / 'tb').mkdir()
+        (tmp_path / 'notes.md').write_text('mine')  # not a run file: stays
+        dest = set_aside_run(tmp_path)
+        assert dest == tmp_path / ('previous_run' if attempt == 1 else 'previous_run2')
+        assert sorted(p.name for p in dest.iterdir()) == ['checkpoint.pth', 'log.txt', 'tb']
+        assert (dest / 'checkpoint.pth').read_text() == f'run {attempt}'
+        assert capsys.readouterr().out == (f'starting fresh: the files of the run already in {tmp_path} '
+                                           f'(checkpoint.pth, log.txt, tb) were moved to {dest}\n')
+    assert (tmp_path / 'notes.md').read_text() == 'mine' and not (tmp_path / 'checkpoint.pth').exists()
