@@ -31,8 +31,6 @@ from data.zip_cache import ZipImageDataset, open_index
 from data.zip_index import CacheError
 from data.io import CheckpointError, atomic_open, check_writable
 
-FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # zip timestamps fixed so two builds are byte-identical
-
 
 def _images_under(folder: Path) -> list[str]:
     """Image files below folder (recursively), as sorted '/'-joined relative paths."""
@@ -119,12 +117,11 @@ def shrink(data: bytes, path: Path, max_size: int, quality: int) -> bytes:
     return out.getvalue()
 
 
-def write_zip(src_dir: Path, entries, zip_path: Path, desc: str, max_size: int | None = None,
-              quality: int = 90) -> None:
-    with atomic_open(zip_path) as f, zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+def write_zip(src_dir: Path, entries, zip_path: Path, desc: str, max_size: int | None, quality: int) -> None:
+    with atomic_open(zip_path) as f, zipfile.ZipFile(f, 'w') as zf:  # zipfile's defaults: stored, ZIP64 as needed
         for name, _ in tqdm(entries, desc=desc, unit='img', mininterval=1.0):
-            info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
-            info.compress_type = zipfile.ZIP_STORED
+            info = zipfile.ZipInfo(name)  # its timestamp is fixed (1980-01-01): two builds are byte-identical
+            info.compress_type = zipfile.ZIP_STORED  # JPEGs do not compress; a stored member is read in place
             info.external_attr = 0o644 << 16
             data = (src_dir / name).read_bytes()
             zf.writestr(info, data if max_size is None else shrink(data, src_dir / name, max_size, quality))

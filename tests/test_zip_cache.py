@@ -977,7 +977,12 @@ def test_the_cache_builder_command_line(tmp_path, capsys):
     src = make_imagefolder(tmp_path / 'src', n_classes=2, n_train=3, n_val=2, size=40)
     dst = tmp_path / 'cache'
     assert build_main(['--src', str(src), '--dst', str(dst), '--max-size', '32', '--quality', '80']) == 0
-    assert capsys.readouterr().out.endswith(f'wrote {dst}: 2 classes, 6 train, 4 val images\n')
+    printed = capsys.readouterr()
+    assert printed.out.endswith(f'wrote {dst}: 2 classes, 6 train, 4 val images\n')
+    assert 'train.zip: 100%' in printed.err and '| 6/6 [' in printed.err and 'img/s]' in printed.err  # progress
+    assert build_main(['--src', str(src), '--dst', str(tmp_path / 'again'), '--max-size', '32', '--quality', '80']) == 0
+    for name in ('train.zip', 'val.zip', 'train_map.txt', 'val_map.txt'):  # a build is reproducible byte for byte
+        assert (tmp_path / 'again' / name).read_bytes() == (dst / name).read_bytes(), name
     with zipfile.ZipFile(dst / 'train.zip') as z:
         assert {max(Image.open(io.BytesIO(z.read(n))).size) for n in z.namelist()} == {32}
     assert build_main(['--dst', str(dst), '--verify', '--max-size', '1', '--quality', '1']) == 0  # the edges
