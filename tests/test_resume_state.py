@@ -226,7 +226,9 @@ def test_a_resumed_run_restores_the_optimizer_unless_told_not_to(flags, restored
     src, ckpt, _ = trained_checkpoint()
     run = SimpleNamespace(state=training_state(1), tb_resume=None)
     cfg = resolve_config(parse_args(['--data-set', 'DEMO', '--output_dir', str(tmp_path), *flags]), 3)
+    (tmp_path / 'log.txt').write_text(''.join(f'{{"epoch": {e}}}\n' for e in range(3)))  # killed before its line
     dm.resume_run(cfg, run, ckpt, 'ck.pth')
+    assert (tmp_path / 'log.txt').read_text().splitlines()[-1] == '{"epoch": 3}'  # the checkpoint's record
     assert run.state.start_epoch == 4 and run.tb_resume == (3, {'epoch': 3})  # TensorBoard resumes at the record
     momentum = [s['momentum_buffer'] for s in run.state.optimizer.state_dict()['state'].values()]
     expected = [s['momentum_buffer'] for s in src.optimizer.state_dict()['state'].values()] if restored else []

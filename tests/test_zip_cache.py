@@ -985,6 +985,7 @@ def test_the_cache_builder_command_line(tmp_path, capsys):
         assert (tmp_path / 'again' / name).read_bytes() == (dst / name).read_bytes(), name
     with zipfile.ZipFile(dst / 'train.zip') as z:
         assert {max(Image.open(io.BytesIO(z.read(n))).size) for n in z.namelist()} == {32}
+        assert {i.external_attr >> 16 for i in z.infolist()} == {0o644}  # rw-r--r-- when unzipped
     assert build_main(['--dst', str(dst), '--verify', '--max-size', '1', '--quality', '1']) == 0  # the edges
     assert build_main(['--dst', str(dst), '--verify', '--quality', '100']) == 0
     assert capsys.readouterr().out.splitlines()[-1] == 'verify: 0 bad member(s)'
