@@ -53,13 +53,16 @@ bench: setup
 
 # Mutation testing of the core modules with mutmut (not in CI: hours on 2 cores; results are kept in mutants/
 # and reused for unchanged functions). MUTANTS='deit.metrics*' limits a run; the report goes to docs/mutation.md.
+# SAMPLE='60 deit/main.py data/zip_index.py' runs a seeded uniform sample of 60 mutants of each module named
+# (tools/mutation_sample.py): an unbiased score, with its interval, where the whole module would take hours.
 # One torch thread: mutmut forks a worker per mutant, and a forked OpenMP pool can deadlock (a false "timeout").
 MUTANTS ?=
+SAMPLE ?=
 mutation: setup setup-seg
-	$(PIP) install -r requirements/mutation.txt
-	set -f; OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m mutmut run --max-children $$(nproc) $(MUTANTS)
+	set -f; OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m mutmut run --max-children $$(nproc) $(MUTANTS) \
+	    $(if $(SAMPLE),$$($(PY) -m tools.mutation_sample --per-module $(SAMPLE)))
 	$(PY) -m tools.mutation_report --out docs/mutation.md --previous docs/mutation.md \
-	    --command "make mutation$(if $(MUTANTS), MUTANTS='$(MUTANTS)')"
+	    --command "make mutation$(if $(MUTANTS), MUTANTS='$(MUTANTS)')$(if $(SAMPLE), SAMPLE='$(SAMPLE)')"
 
 clean:
 	rm -rf $(VENV) output .pytest_cache

@@ -214,13 +214,37 @@ def test_figures_show_their_numbers_from_zero(monkeypatch, tmp_path):
     assert [a.get_ylabel().split()[0] for a in figs[-1].axes] == ['d_within', 'R²']
 
 
-def test_mutation_report_scores_the_run_and_keeps_earlier_measurements_of_modules_not_run(tmp_path, monkeypatch):
+def test_wilson_interval():
+    from tools.mutation_report import wilson
+    assert wilson(0, 10)[0] == pytest.approx(0, abs=1e-12) and wilson(0, 10)[1] == pytest.approx(100 * 3.8416 / 13.8416)
+    assert wilson(10, 10)[0] == pytest.approx(100 * 10 / 13.8416) and wilson(10, 10)[1] == pytest.approx(100)
+    low, high = wilson(57, 60)
+    assert 86 < low < 87 and 98 < high < 99  # 95 % of 60 mutants: about 86.3 to 98.3 %
+
+
+def test_mutation_sample_is_seeded_uniform_and_leaves_equivalents_out(tmp_path):
+    from tools import mutation_sample
+    every = mutation_sample.mutant_names('data/skip.py')
+    assert every and all(n.startswith('data.skip.x') and '__mutmut_' in n for n in every)
+    eq = {every[0]: 'why'}
+    a = mutation_sample.sample(['data/skip.py'], 10, 0, eq)
+    assert len(a) == 10 == len(set(a)) and set(a) <= set(every) - {every[0]}
+    assert a == mutation_sample.sample(['data/skip.py'], 10, 0, eq) != mutation_sample.sample(['data/skip.py'], 10, 1, eq)
+    assert sorted(mutation_sample.sample(['data/skip.py'], 10 ** 6, 0, eq)) == sorted(set(every) - {every[0]})
+    both = mutation_sample.sample(['data/map_file.py', 'data/skip.py'], 10, 0, eq)
+    assert both == mutation_sample.sample(['data/map_file.py'], 10, 0, eq) + a  # one module at a time: the same draw
+    with pytest.raises(SystemExit):
+        mutation_sample.main(['deit/not_mutated.py', '--per-module', '3'])
+
+
+def test_mutation_report_scores_the_run_and_keeps_earlier_measurements_of_modules_not_run_in_full(tmp_path,
+                                                                                           monkeypatch):
     from tools import mutation_report
     monkeypatch.setattr(mutation_report, 'MODULES', ('deit/a.py', 'data/b.py'))
     (tmp_path / 'mutants' / 'deit').mkdir(parents=True)
     (tmp_path / 'mutants' / 'data').mkdir()
     codes = {'deit.a.x_f__mutmut_1': 1, 'deit.a.x_f__mutmut_2': 0, 'deit.a.x_f__mutmut_3': 1,
-             'deit.a.x_f__mutmut_4': -24, 'deit.a.x_f__mutmut_5': 0}
+             'deit.a.x_f__mutmut_4': -24, 'deit.a.x_f__mutmut_5': 0, 'deit.a.x_f__mutmut_6': None}
     (tmp_path / 'mutants' / 'deit' / 'a.py.meta').write_text(json.dumps({'exit_code_by_key': codes}))
     (tmp_path / 'mutants' / 'data' / 'b.py.meta').write_text(json.dumps({'exit_code_by_key': {'data.b.x_g__mutmut_1':
                                                                                                None}}))
@@ -236,10 +260,12 @@ def test_mutation_report_scores_the_run_and_keeps_earlier_measurements_of_module
     assert mutation_report.main(['--mutants', str(tmp_path / 'mutants'), '--equivalent', str(tmp_path / 'eq.txt'),
                                  '--out', str(out), '--previous', str(tmp_path / 'old.md')]) == 0
     text = out.read_text()
-    assert '| `deit/a.py` | 5 | 3 | 1 | 0 | 0 | 1 | 75.0 % |' in text  # 3 killed (a timeout too) of 4
+    # 3 killed (a timeout too) of 4; one not run, so the interval of 3/4
+    assert '| `deit/a.py` | 6 | 3 | 1 | 0 | 1 | 1 | 75.0 % (95 %: 30–95 %) |' in text
     assert '| `data/b.py` | 1 | 0 | 0 | 0 | 1 | 0 | not run yet |' in text
     assert '- `deit.a.x_f__mutmut_2 (survived)`' in text and '`deit.a.x_f__mutmut_5`: the same bytes' in text
     earlier = [line for line in text.split('## Earlier measurements')[1].split('\n## ')[0].splitlines()
                if line.startswith('| `')]
-    assert earlier == ['| `data/b.py` | 9 | 8 | 0 | 0 | 0 | 1 | 100.0 % |',  # from two reports back
-                       '| `deit/old.py` | 4 | 4 | 0 | 0 | 0 | 0 | 100.0 % |']  # a module of its time; not a.py
+    assert earlier == ['| `deit/a.py` | 5 | 1 | 3 | 0 | 0 | 1 | 25.0 % |',  # a.py ran in part this time
+                       '| `data/b.py` | 9 | 8 | 0 | 0 | 0 | 1 | 100.0 % |',  # from two reports back
+                       '| `deit/old.py` | 4 | 4 | 0 | 0 | 0 | 0 | 100.0 % |']  # a module of its time

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -82,6 +83,14 @@ def previous_rows(text: str) -> dict[str, str]:
     return rows
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson interval of a proportion k/n, in percent: the score of a module whose mutants ran only in part,
+    when what ran is a uniform sample (``tools.mutation_sample``)."""
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return 100 * (mid - half), 100 * (mid + half)
+
+
 def render(rows: list[dict], equivalent: dict, command: str, max_survivors: int,
            previous: dict[str, str] | None = None) -> str:
     out = ['# Mutation testing', '', f'Produced by `{command}` (mutmut 3, `tools/mutation_report.py`).', '',
@@ -94,16 +103,20 @@ def render(rows: list[dict], equivalent: dict, command: str, max_survivors: int,
             continue
         s = r['status']
         score = f'{r["score"]:.1f} %' if r['counted'] else 'not run yet'
+        if r['counted'] and s['not run']:
+            score += ' (95 %: {:.0f}–{:.0f} %)'.format(*wilson(s['killed'], r['counted']))
         out.append(f'| `{r["module"]}` | {sum(s.values())} | {s["killed"]} | {s["survived"]} | '
                    f'{s["no tests"]} | {s["not run"]} | {s["equivalent"]} | {score} |')
-    out += ['', 'Score = killed / (mutants - equivalent - not run); a timeout counts as killed. Results accumulate '
-                'in `mutants/` over runs: a mutant runs again when its function changes, or when named on the '
-                'command line (how survivors were re-checked after new tests).', '']
-    measured = {r['module'] for r in rows if r.get('counted')}
-    kept = [line for module, line in (previous or {}).items() if module not in measured]
+    out += ['', 'Score = killed / (mutants - equivalent - not run); a timeout counts as killed. Where only part of '
+                'a module ran, the interval is the 95 % Wilson interval of its score, which holds when what ran is a '
+                'uniform sample of its mutants (`tools.mutation_sample`). Results accumulate in `mutants/` over '
+                'runs: a mutant runs again when its function changes, or when named on the command line (how '
+                'survivors were re-checked after new tests).', '']
+    whole = {r['module'] for r in rows if r.get('counted') and not r['status']['not run']}
+    kept = [line for module, line in (previous or {}).items() if module not in whole]
     if kept:
-        out += ['## Earlier measurements', '', 'Modules not measured in this run ("not run yet" above), as the latest '
-                'earlier report measured them, under the module names of its time:', '',
+        out += ['## Earlier measurements', '', 'Modules not measured in full in this run, as the latest earlier '
+                'report measured them, under the module names of its time:', '',
                 '| module | mutants | killed | survived | no tests | not run | equivalent | score |',
                 '|---|---|---|---|---|---|---|---|', *kept, '']
     for r in rows:
