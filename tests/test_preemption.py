@@ -105,9 +105,12 @@ def test_loader_workers_ignore_the_step_wide_signals_until_released_and_use_one_
 
 def test_ctrl_c_is_one_line_naming_the_resume_point(tmp_path):
     out = tmp_path / 'run'
+    # a terminal's Ctrl-C: SIGINT at its default. A child inherits an ignored SIGINT (a test runner's worker may
+    # ignore it, as a shell does for background jobs), and Python then rightly leaves it ignored.
     p = subprocess.Popen([sys.executable, '-m', 'deit.main', *TINY, '--data-set', 'DEMO', '--epochs', '30',
                           '--num_workers', '2', '--output_dir', str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not (out / 'checkpoint.pth').is_file() and time.time() < deadline and p.poll() is None:
         time.sleep(0.2)
