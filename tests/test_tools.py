@@ -222,6 +222,7 @@ def test_wilson_interval():
     assert 86 < low < 87 and 98 < high < 99  # 95 % of 60 mutants: about 86.3 to 98.3 %
 
 
+@pytest.mark.static  # mutates the project's source, which a mutation run has already rewritten
 def test_mutation_sample_is_seeded_uniform_and_leaves_equivalents_out(tmp_path):
     from tools import mutation_sample
     every = mutation_sample.mutant_names('data/skip.py')
