@@ -20,7 +20,8 @@ import deit.main as dm
 from data.decode import CorruptImageError
 from data.io import CheckpointError, SaveError, torch_load
 from deit.datasets import CheckedImageFolder
-from deit.rundir import StdoutCopy, repair_summary, set_aside_run, tb_scalars
+from deit.rundir import (StdoutCopy, open_tensorboard, remove_stale_temp_files, repair_summary, set_aside_run,
+                         tb_scalars)
 from tests.conftest import TINY, make_image
 
 DEMO = TINY + ['--data-set', 'DEMO', '--max-steps-per-epoch', '2']
@@ -501,3 +502,22 @@ def test_a_fresh_start_moves_the_previous_runs_files_aside_together(tmp_path, ca
         assert capsys.readouterr().out == (f'starting fresh: the files of the run already in {tmp_path} '
                                            f'(checkpoint.pth, log.txt, tb) were moved to {dest}\n')
     assert (tmp_path / 'notes.md').read_text() == 'mine' and not (tmp_path / 'checkpoint.pth').exists()
+
+
+def test_without_tensorboard_training_goes_on_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # as if tensorboard were not installed
+    assert open_tensorboard(tmp_path) is None
+    assert capsys.readouterr().out == 'tensorboard not installed: no TensorBoard scalars\n'
+    assert not (tmp_path / 'tb').exists()
+
+
+def test_stale_temp_files_of_killed_saves_are_removed_even_if_one_vanishes_meanwhile(tmp_path, monkeypatch, capsys):
+    (tmp_path / '.checkpoint.pth.tmp-node1-42-ab12').write_bytes(b'half')
+    (tmp_path / 'checkpoint.pth').write_bytes(b'whole')
+    assert remove_stale_temp_files(tmp_path) == ['.checkpoint.pth.tmp-node1-42-ab12']
+    assert capsys.readouterr().out == (f"removed 1 temp file(s) of interrupted saves in {tmp_path}: "
+                                       f"['.checkpoint.pth.tmp-node1-42-ab12']\n")
+    assert [p.name for p in tmp_path.iterdir()] == ['checkpoint.pth']
+    # a file listed and then removed by someone else before its turn (a shared file system's late listing)
+    monkeypatch.setattr(Path, 'glob', lambda self, pattern: iter([self / '.log.txt.tmp-node2-7-cd34']))
+    assert remove_stale_temp_files(tmp_path) == ['.log.txt.tmp-node2-7-cd34']

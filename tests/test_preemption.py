@@ -446,8 +446,9 @@ def test_a_flock_held_by_another_process_is_still_refused(tmp_path):
                                'time.sleep(60)'], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'ok'
-        with pytest.raises(rundir.RunDirLocked, match='in use by a running training'):
-            rundir.lock_run_dir(tmp_path)
+        with pytest.raises(rundir.RunDirLocked, match=rf'in use by a running training \(host '
+                                                      rf'{re.escape(socket.gethostname())}, pid {holder.pid}\)'):
+            rundir.lock_run_dir(tmp_path)  # names the holder its lock file records
     finally:
         holder.kill()
         holder.wait()  # reaped here, not by whoever waits for any child later (mutmut's worker pool does)
