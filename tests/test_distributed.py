@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -125,11 +127,7 @@ def test_slurm_env_initialises_rank_world_master():
 def test_slurm_init_in_process(monkeypatch, capsys):
     """deit.distributed.init_distributed from SLURM variables, world of 1 real process (gloo)."""
     from deit import distributed as du
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR'):  # init writes these: restore after the test
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):  # init writes these: restored after
         monkeypatch.setenv(k, 'placeholder')
         monkeypatch.delenv(k)
     monkeypatch.setenv('SLURM_PROCID', '0')
@@ -137,21 +135,31 @@ def test_slurm_init_in_process(monkeypatch, capsys):
     monkeypatch.setenv('SLURM_NTASKS', '2')
     monkeypatch.setenv('SLURM_LOCALID', '1')
     monkeypatch.setenv('SLURM_JOB_NODELIST', 'localhost')
-    monkeypatch.setenv('MASTER_PORT', str(port))
+    monkeypatch.setenv('SLURM_JOB_ID', '123456')  # no MASTER_PORT: the port comes from the job id
     info = dist_env()
-    assert info['world_size'] == 2 and info['master_addr'] == 'localhost'
+    assert info['world_size'] == 2 and info['master_addr'] == 'localhost' and info['master_port'] == '18456'
     # a world of 2 needs a second process: check the env translation torch's env:// init relies on
     monkeypatch.setattr(du.dist, 'init_process_group', lambda **kw: captured.update(kw))
     monkeypatch.setattr(du.dist, 'barrier', lambda: None)
+    # a GPU host: --device cpu still keeps the run on gloo and off the GPUs
+    monkeypatch.setattr(du.torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(du.torch.cuda, 'set_device', lambda i: pytest.fail('--device cpu touched a GPU'))
     captured = {}
     place = du.init_distributed('cpu')
-    import os
-    assert (place.rank, place.world_size, place.gpu, place.backend) == (0, 2, 1, 'gloo')
+    assert place == du.DistInfo(distributed=True, rank=0, world_size=2, gpu=1, backend='gloo')
     assert captured == {'backend': 'gloo', 'init_method': 'env://', 'world_size': 2, 'rank': 0,
                         'timeout': datetime.timedelta(minutes=30)}
     assert {k: os.environ[k] for k in ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK')} == \
-        {'MASTER_ADDR': 'localhost', 'MASTER_PORT': str(port), 'RANK': '0', 'WORLD_SIZE': '2', 'LOCAL_RANK': '1'}
+        {'MASTER_ADDR': 'localhost', 'MASTER_PORT': '18456', 'RANK': '0', 'WORLD_SIZE': '2', 'LOCAL_RANK': '1'}
     assert '| distributed init (rank 0/2, local 1, slurm, backend gloo)\n' in capsys.readouterr().out
+
+
+def test_print_all_reaches_the_output_before_a_hard_exit():
+    """A rank's print_all line (its last words before a kill, say) is flushed as it is printed."""
+    r = subprocess.run([sys.executable, '-c', 'import os; from deit.distributed import print_all; '
+                        'print_all("rank line", 3); os._exit(1)'], cwd=ROOT, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != 'PYTHONUNBUFFERED'})  # a pipe: buffered
+    assert r.stdout == 'rank line 3\n', r.stderr
 
 
 def test_launch_scripts_syntax_and_dry_run():
