@@ -423,6 +423,9 @@ def test_member_names_cp437_without_the_utf8_flag_and_utf8_with_it(tmp_path):
     _zip_with_names(legacy, {b'n0/caf_.jpg': b'n0/caf\x82.jpg', b'n0/_a.jpg': b'n0/\x80a.jpg',  # some tools do
                              b'n0/plain.jpg': b'n0/plain.jpg'}, flag_bits=1)
     assert _names(read_central_directory(legacy)) == ['n0/caf\u00e9.jpg', 'n0/\u00c7a.jpg', 'n0/plain.jpg']
+    lowest = tmp_path / 'lowest.zip'  # 0x80, the lowest byte outside ASCII, as the highest byte of the directory
+    _zip_with_names(lowest, {b'n0/_a.jpg': b'n0/\x80a.jpg', b'n0/plain.jpg': b'n0/plain.jpg'})
+    assert _names(read_central_directory(lowest)) == ['n0/\u00c7a.jpg', 'n0/plain.jpg']
     lookalike = tmp_path / 'lookalike.zip'  # cp437 bytes that happen to be valid UTF-8: still cp437, unflagged
     _zip_with_names(lookalike, {b'n0/__.jpg': b'n0/\xc3\xa9.jpg'}, flag_bits=1)
     assert _names(read_central_directory(lookalike)) == ['n0/\u251c\u2310.jpg']
@@ -467,6 +470,30 @@ def test_index_file_layout_header_then_arrays_each_on_a_64_byte_boundary(tmp_pat
         os.umask(old_umask)
 
 
+def test_an_unusable_index_gives_its_reason(tmp_path):
+    """The reason is printed before the index is made again ('<idx>: <reason>; making it again')."""
+    from data.zip_index import INDEX_MAGIC, INDEX_VERSION, read_index, write_index
+    path = tmp_path / 'a.idx'
+    write_index(path, {'zip': 'z'}, {'a': np.arange(100, dtype=np.int64)})
+    good = path.read_bytes()
+    n = struct.unpack_from('<Q', good, len(INDEX_MAGIC))[0]
+    header = json.loads(good[len(INDEX_MAGIC) + 8:len(INDEX_MAGIC) + 8 + n])
+
+    def with_header(h):  # the same layout, another header of the same length
+        text = json.dumps(h).encode()
+        return good[:len(INDEX_MAGIC)] + struct.pack('<Q', len(text)) + text.ljust(n) + good[len(INDEX_MAGIC) + 8 + n:]
+    cases = [(b'PK\x03\x04' + good[4:], 'not an index file'),
+             (good[:len(INDEX_MAGIC)] + struct.pack('<Q', len(good) + 1) + good[len(INDEX_MAGIC) + 8:],
+              'unreadable (header length past the end of the file)'),
+             (with_header({**header, 'version': INDEX_VERSION + 1}),
+              f'index version {INDEX_VERSION + 1}, this code reads {INDEX_VERSION}'),
+             (good, 'stale: made from other files (zip or map changed since)'),
+             (good[:-64], 'truncated')]
+    for k, (raw, reason) in enumerate(cases):
+        path.write_bytes(raw)
+        assert read_index(path, {'zip': 'z'} if k < 3 or k == 4 else {'zip': 'other'}) == reason, k
+
+
 def test_central_directory_of_zips_other_tools_write(tmp_path, monkeypatch):
     """Member comments, real timestamps, deflated members, ZIP64 records and a ZIP64 end record beside exact
     plain fields (zipfile writes them past ZIP64_LIMIT, 2 GiB, lowered here) and bytes prepended to the archive
@@ -497,6 +524,29 @@ def test_central_directory_of_zips_other_tools_write(tmp_path, monkeypatch):
     broken.write_bytes(plain.read_bytes().replace(b'PK\x06\x06', b'PK\x06\x00'))
     with pytest.raises(CacheError, match=r'broken\.zip: bad ZIP64 end record'):
         read_central_directory(broken)
+
+
+def test_a_zip64_extra_that_holds_only_the_compressed_size(tmp_path):
+    """Only the fields that overflow are 0xFFFFFFFF and carried in the ZIP64 extra, in APPNOTE's order (what
+    Info-ZIP writes; zipfile always writes both sizes): here a deflated member's compressed size alone."""
+    from data.zip_index import read_central_directory
+    path = tmp_path / 'one.zip'
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr('n0/a.jpg', _jpeg(0, 0))
+        zf.writestr('n0/b.jpg', _jpeg(0, 1))
+    data = bytearray(path.read_bytes())
+    at = data.find(b'PK\x01\x02')  # the first central record
+    csize = struct.unpack_from('<I', data, at + 20)[0]
+    nlen, xlen = struct.unpack_from('<HH', data, at + 28)
+    struct.pack_into('<I', data, at + 20, 0xFFFFFFFF)
+    struct.pack_into('<H', data, at + 30, xlen + 12)
+    data[at + 46 + nlen + xlen:at + 46 + nlen + xlen] = struct.pack('<HHQ', 1, 8, csize)
+    end = data.rfind(b'PK\x05\x06')
+    struct.pack_into('<I', data, end + 12, struct.unpack_from('<I', data, end + 12)[0] + 12)  # the directory's size
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as zf:
+        assert zf.infolist()[0].compress_size == csize and zf.testzip() is None
+    assert _members(read_central_directory(path)) == _member_table(path)
 
 
 def test_central_directory_of_an_empty_zip_and_of_files_that_are_no_zip(tmp_path):
