@@ -185,8 +185,9 @@ def verify(dst: Path) -> list[str]:
     return bad
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog='python -m data.build_zip_cache', description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--src', type=Path, help='ImageFolder root with train/ and val/')
     ap.add_argument('--dst', type=Path, required=True, help='cache folder to write / verify')
     ap.add_argument('--val-labels', type=Path, default=None, help='labels for a flat val/ folder')
@@ -197,6 +198,11 @@ def main(argv=None) -> int:
                     help='opt-in: downscale images whose longer side exceeds this (e.g. 500, as FFCV) ...')
     ap.add_argument('--quality', type=int, default=90, help='... and re-encode them at this JPEG quality')
     ap.add_argument('--verify', action='store_true', help='decode every member and report bad ones')
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = get_parser()
     args = ap.parse_args(argv)
     if args.max_size is not None and args.max_size < 1 or not 1 <= args.quality <= 100:
         ap.error(f'--max-size must be >= 1 and --quality within 1..100 (got {args.max_size}, {args.quality})')

@@ -1068,3 +1068,31 @@ def test_a_tree_without_classes_or_images_is_named(tmp_path):
     with pytest.raises(CacheError) as e:
         scan_class_folders(tmp_path / 'train')
     assert str(e.value) == f'{tmp_path / "train" / "a"}: class folder without images'
+
+
+def test_build_with_the_official_train_map_and_val_class_folders(tmp_path, capsys):
+    """--train-map: the release's class numbering (here not the folders' alphabetical order) labels val's class
+    folders too; the cache folder is made with its parents; the val index is made against train_map.txt, so the
+    trainer opens it as built."""
+    src = make_imagefolder(tmp_path / 'src', n_classes=3, n_train=2, n_val=1, names=['apple', 'kiwi', 'pear'])
+    numbering = {'pear': 0, 'apple': 1, 'kiwi': 2}
+    (tmp_path / 'train_map.txt').write_text(''.join(f'{c}/{i:03d}.jpg\t{k}\n' for c, k in numbering.items()
+                                                    for i in range(2)))
+    dst = tmp_path / 'not' / 'yet' / 'cache'
+    assert build(src, dst, train_map=tmp_path / 'train_map.txt') == {'classes': 3, 'train': 6, 'val': 3}
+    assert parse_map_file(dst / 'val_map.txt') == [('apple/000.jpg', 1), ('kiwi/000.jpg', 2), ('pear/000.jpg', 0)]
+    capsys.readouterr()
+    val = ZipImageDataset.from_folder(dst, 'val')
+    assert len(val) == 3 and 'making it again' not in capsys.readouterr().out  # the index built is the one used
+    (src / 'val' / 'plum').mkdir()
+    make_image(0, 0).save(src / 'val' / 'plum' / '000.jpg')
+    with pytest.raises(CacheError) as e:
+        build(src, tmp_path / 'c2', train_map=tmp_path / 'train_map.txt')
+    assert str(e.value) == f"{src / 'val'}: class folders ['plum'] are not classes of {tmp_path / 'train_map.txt'}"
+    with pytest.raises(CacheError) as e:  # without a train map, train/ names the classes
+        build(src, tmp_path / 'c3')
+    assert str(e.value) == f"{src / 'val'}: class folders differ from train/ (['plum'] ...)"
+    with pytest.raises(CacheError) as e:
+        build(src, tmp_path / 'c4', val_labels=tmp_path / 'labels.txt', val_map=tmp_path / 'val_map.txt')
+    assert str(e.value) == 'give --val-map (official map) or --val-labels, not both'
+    assert not any((tmp_path / c).exists() for c in ('c2', 'c3', 'c4'))  # refused before anything is written
