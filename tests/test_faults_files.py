@@ -17,9 +17,11 @@ from torch._utils import ExceptionWrapper
 import data.io as io_module
 import deit.loop
 import deit.main as dm
+from deit import distributed as du
 from data.decode import CorruptImageError
 from data.io import CheckpointError, SaveError, torch_load
 from deit.datasets import CheckedImageFolder
+from deit.preemption import REQUEUE_EXIT, Preempted
 from deit.rundir import (StdoutCopy, open_tensorboard, remove_stale_temp_files, repair_summary, set_aside_run,
                          tb_scalars)
 from tests.conftest import TINY, make_image
@@ -521,3 +523,37 @@ def test_stale_temp_files_of_killed_saves_are_removed_even_if_one_vanishes_meanw
     # a file listed and then removed by someone else before its turn (a shared file system's late listing)
     monkeypatch.setattr(Path, 'glob', lambda self, pattern: iter([self / '.log.txt.tmp-node2-7-cd34']))
     assert remove_stale_temp_files(tmp_path) == ['.log.txt.tmp-node2-7-cd34']
+
+
+def test_a_finished_run_started_again_reports_where_it_ended(tmp_path, capsys):
+    argv = DEMO + ['--epochs', '1', '--output_dir', str(tmp_path / 'run')]
+    first = dm.main(dm.parse_args(argv))
+    capsys.readouterr()
+    again = dm.main(dm.parse_args(argv))
+    out = capsys.readouterr().out
+    assert f'{tmp_path / "run" / "checkpoint.pth"}: training already finished (1 epochs); nothing to do' in out
+    assert 'Epoch: [' not in out  # no epoch trained again
+    assert set(again) == {'test', 'max_accuracy', 'param_checksum'}
+    assert again['test']['acc1'] == first['test']['acc1'] and again['max_accuracy'] == first['max_accuracy']
+    assert again['param_checksum'] == first['param_checksum']
+    assert f'Final accuracy: top-1 {first["test"]["acc1"]:.2f}%' in out
+
+
+def test_cli_runs_main_where_the_launcher_placed_it_and_reports_its_ends(monkeypatch, capsys):
+    place, seen = du.DistInfo(), []
+    monkeypatch.setattr(du, 'init_distributed', lambda device: seen.append(('init', device)) or place)
+
+    def preempted(args, where):
+        seen.append(('main', where))
+        raise Preempted('stopped by SIGUSR1 after epoch 3: saved run/checkpoint.pth; requeue to resume', 10,
+                        'run/checkpoint.pth')
+    monkeypatch.setattr(dm, 'main', preempted)
+    assert dm.cli(DEMO + ['--device', 'cpu']) == REQUEUE_EXIT
+    assert seen == [('init', 'cpu'), ('main', place)] and seen[1][1] is place
+    assert capsys.readouterr().out == 'stopped by SIGUSR1 after epoch 3: saved run/checkpoint.pth; requeue to resume\n'
+
+    def bad_launcher_env(device):
+        raise ValueError('SLURM_PROCID=x: not a number')
+    monkeypatch.setattr(du, 'init_distributed', bad_launcher_env)
+    assert dm.cli(DEMO) == 2
+    assert capsys.readouterr().err == 'error: SLURM_PROCID=x: not a number\n'
