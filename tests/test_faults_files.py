@@ -21,7 +21,7 @@ from deit import distributed as du
 from data.decode import CorruptImageError
 from data.io import CheckpointError, SaveError, torch_load
 from deit.datasets import CheckedImageFolder
-from deit.preemption import REQUEUE_EXIT, Preempted
+from deit.preemption import REQUEUE_EXIT, Preempted, WorkerSignals
 from deit.rundir import (StdoutCopy, open_tensorboard, remove_stale_temp_files, repair_summary, set_aside_run,
                          tb_scalars)
 from tests.conftest import TINY, make_image
@@ -557,3 +557,20 @@ def test_cli_runs_main_where_the_launcher_placed_it_and_reports_its_ends(monkeyp
     monkeypatch.setattr(du, 'init_distributed', bad_launcher_env)
     assert dm.cli(DEMO) == 2
     assert capsys.readouterr().err == 'error: SLURM_PROCID=x: not a number\n'
+
+
+def test_the_run_is_built_as_configured(monkeypatch, capsys):
+    """--amp on the CPU (bfloat16 autocast) and --channels-last reach the run, the loss scaler and the start-up
+    line; the loaders get the worker signals, the DDP/EMA wrapping gets the device."""
+    seen = {}
+    for name in ('build_data', 'loss_scaler', 'wrap_model'):
+        real = getattr(dm, name)
+        monkeypatch.setattr(dm, name, lambda *a, _real=real, _name=name: seen.setdefault(_name, a) and _real(*a))
+    monkeypatch.setattr(dm, 'finish', lambda cfg, run, *a: seen.setdefault('run', run) and {})
+    assert dm.main(dm.parse_args(DEMO + ['--epochs', '1', '--amp', '--channels-last', '--output_dir', ''])) == {}
+    run, cpu = seen['run'], torch.device('cpu')
+    assert (run.amp, run.amp_dtype, run.memory_format) == (True, torch.bfloat16, torch.channels_last)
+    assert seen['loss_scaler'] == (cpu, True, torch.bfloat16)
+    assert isinstance(seen['build_data'][4], WorkerSignals) and seen['wrap_model'][2] == cpu
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith('model '))
+    assert line.endswith('classes; AMP bfloat16, channels-last'), line
