@@ -1038,7 +1038,9 @@ def test_the_cache_builder_command_line(tmp_path, capsys):
         assert {i.external_attr >> 16 for i in z.infolist()} == {0o644}  # rw-r--r-- when unzipped
     assert build_main(['--dst', str(dst), '--verify', '--max-size', '1', '--quality', '1']) == 0  # the edges
     assert build_main(['--dst', str(dst), '--verify', '--quality', '100']) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == 'verify: 0 bad member(s)'
+    printed = capsys.readouterr()
+    assert printed.out.splitlines()[-1] == 'verify: 0 bad member(s)'
+    assert 'verify train: 100%' in printed.err and 'verify val: 100%' in printed.err  # the progress bars name the split
     for bad, got in ((['--max-size', '0'], '0, 90'), (['--quality', '0'], 'None, 0'), (['--quality', '101'], 'None, 101'),
                      (['--max-size', '0', '--quality', '50'], '0, 50')):
         with pytest.raises(SystemExit) as e:
