@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument('--command', default='make mutation')
     ap.add_argument('--survivors', type=int, default=40, help='survivors listed per module')
     ap.add_argument('--previous', type=Path, default=None,
-                    help="an earlier report: its table is kept for the modules this run did not reach")
+                    help="an earlier report: its measurements are kept for the modules this run did not "
+                         "measure in full")
     a = ap.parse_args(argv)
     equivalent = load_equivalent(a.equivalent)
     previous = previous_rows(a.previous.read_text()) if a.previous and a.previous.is_file() else None

@@ -1,6 +1,7 @@
-"""A seeded uniform sample of each module's mutants, as names for ``make mutation MUTANTS=...``.
+"""A seeded uniform sample of each module's mutants, as the names ``make mutation SAMPLE=...`` runs.
 
-    make mutation MUTANTS="$(.venv/bin/python -m tools.mutation_sample --per-module 60 deit/main.py data/zip_index.py)"
+    make mutation SAMPLE='60 deit/main.py data/zip_index.py'
+    python -m tools.mutation_sample --per-module 60 deit/main.py    # the names only
 
 A full run of a large module takes hours on 2 cores, and a run stopped part-way has run the mutants of the
 functions whose tests are fastest, which says little about the rest. A uniform sample of the module's
@@ -18,9 +19,7 @@ from pathlib import Path
 from mutmut.mutation.file_mutation import mutate_file_contents
 from mutmut.utils.format_utils import get_mutant_name
 
-from tools.mutation_report import MODULES, load_equivalent
-
-ROOT = Path(__file__).resolve().parents[1]
+from tools.mutation_report import MODULES, ROOT, load_equivalent
 
 
 def mutant_names(module: str) -> list[str]:
