@@ -1041,7 +1041,8 @@ def test_the_cache_builder_command_line(tmp_path, capsys):
     printed = capsys.readouterr()
     assert printed.out.splitlines()[-1] == 'verify: 0 bad member(s)'
     assert 'verify train: 100%' in printed.err and 'verify val: 100%' in printed.err  # the progress bars name the split
-    for bad, got in ((['--max-size', '0'], '0, 90'), (['--quality', '0'], 'None, 0'), (['--quality', '101'], 'None, 101'),
+    for bad, got in ((['--max-size', '0'], '0, 90'), (['--quality', '0'], 'None, 0'),
+                     (['--quality', '101'], 'None, 101'),
                      (['--max-size', '0', '--quality', '50'], '0, 50')):
         with pytest.raises(SystemExit) as e:
             build_main(['--dst', str(dst), '--verify', *bad])
